@@ -1,0 +1,66 @@
+"""The `edgepipe` command line.
+
+Each subcommand lives next to the code it drives, in a module with a `register(subparsers)`
+function; those modules import heavy dependencies only inside their handlers, so `edgepipe run`
+never pays for the build side. The handler returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from edgepipe import __version__
+from edgepipe.errors import BuildFailed, InvalidInput
+
+# Modules that contribute subcommands, in the order `edgepipe --help` lists them.
+COMMAND_MODULES = (
+    "edgepipe.commands.catalog",  # list, validate
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgepipe",
+        description="Build Qwen models into device-tuned ONNX Runtime artifacts, and run them.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgepipe {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def add_command(subparsers, name: str, handler) -> argparse.ArgumentParser:
+    """Register `handler` as subcommand `name`; its docstring becomes the help text."""
+    doc = (handler.__doc__ or "").strip()
+    summary = doc.splitlines()[0] if doc else ""
+    sub = subparsers.add_parser(
+        name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except InvalidInput as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except BuildFailed as exc:
+        print(f"build failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
