@@ -7,6 +7,8 @@ transformers' `apply_chat_template` renders from the written tokenizer folder.
 
 from __future__ import annotations
 
+import json
+
 import jinja2
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -246,3 +248,34 @@ def test_random_conversations_render_like_transformers(
         assert render(family, messages, **kwargs) == hf_render(
             hf_tokenizers, family, messages, **kwargs
         )
+
+
+GENAI_CONVERSATIONS = {
+    **CONVERSATIONS,
+    "wrapped_tool_result": [
+        user("Q"),
+        assistant("a", reasoning="r"),
+        user("<tool_response>x</tool_response>"),
+    ],
+}
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("conversation", GENAI_CONVERSATIONS)
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_onnxruntime_genai_renders_what_jinja2_renders(
+    qwen3_genai_tokenizer, family, conversation, add_generation_prompt
+):
+    # genai-based apps render the artifact's template with their own engine (no enable_thinking).
+    messages = GENAI_CONVERSATIONS[conversation]
+    text = qwen3_genai_tokenizer.apply_chat_template(
+        json.dumps(messages),
+        template_str=chat_template(family),
+        add_generation_prompt=add_generation_prompt,
+    )
+    assert text == render(family, messages, add_generation_prompt=add_generation_prompt)
+
+
+def test_onnxruntime_genai_picks_up_the_artifact_template(qwen3_genai_tokenizer):
+    text = qwen3_genai_tokenizer.apply_chat_template(json.dumps([user("hi")]))
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
