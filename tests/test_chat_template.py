@@ -21,6 +21,7 @@ DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assi
 ENVIRONMENTS = {
     "plain": jinja2.Environment(),
     "trim": jinja2.Environment(trim_blocks=True, lstrip_blocks=True),
+    "strict": jinja2.Environment(undefined=jinja2.StrictUndefined),
 }
 
 
