@@ -1,0 +1,37 @@
+"""Errors the runtime raises on purpose.
+
+The runtime keeps its own small error classes instead of importing `edgepipe.errors`: an embedded
+app that installs only `edgepipe` (the runtime) should be able to catch one base class,
+`GeneratorError`, without learning the build side's vocabulary. The CLI maps `GeneratorError` to
+exit code 2. Invalid generation parameters raise plain `ValueError` (naming the parameter and its
+allowed range), as the Python convention for a bad argument value.
+"""
+
+from __future__ import annotations
+
+
+class GeneratorError(Exception):
+    """Base class for every error `edgepipe.runtime` raises on purpose."""
+
+
+class ArtifactError(GeneratorError):
+    """A file of the artifact folder is missing, unreadable or fails its checksum.
+
+    Attributes:
+        path: the offending file (or the folder, when the folder itself is missing).
+    """
+
+    def __init__(self, path, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+class ProviderUnavailable(GeneratorError):
+    """The execution provider the artifact was built for is not installed."""
+
+
+class PromptTooLong(GeneratorError, ValueError):
+    """The prompt does not fit the model's context (or the `max_length` cap).
+
+    Also a `ValueError`, so callers treating it as a bad argument keep working.
+    """
