@@ -614,12 +614,18 @@ class Generator:
 
     def _accept(self, row: _Row, token: int, stop_ids, last: bool) -> str:
         row.out.append(token)
+        if token in stop_ids and not row.forced:
+            # A stop token ends the text without adding its own (it is kept in token_ids).
+            row.done, row.finish_reason = True, "stop"
+            piece = row.stops.push(row.detok.flush())
+            piece += row.stops.flush()
+            if row.stops.stopped:
+                row.finish_reason = "stop_string"
+            row.pieces.append(piece)
+            return piece
         piece = row.stops.push(row.detok.add(token))
         if row.stops.stopped:
             row.done, row.finish_reason = True, "stop_string"
-        elif token in stop_ids and not row.forced:
-            row.done, row.finish_reason = True, "stop"
-            piece += row.stops.push(row.detok.flush()) + row.stops.flush()
         elif last:
             row.done = True
             piece += row.stops.push(row.detok.flush()) + row.stops.flush()
@@ -637,6 +643,8 @@ class Generator:
             seq = input_ids.shape[1]
             positions = lengths[:, None] - seq + np.arange(seq)[None, :]
             io.bind_cpu_input(self._position_ids, np.maximum(positions, 0).astype(np.int64))
+        # Bound first: get_outputs() lists outputs in binding order.
+        io.bind_output(self._logits)
         keys, values = kv
         for (past_k, past_v, pres_k, pres_v), k, v in zip(
             self._kv_names, keys, values, strict=True
@@ -645,7 +653,6 @@ class Generator:
             io.bind_ortvalue_input(past_v, v)
             io.bind_ortvalue_output(pres_k, k)
             io.bind_ortvalue_output(pres_v, v)
-        io.bind_output(self._logits)
         self.session.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()
         return np.asarray(logits[:, -1, :], dtype=np.float32)
