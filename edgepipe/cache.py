@@ -1,0 +1,181 @@
+"""Content-addressed stage cache: re-running an unchanged recipe reuses the export result.
+
+An entry is a folder `<root>/<stage>/<key>/` holding the stage's output files and
+`entry.json`, which lists the sha256 of every file. The key is the sha256 of everything that
+can change the output: the recipe content relevant to the stage, the source identity (hub
+revision, folder file hashes, or preset name and seed), the profile fields that matter, and the
+versions of edgepipe, onnx, onnx-ir and onnxruntime. Nothing else goes in (not paths, not times),
+so two machines with the same inputs share keys.
+
+Entries are verified on every reuse (reading every byte: cheap next to an export); a corrupt or
+half-deleted entry is removed and reported as a miss, so the stage simply runs again. Entries are
+written into a temporary folder beside their final place and renamed in, so a killed build never
+leaves an entry that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+ENTRY_FILE = "entry.json"
+# Bump when the entry layout or key recipe changes, so old entries stop matching.
+CACHE_FORMAT = 1
+
+
+def default_cache_root() -> Path:
+    """The stage cache folder: `$EDGEPIPE_CACHE/stages`, else `$XDG_CACHE_HOME/edgepipe/stages`,
+    else `~/.cache/edgepipe/stages` (the same base the tokenizer cache uses)."""
+    if os.environ.get("EDGEPIPE_CACHE"):
+        return Path(os.environ["EDGEPIPE_CACHE"]) / "stages"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "edgepipe" / "stages"
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour is baked into stage outputs."""
+    from importlib import metadata
+
+    from edgepipe import __version__
+
+    versions = {"edgepipe": __version__}
+    for dist in ("onnx", "onnx-ir", "onnxruntime"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "absent"
+    return versions
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (model data can be gigabytes)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_tree(folder: Path, *, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """`relative posix path -> sha256` for every regular file under `folder`, sorted."""
+    folder = Path(folder)
+    out: dict[str, str] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel not in exclude:
+            out[rel] = sha256_file(path)
+    return out
+
+
+def canonical_json(value) -> bytes:
+    """Stable bytes for hashing: sorted keys, no whitespace, non-JSON values via `str`."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def content_hash(value) -> str:
+    """sha256 of `canonical_json(value)`."""
+    return hashlib.sha256(canonical_json(value)).hexdigest()
+
+
+class StageCache:
+    """A content-addressed store of stage outputs (folders of files).
+
+    Args:
+        root: the cache folder; `default_cache_root()` when None.
+        enabled: when False every lookup misses and nothing is stored (`--no-cache`).
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, *, enabled: bool = True):
+        self.root = Path(root) if root is not None else default_cache_root()
+        self.enabled = enabled
+
+    def key(self, stage: str, inputs: Mapping) -> str:
+        """The cache key of `stage` for `inputs` (plus the tool versions and cache format)."""
+        return content_hash(
+            {"format": CACHE_FORMAT, "stage": stage, "versions": tool_versions(), "inputs": inputs}
+        )
+
+    def entry_dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def lookup(self, stage: str, key: str) -> Path | None:
+        """The verified entry folder for (`stage`, `key`), or None on a miss.
+
+        A corrupt entry (a file missing, added or changed since it was stored) is deleted and
+        counts as a miss.
+        """
+        if not self.enabled:
+            return None
+        entry = self.entry_dir(stage, key)
+        if not entry.is_dir():
+            return None
+        if self.verify(entry):
+            return entry
+        self._remove(entry)
+        return None
+
+    @staticmethod
+    def verify(entry: Path) -> bool:
+        """True when every file of `entry` matches the sha256 its `entry.json` records."""
+        try:
+            recorded = json.loads((entry / ENTRY_FILE).read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        try:
+            actual = hash_tree(entry, exclude=(ENTRY_FILE,))
+        except OSError:
+            return False
+        return actual == recorded
+
+    def store(self, stage: str, key: str, source: Path, *, move: bool = False) -> Path | None:
+        """Put a copy of the folder `source` into the cache under (`stage`, `key`).
+
+        Args:
+            stage: stage name (a subfolder of the cache).
+            key: from `key()`.
+            source: the stage's output folder.
+            move: move the files instead of copying (the caller no longer needs `source`).
+
+        Returns:
+            The entry folder, or None when the cache is disabled or cannot be written (a
+            read-only or full cache only costs a rebuild next time, never a failed build).
+        """
+        if not self.enabled:
+            return None
+        final = self.entry_dir(stage, key)
+        tmp = final.parent / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if move:
+                shutil.move(str(source), str(tmp))
+            else:
+                shutil.copytree(source, tmp)
+            files = hash_tree(tmp, exclude=(ENTRY_FILE,))
+            (tmp / ENTRY_FILE).write_text(
+                json.dumps({"stage": stage, "key": key, "files": files}, indent=1) + "\n",
+                encoding="utf-8",
+            )
+            if final.exists():
+                # Another build stored the same key first; identical content by construction.
+                self._remove(tmp)
+                return final if self.verify(final) else None
+            os.replace(tmp, final)
+            return final
+        except OSError:
+            self._remove(tmp)
+            return None
+
+    def materialize(self, entry: Path, dest: Path) -> None:
+        """Copy an entry's files (not `entry.json`) into `dest` (created)."""
+        shutil.copytree(entry, dest, ignore=shutil.ignore_patterns(ENTRY_FILE))
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path)
