@@ -17,6 +17,7 @@ from edgepipe.errors import BuildFailed, InvalidInput
 # Modules that contribute subcommands, in the order `edgepipe --help` lists them.
 COMMAND_MODULES = (
     "edgepipe.commands.catalog",  # list, validate
+    "edgepipe.commands.runtime_cli",  # run, chat, bench
 )
 
 
