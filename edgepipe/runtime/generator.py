@@ -602,7 +602,7 @@ class Generator:
             row.thinking = False
             row.forced = list(thinking.close_ids)
             return row.forced.pop(0)
-        token = sampler.pick(logits, row.prompt + row.out)
+        token = sampler.pick(logits, lambda: row.prompt + row.out)
         if thinking is not None:
             if token == thinking.open_id and not row.out:
                 row.thinking = True

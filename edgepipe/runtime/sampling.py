@@ -10,7 +10,7 @@ vocabulary a full sort costs milliseconds, so top-k (when set) first narrows the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -184,16 +184,19 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def pick(self, logits: np.ndarray, seen: Sequence[int]) -> int:
+    def pick(self, logits: np.ndarray, seen: Sequence[int] | Callable[[], Iterable[int]]) -> int:
         """Choose the next token from one row of logits.
 
         Args:
             logits: shape [vocab] (any float dtype; copied to float32).
-            seen: token ids so far (prompt + output), for the repetition penalty.
+            seen: token ids so far (prompt + output), for the repetition penalty; or a function
+                returning them, called only when the penalty is on (saves an O(context) list
+                per token otherwise).
         """
         p = self.params
         row = np.array(logits, dtype=np.float32)
-        apply_repetition_penalty(row, seen, p.repetition_penalty)
+        if p.repetition_penalty != 1.0:
+            apply_repetition_penalty(row, seen() if callable(seen) else seen, p.repetition_penalty)
         if p.greedy:
             return int(np.argmax(row))
         ids, probs = filtered_distribution(
