@@ -22,8 +22,8 @@ def tokenizer(qwen3_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def token_bytes(qwen3_tokenizer_dir):
-    return TokenBytes(qwen3_tokenizer_dir / "tokenizer.json")
+def token_bytes(tokenizer):
+    return TokenBytes(tokenizer)
 
 
 def stream_pieces(detok: IncrementalDetokenizer, ids: list[int]) -> list[str]:
@@ -68,11 +68,11 @@ def test_an_incomplete_character_at_the_end_flushes_as_replacement(tokenizer, to
     assert detok.flush() == tokenizer.decode(ids[:-1])
 
 
-def test_token_bytes_refuses_a_non_byte_level_tokenizer(tmp_path):
-    path = tmp_path / "tokenizer.json"
-    path.write_text('{"decoder": {"type": "WordPiece"}, "model": {"vocab": {}}}')
+def test_token_bytes_refuses_a_non_byte_level_tokenizer():
+    wordpiece = tokenizers.Tokenizer(tokenizers.models.WordPiece({"[UNK]": 0, "a": 1}))
+    wordpiece.decoder = tokenizers.decoders.WordPiece()
     with pytest.raises(ValueError, match="byte-level"):
-        TokenBytes(path)
+        TokenBytes(wordpiece)
 
 
 def stop_run(stops, pieces):

@@ -11,9 +11,7 @@ decode. Other tokenizers fall back to re-decoding a short window of recent ids.
 from __future__ import annotations
 
 import codecs
-import json
 from collections.abc import Iterable
-from pathlib import Path
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -34,27 +32,34 @@ def _byte_decoder() -> dict[str, int]:
 
 
 class TokenBytes:
-    """Token id → raw bytes for a byte-level BPE `tokenizer.json`.
+    """Token id → raw bytes for a byte-level BPE `tokenizers.Tokenizer`, computed on first use.
 
-    Special added tokens (`special: true`) map to b"" when skipped, others to their UTF-8 text.
+    Special added tokens map to b"" when skipped, other added tokens to their UTF-8 text. Built
+    lazily from `id_to_token` rather than by parsing tokenizer.json again: a parsed 151k-entry
+    vocabulary costs tens of MB of peak memory, and a reply touches a few hundred ids.
+
+    Raises:
+        ValueError: the tokenizer's decoder is not `ByteLevel`.
     """
 
-    def __init__(self, tokenizer_json: Path, *, skip_special_tokens: bool = True):
-        data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
-        decoder = data.get("decoder") or {}
-        if decoder.get("type") != "ByteLevel":
+    def __init__(self, tokenizer, *, skip_special_tokens: bool = True):
+        if type(tokenizer.decoder).__name__ != "ByteLevel":
             raise ValueError("not a byte-level tokenizer")
-        byte_of = _byte_decoder()
-        vocab = data["model"]["vocab"]
-        self._bytes: dict[int, bytes] = {
-            idx: bytes(byte_of[ch] for ch in token) for token, idx in vocab.items()
-        }
-        for added in data.get("added_tokens", []):
-            skip = skip_special_tokens and added.get("special", False)
-            self._bytes[added["id"]] = b"" if skip else added["content"].encode("utf-8")
+        self._tokenizer = tokenizer
+        self._byte_of = _byte_decoder()
+        self._cache: dict[int, bytes] = {}
+        for idx, added in tokenizer.get_added_tokens_decoder().items():
+            skip = skip_special_tokens and added.special
+            self._cache[idx] = b"" if skip else added.content.encode("utf-8")
 
     def __call__(self, token_id: int) -> bytes:
-        return self._bytes.get(token_id, b"")
+        cached = self._cache.get(token_id)
+        if cached is None:
+            token = self._tokenizer.id_to_token(token_id)
+            byte_of = self._byte_of
+            cached = b"" if token is None else bytes(byte_of[ch] for ch in token if ch in byte_of)
+            self._cache[token_id] = cached
+        return cached
 
 
 class IncrementalDetokenizer:

@@ -235,7 +235,7 @@ class Generator:
 
         self.tokenizer = tokenizers.Tokenizer.from_file(str(art.tokenizer_path))
         try:
-            self._token_bytes = TokenBytes(art.tokenizer_path)
+            self._token_bytes = TokenBytes(self.tokenizer)
         except (ValueError, KeyError):
             self._token_bytes = None
         self.defaults: SamplingParams = params_from_generation_config(art.generation_config)
