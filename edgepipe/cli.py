@@ -18,6 +18,7 @@ from edgepipe.errors import BuildFailed, InvalidInput
 COMMAND_MODULES = (
     "edgepipe.commands.catalog",  # list, validate
     "edgepipe.commands.runtime_cli",  # run, chat, bench
+    "edgepipe.commands.build_cli",  # build, matrix
 )
 
 

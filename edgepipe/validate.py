@@ -8,7 +8,8 @@ token through its KV cache (its prefill logits are last-position only by default
 exercises the decode path the runtime uses.
 
 Thresholds are named `max_<metric>` or `min_<metric>` after the metrics of `compare_logits`
-(e.g. `max_mean_kl`, `min_top1_agreement`), so a recipe can bound any metric the report has.
+(`max_kl`, `min_top1_agreement`, `max_perplexity_ratio`, ...), so a recipe can bound any
+metric the report has.
 """
 
 from __future__ import annotations
@@ -129,15 +130,20 @@ def compare_logits(logits: np.ndarray, reference: np.ndarray, ids: list[int]) ->
     `ids`).
 
     Returns:
-        `max_abs_logit_diff`, `mean_kl` (KL(reference || artifact) of the next-token
-        distributions, nats), `top1_agreement` (fraction in [0, 1]), `perplexity` and
-        `reference_perplexity` (over the T-1 predicted tokens), `perplexity_ratio`, `tokens`.
+        `logit_abs_diff` (max), `cosine` (of the flattened logits), `kl` (mean KL(reference ||
+        artifact) of the next-token distributions, nats/token), `top1_agreement` (fraction in
+        [0, 1]), `perplexity` and `reference_perplexity` (over the T-1 predicted tokens),
+        `perplexity_ratio`, `tokens`. The names match the recipe's `max_<metric>` /
+        `min_<metric>` thresholds.
     """
     vocab = min(logits.shape[-1], reference.shape[-1])
     art = _log_softmax(logits[:, :vocab])
     ref = _log_softmax(reference[:, :vocab])
     kl = float(np.mean(np.sum(np.exp(ref) * (ref - art), axis=-1)))
     top1 = float(np.mean(np.argmax(art, -1) == np.argmax(ref, -1)))
+    a = logits[:, :vocab].astype(np.float64)
+    b = reference[:, :vocab].astype(np.float64)
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
     targets = np.asarray(ids[1:])
     rows = np.arange(len(targets))
     nll = float(-np.mean(art[rows, targets])) if len(targets) else float("nan")
@@ -149,8 +155,9 @@ def compare_logits(logits: np.ndarray, reference: np.ndarray, ids: list[int]) ->
         ratio = float(np.exp(nll - ref_nll))
     return {
         "tokens": len(ids),
-        "max_abs_logit_diff": float(np.max(np.abs(logits[:, :vocab] - reference[:, :vocab]))),
-        "mean_kl": max(kl, 0.0),  # rounding can give -1e-12 for identical models
+        "logit_abs_diff": float(np.max(np.abs(a - b))),
+        "cosine": float(np.dot(a.ravel(), b.ravel()) / denom) if denom else 1.0,
+        "kl": max(kl, 0.0),  # rounding can give -1e-12 for identical models
         "top1_agreement": top1,
         "perplexity": ppl,
         "reference_perplexity": ref_ppl,
@@ -215,6 +222,7 @@ def validate_model(
     reference_dir: Path | None = None,
     reference_model: Path | None = None,
     thresholds: Mapping | None = None,
+    quality: bool = False,
     greedy_tokens: int = 16,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
@@ -226,15 +234,19 @@ def validate_model(
         provider: the profile's execution provider (CPU is used when it is not available).
         provider_options: its options.
         reference_dir: the source model folder, for the transformers reference.
-        reference_model: the unquantized export's `model.onnx`, the fallback reference (and
-            what a quantized build's quality report is measured against).
-        thresholds: `max_<metric>` / `min_<metric>` bounds from the recipe.
+        reference_model: the unquantized export's `model.onnx`: the fallback reference, and
+            what the quality report is measured against.
+        thresholds: `max_<metric>` / `min_<metric>` bounds (already filtered to those that
+            apply to this build).
+        quality: also compute the quality report against `reference_model` (quantized builds):
+            the metrics plus `greedy_agreement`.
         greedy_tokens: length of the greedy-agreement continuation.
         progress: called with a short status line.
 
     Returns:
-        The report: `provider` (used), `requested_provider`, `reference` (`transformers`,
-        `unquantized-export`), the metrics, `failures` and `passed`.
+        The report: `provider` (used), `requested_provider`, `reference` (`transformers` or
+        `unquantized-export`), the metrics of `compare_logits`, `quality` (or None),
+        `thresholds`, `failures` and `passed`.
     """
     import onnxruntime as ort
 
@@ -244,26 +256,32 @@ def validate_model(
     runner = DecoderRunner(model_path, used, provider_options if used == provider else None)
     logits = runner.teacher_forced(ids)
 
-    reference, kind, ref_runner = None, None, None
+    reference, kind = None, None
     if reference_dir is not None:
         if progress:
             progress("transformers reference")
         reference = transformers_logits(reference_dir, ids)
         kind = "transformers" if reference is not None else None
-    if reference is None and reference_model is not None:
-        ref_runner = DecoderRunner(reference_model, CPU)
-        reference, kind = ref_runner.teacher_forced(ids), "unquantized-export"
+    ref_runner = DecoderRunner(reference_model, CPU) if reference_model is not None else None
+    export_logits = ref_runner.teacher_forced(ids) if ref_runner is not None else None
+    if reference is None:
+        reference, kind = export_logits, "unquantized-export"
     if reference is None:
         raise InvalidInput("validate: no reference (no transformers, no unquantized export)")
 
     report = {"requested_provider": provider, "provider": used, "reference": kind}
     report.update(compare_logits(logits, reference, ids))
-    if greedy_tokens and reference_model is not None:
-        ref_runner = ref_runner or DecoderRunner(reference_model, CPU)
+    report["quality"] = None
+    if quality and ref_runner is not None:
+        if progress:
+            progress("quality report")
+        report["quality"] = compare_logits(logits, export_logits, ids)
         prompt = ids[: max(1, min(len(ids), 16))]
-        report["greedy_agreement"] = greedy_agreement(
+        report["quality"]["greedy_agreement"] = greedy_agreement(
             runner.greedy(prompt, greedy_tokens), ref_runner.greedy(prompt, greedy_tokens)
         )
+        report["quality"]["reference"] = "unquantized-export"
+    report["thresholds"] = dict(thresholds or {})
     failures = check_thresholds(report, thresholds or {})
     report["failures"] = failures
     report["passed"] = not failures

@@ -1,0 +1,615 @@
+"""`edgepipe build`: source → export+quantize → optimize → validate → package, atomically.
+
+Each build (one recipe for one profile) runs in a temporary folder inside OUT,
+`OUT/.tmp-<recipe>-<profile>-<pid>-<random>/`, and its artifact is renamed to
+`OUT/<recipe>/<profile>/` only when every stage passed. An existing artifact is replaced in
+two renames (old aside, new in) and then deleted, so a reader sees the old or the new folder,
+never a mix. A killed build leaves only its temp folder, which the next build in the same OUT
+sweeps (it checks that the owning process is gone first, so parallel builds are safe).
+
+The export result is cached (`edgepipe.cache`): an unchanged recipe re-validates and
+re-packages, but does not re-export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgepipe.cache import StageCache
+from edgepipe.errors import BuildFailed, EdgepipeError, InvalidInput
+from edgepipe.matrix import MatrixEntry, build_matrix, shard_slice
+from edgepipe.source import Source, as_plain, source_from_recipe
+
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
+_OWNED = re.compile(r"-(\d+)-[0-9a-f]{8}$")
+# Evaluation text is cut to this many tokens unless the recipe asks for fewer: validation runs
+# the artifact token by token, and 256 tokens already separate a good build from a broken one.
+MAX_EVAL_TOKENS = 256
+STAGES = ("source", "export", "optimize", "validate", "package")
+
+
+@dataclass
+class BuildResult:
+    """The outcome of one recipe × profile build (what `--json` prints per build).
+
+    Attributes:
+        recipe, profile: names.
+        status: `built`, `failed` (a stage or a threshold failed: exit 1) or `invalid` (bad
+            input found during the build: exit 2).
+        artifact: the published folder (None unless built).
+        precision: weight precision built.
+        size_bytes: total artifact size.
+        seconds: wall time.
+        cached: the export came from the stage cache.
+        quality: the quality metrics (vs the unquantized export for quantized builds, else vs
+            the validation reference).
+        validation: the full validation report.
+        error: what went wrong (None when built).
+    """
+
+    recipe: str
+    profile: str
+    status: str = "failed"
+    artifact: str | None = None
+    precision: str | None = None
+    size_bytes: int | None = None
+    seconds: float = 0.0
+    cached: bool = False
+    quality: dict | None = None
+    validation: dict | None = None
+    error: str | None = None
+
+
+@dataclass
+class BuildOptions:
+    """Options shared by every build of one `edgepipe build` call."""
+
+    out_dir: Path = Path("dist")
+    precision: str | None = None
+    cache_dir: Path | None = None
+    use_cache: bool = True
+    progress: Callable[[str, str, str], None] | None = field(default=None, repr=False)
+
+
+# ----------------------------------------------------------------------------- temp folders
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        import psutil
+
+        return psutil.pid_exists(pid)
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def _owner_gone(path: Path) -> bool:
+    match = _OWNED.search(path.name)
+    return bool(match) and not _pid_alive(int(match.group(1)))
+
+
+def sweep(out_dir: Path) -> list[Path]:
+    """Remove temp folders of dead builds in `out_dir`; put back an artifact a killed build had
+    set aside but not yet replaced.
+
+    Returns:
+        The folders removed.
+    """
+    removed: list[Path] = []
+    if not out_dir.is_dir():
+        return removed
+    for path in sorted(out_dir.glob(f"{TMP_PREFIX}*")):
+        if path.is_dir() and _owner_gone(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for path in sorted(out_dir.glob(f"*/{OLD_PREFIX}*")):
+        if not (path.is_dir() and _owner_gone(path)):
+            continue
+        profile = _OWNED.sub("", path.name[len(OLD_PREFIX) :])
+        final = path.parent / profile
+        if not final.exists():
+            # Killed between its two renames: the aside folder is the last good artifact.
+            os.replace(path, final)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _tag() -> str:
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def publish(built: Path, final: Path) -> None:
+    """Move the finished artifact `built` to `final`, replacing an existing one atomically
+    (old renamed aside, new renamed in, old deleted)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    aside = None
+    if final.exists():
+        aside = final.parent / f"{OLD_PREFIX}{final.name}-{_tag()}"
+        os.replace(final, aside)
+    try:
+        os.replace(built, final)
+    except OSError:
+        if aside is not None:
+            os.replace(aside, final)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass
+class BuildPlan:
+    """Everything one build needs, resolved from the recipe and the profile."""
+
+    recipe: object  # edgepipe.schema.Recipe
+    profile: object  # edgepipe.schema.DeviceProfile
+    resolved: object  # edgepipe.schema.ResolvedPrecision
+    source: Source
+    recipe_arg: str = ""  # what the recipe was loaded from (a name or a path)
+
+    @property
+    def name(self) -> str:
+        return f"{self.recipe.name}@{self.profile.name}"
+
+    @property
+    def precision(self) -> str:
+        return self.resolved.weights
+
+    @property
+    def activation_dtype(self) -> str:
+        return self.profile.activation_dtype
+
+    def quant_plan(self):
+        """The `edgepipe.quantize.QuantPlan` of this build (None: nothing quantized)."""
+        from edgepipe.quantize import QuantPlan
+
+        r = self.resolved
+        # The schema lets the FIRST matching override win, QuantPlan the LAST: reverse.
+        overrides = [(o.pattern, o.weights, o.block_size) for o in reversed(r.overrides)]
+        plan = QuantPlan.from_precision(
+            r.weights,
+            method=r.method,
+            block_size=r.block_size or 32,
+            symmetric=r.symmetric,
+            accuracy_level=r.accuracy_level,
+            embedding=r.embedding,
+            lm_head=r.lm_head,
+            exclude=list(r.exclude),
+            overrides=overrides,
+            has_calibration_text=self.recipe.calibration is not None,
+        )
+        return plan if plan.is_quantized else None
+
+    def supported_here(self) -> str | None:
+        """Why this build cannot be made yet (None when it can)."""
+        if self.profile.graph_variant != "dynamic":
+            return (
+                f"profile {self.profile.name}: graph_variant {self.profile.graph_variant!r} "
+                "(static NPU graphs) is not built by this edgepipe version yet; build a "
+                "dynamic profile such as cpu-x64"
+            )
+        if self.profile.provider != "CPUExecutionProvider":
+            return (
+                f"profile {self.profile.name}: provider {self.profile.provider} cannot be "
+                "built and validated by this edgepipe version yet; build cpu-x64 or cpu-arm64"
+            )
+        return None
+
+
+def _with_precision(recipe, precision: str):
+    """A copy of `recipe` whose weights precision is `precision` for every profile."""
+    copy = recipe.model_copy(deep=True)
+    copy.precision.weights = precision
+    for part in copy.precision.profiles.values():
+        part.weights = None
+    return copy
+
+
+def plan_builds(
+    recipes: Sequence[str],
+    profiles: Sequence[str] | None = None,
+    precision: str | None = None,
+    shard: tuple[int, int] | None = None,
+) -> list[BuildPlan]:
+    """Resolve the recipe × profile builds of one command line, checking all input first.
+
+    Args:
+        recipes: shipped recipe names or YAML paths.
+        profiles: `-p` values (names or paths); None = each recipe's `targets`.
+        precision: `--precision` override of the weights precision.
+        shard: `(I, N)`: keep slice I of N of the sorted pairs (see `edgepipe.matrix`).
+
+    Raises:
+        InvalidInput: every problem found in the recipes and profiles, at once.
+    """
+    from edgepipe import schema
+
+    problems: list[str] = []
+    loaded = []
+    for arg in recipes:
+        try:
+            loaded.append((arg, schema.load_recipe(arg)))
+        except InvalidInput as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise InvalidInput(problems[0], problems)
+
+    entries = build_matrix(
+        [(r.name, arg, list(profiles) if profiles else list(r.targets)) for arg, r in loaded]
+    )
+    if shard is not None:
+        entries = shard_slice(entries, *shard)
+    by_name = {r.name: (arg, r) for arg, r in loaded}
+    plans = []
+    for entry in entries:
+        _, recipe = by_name[entry.recipe]
+        if precision is not None:
+            recipe = _with_precision(recipe, precision)
+        try:
+            profile = (
+                recipe._profile(entry.profile)
+                if entry.profile in recipe.targets
+                else schema.load_profile(entry.profile)
+            )
+            resolved = recipe.precision_for(profile)
+            base = recipe.path.parent if recipe.path else Path.cwd()
+            plans.append(
+                BuildPlan(
+                    recipe,
+                    profile,
+                    resolved,
+                    source_from_recipe(recipe.source, base),
+                    recipe_arg=str(entry.recipe_path),
+                )
+            )
+        except InvalidInput as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise InvalidInput(problems[0], problems)
+    return plans
+
+
+def matrix_entries(
+    recipes: Sequence[str], profiles: Sequence[str] | None = None
+) -> list[MatrixEntry]:
+    """The sorted recipe × profile pairs of `recipes` (names or paths), for `edgepipe matrix`."""
+    from edgepipe import schema
+
+    problems, rows = [], []
+    for arg in recipes:
+        try:
+            recipe = schema.load_recipe(arg)
+        except InvalidInput as exc:
+            problems.extend(exc.problems)
+            continue
+        # As in `plan_builds`: -p replaces the targets, so matrix shards == build shards.
+        rows.append((recipe.name, str(arg), list(profiles) if profiles else list(recipe.targets)))
+    if problems:
+        raise InvalidInput(problems[0], problems)
+    return build_matrix(rows)
+
+
+# ----------------------------------------------------------------------------- one build
+
+
+class _Stages:
+    """Reports stage progress of one build to the caller's callback."""
+
+    def __init__(self, plan: BuildPlan, callback):
+        self.plan, self.callback = plan, callback
+
+    def __call__(self, stage: str, message: str = "") -> None:
+        if self.callback is not None:
+            self.callback(self.plan.name, stage, message)
+
+    def sub(self, stage: str) -> Callable[[str], None]:
+        return lambda message: self(stage, message)
+
+
+def _export(plan: BuildPlan, model_dir: Path, out: Path, quant, calibration: str | None) -> dict:
+    """Run the exporter (and quantizer, as weights stream through it) into `out`."""
+    from edgepipe.export import build_decoder
+
+    kwargs = {"activation_dtype": plan.activation_dtype, "quant": quant, "all_logits": False}
+    if calibration is not None:
+        kwargs["calibration_text"] = calibration
+    result = build_decoder(model_dir, out, **kwargs)
+    return as_plain(result) if isinstance(result, dict) else {}
+
+
+def _export_stage(
+    plan: BuildPlan,
+    quant,
+    cache: StageCache,
+    work: Path,
+    name: str,
+    report: Callable[[str], None],
+) -> tuple[Path, bool]:
+    """The export folder for `quant` (None = unquantized): from the cache, or exported now.
+
+    Returns:
+        (folder, came_from_cache).
+    """
+    from dataclasses import asdict as dc_asdict
+
+    calibration = None
+    if quant is not None and any(s.method == "gptq" for s in quant.specs()):
+        calibration = plan.recipe.calibration.read()
+    key = cache.key(
+        "export",
+        {
+            "source": plan.source.identity(),
+            "activation_dtype": plan.activation_dtype,
+            "graph_variant": plan.profile.graph_variant,
+            "quant": dc_asdict(quant) if quant is not None else None,
+            "calibration": calibration,
+            "all_logits": False,
+        },
+    )
+    hit = cache.lookup("export", key)
+    if hit is not None:
+        report("reused from the stage cache")
+        return hit, True
+    out = work / name
+    model_dir = plan.source.materialize(work, report)
+    report("exporting" + (" and quantizing" if quant is not None else ""))
+    _export(plan, model_dir, out, quant, calibration)
+    stored = cache.store("export", key, out)
+    del stored  # a cache that cannot be written only costs a rebuild next time
+    return out, False
+
+
+def _applicable_thresholds(plan: BuildPlan) -> dict:
+    """The recipe's thresholds that apply to this build: the logit-difference bound only to
+    all-fp32 builds (quantized or fp16 logits legitimately differ), cosine only to static
+    graphs (the schema says so)."""
+    thresholds = dict(as_plain(plan.recipe.validation))
+    r = plan.resolved
+    fp32 = (
+        plan.activation_dtype == "float32"
+        and r.weights == r.embedding == r.lm_head == "fp32"
+        and not r.overrides
+    )
+    if not fp32:
+        thresholds.pop("max_logit_abs_diff", None)
+    if plan.profile.graph_variant != "static":
+        thresholds.pop("min_cosine", None)
+    return thresholds
+
+
+def _evaluation_ids(plan: BuildPlan, family: str, vocab_size: int) -> list[int]:
+    from edgepipe.tokenizer import build_qwen_tokenizer
+
+    text = plan.recipe.evaluation.read()
+    limit = min(plan.recipe.evaluation.max_tokens, MAX_EVAL_TOKENS)
+    ids = build_qwen_tokenizer(family).encode(text, add_special_tokens=False).ids[:limit]
+    if len(ids) < 2:
+        raise InvalidInput(f"{plan.recipe.name}: evaluation: the text has fewer than 2 tokens")
+    # Tiny test models may have a smaller vocabulary than the real tokenizer.
+    return [i % vocab_size for i in ids]
+
+
+def build_one(plan: BuildPlan, options: BuildOptions) -> BuildResult:
+    """Build one artifact; never raises for a failed build (the result says what failed).
+
+    Raises:
+        KeyboardInterrupt: passed on, after the temp folder is removed.
+    """
+    start = time.perf_counter()
+    result = BuildResult(plan.recipe.name, plan.profile.name, precision=plan.precision)
+    stages = _Stages(plan, options.progress)
+    out_dir = Path(options.out_dir)
+    tmp = out_dir / f"{TMP_PREFIX}{plan.recipe.name}-{plan.profile.name}-{_tag()}"
+    try:
+        unsupported = plan.supported_here()
+        if unsupported:
+            raise InvalidInput(unsupported)
+        tmp.mkdir(parents=True)
+        _build_into(plan, options, tmp, result, stages, start)
+        final = out_dir / plan.recipe.name / plan.profile.name
+        publish(tmp / "artifact", final)
+        result.status, result.artifact = "built", str(final)
+        stages("done", str(final))
+    except InvalidInput as exc:
+        result.status, result.error = "invalid", "\n".join(exc.problems)
+    except (BuildFailed, EdgepipeError) as exc:
+        result.status, result.error = "failed", str(exc)
+    except Exception as exc:  # a bug or an upstream library error: report it, keep going
+        result.status = "failed"
+        result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        result.seconds = round(time.perf_counter() - start, 3)
+    if result.status != "built":
+        stages("failed", result.error or "")
+    return result
+
+
+def _build_into(plan, options, tmp: Path, result: BuildResult, stages, start: float) -> None:
+    from edgepipe.optimize import optimize_model
+    from edgepipe.package import package_artifact
+    from edgepipe.validate import validate_model
+
+    cache = StageCache(options.cache_dir, enabled=options.use_cache)
+    work = tmp / "work"
+    work.mkdir()
+    stages("source", plan.source.kind)
+    quant = plan.quant_plan()
+    stages("export")
+    export_dir, result.cached = _export_stage(
+        plan, quant, cache, work, "export", stages.sub("export")
+    )
+    reference_dir = None
+    if quant is not None:
+        reference_dir, _ = _export_stage(plan, None, cache, work, "reference", stages.sub("export"))
+
+    genai = json.loads((export_dir / "genai_config.json").read_text(encoding="utf-8"))
+    family = plan.recipe.resolve_family({"model_type": genai["model"].get("type")})
+    vocab = int(genai["model"]["vocab_size"])
+
+    stages("optimize")
+    artifact = tmp / "artifact"
+    optimization = optimize_model(
+        export_dir,
+        artifact,
+        provider=plan.profile.provider,
+        level=plan.profile.optimization_level,
+        tolerance=1e-3 if plan.activation_dtype == "float32" else 2e-2,
+        progress=stages.sub("optimize"),
+    )
+
+    stages("validate")
+    ids = _evaluation_ids(plan, family, vocab)
+    source_dir = None
+    if importlib_available("transformers") and importlib_available("torch"):
+        source_dir = plan.source.materialize(work, stages.sub("validate"))
+    validation = validate_model(
+        artifact / "model.onnx",
+        ids,
+        provider=plan.profile.provider,
+        provider_options=plan.profile.session_provider_options(),
+        reference_dir=source_dir,
+        reference_model=(reference_dir or export_dir) / "model.onnx",
+        thresholds=_applicable_thresholds(plan),
+        quality=quant is not None,
+        progress=stages.sub("validate"),
+    )
+    result.validation = validation
+    result.quality = validation.get("quality") or {
+        k: validation[k] for k in ("kl", "top1_agreement", "perplexity_ratio") if k in validation
+    }
+    if not validation["passed"]:
+        raise BuildFailed(
+            f"{plan.name}: validation failed against the {validation['reference']} reference: "
+            + "; ".join(validation["failures"])
+        )
+
+    stages("package")
+    manifest = package_artifact(
+        artifact,
+        recipe=as_plain(plan.recipe),
+        profile={
+            **as_plain(plan.profile),
+            "provider_options": plan.profile.session_provider_options(),
+        },
+        family=family,
+        precision=plan.precision,
+        source={"kind": plan.source.kind, **plan.source.identity()},
+        reports={
+            "validation": validation,
+            "quality": validation.get("quality"),
+            "optimization": optimization,
+            "export": {"cached": result.cached, "resolved_precision": as_plain(plan.resolved)},
+        },
+        build_seconds=time.perf_counter() - start,
+    )
+    result.size_bytes = manifest["size_bytes"]
+
+
+def importlib_available(module: str) -> bool:
+    """True when `module` can be imported (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# ----------------------------------------------------------------------------- many builds
+
+
+def _worker(args: tuple) -> dict:
+    """Process-pool entry: plan and build one pair (plans hold pydantic models: re-resolve)."""
+    recipe_arg, profile, precision, options = args
+    try:
+        (plan,) = plan_builds([recipe_arg], [profile], precision)
+    except InvalidInput as exc:
+        return asdict(BuildResult("?", profile, status="invalid", error=str(exc)))
+    return asdict(build_one(plan, options))
+
+
+def build_all(
+    plans: Sequence[BuildPlan],
+    options: BuildOptions,
+    *,
+    jobs: int = 1,
+) -> list[BuildResult]:
+    """Build every plan, `jobs` at a time, after sweeping dead builds' temp folders.
+
+    Args:
+        plans: from `plan_builds`.
+        options: output folder, cache and progress callback.
+        jobs: parallel builds (separate processes; each export is itself multi-threaded in
+            onnxruntime, so more jobs than cores rarely helps).
+
+    Returns:
+        One result per plan, in plan order.
+    """
+    out_dir = Path(options.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sweep(out_dir)
+    if jobs <= 1 or len(plans) <= 1:
+        return [build_one(plan, options) for plan in plans]
+
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Workers cannot call back into the parent's live display: they report when done.
+    worker_options = BuildOptions(
+        options.out_dir, options.precision, options.cache_dir, options.use_cache, None
+    )
+    tasks = [
+        (
+            p.recipe_arg,
+            str(p.profile.name),
+            options.precision,
+            worker_options,
+        )
+        for p in plans
+    ]
+    context = multiprocessing.get_context("spawn")  # onnxruntime's threads do not survive fork
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        results = []
+        for plan, data in zip(plans, pool.map(_worker, tasks), strict=True):
+            result = BuildResult(**data)
+            if options.progress is not None:
+                options.progress(plan.name, "done" if result.status == "built" else "failed", "")
+            results.append(result)
+    return results
+
+
+def exit_code(results: Sequence[BuildResult]) -> int:
+    """0 when everything was built, 2 when a build met invalid input, else 1."""
+    if all(r.status == "built" for r in results):
+        return 0
+    if any(r.status == "invalid" for r in results) and not any(
+        r.status == "failed" for r in results
+    ):
+        return 2
+    return 1
+
+
+def report_json(results: Sequence[BuildResult]) -> str:
+    """The machine-readable report `--json` prints."""
+    doc = {"exit_code": exit_code(results), "builds": [asdict(r) for r in results]}
+    return json.dumps(doc, indent=2, default=str, allow_nan=True)
