@@ -101,6 +101,9 @@ class ChatSession:
         reuse = min(common, len(prompt_ids) - 1)
         if reuse <= 0:
             return None, 0
+        # Positions from `reuse` on are about to be overwritten: forget them now, so a turn that
+        # fails half-way cannot leave ids that no longer match the cache.
+        del self._cached_ids[reuse:]
         return self._cache, reuse
 
     def keep_cache(self, cache: KVCache, ids: list[int]) -> None:
