@@ -1,0 +1,77 @@
+"""`edgepipe list` and `edgepipe validate`: what is shipped, and whether YAML files are valid."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgepipe.cli import add_command
+from edgepipe.errors import InvalidInput, require
+
+
+def register(subparsers) -> None:
+    """Add the `list` and `validate` subcommands."""
+    add_command(subparsers, "list", list_command)
+    validate = add_command(subparsers, "validate", validate_command)
+    validate.add_argument(
+        "files",
+        nargs="*",
+        metavar="FILE",
+        help="recipe or profile YAML files (default: all shipped)",
+    )
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def list_command(args: argparse.Namespace) -> int:
+    """List the shipped recipes and device profiles, one line each.
+
+    A file that does not load is listed as invalid; `edgepipe validate FILE` says why.
+    """
+    require("pydantic", "build")
+    require("yaml", "build")
+    from edgepipe import resources, schema
+
+    profiles: dict[str, schema.DeviceProfile] = {}
+    print("device profiles:")
+    for name, path in resources.profile_files().items():
+        try:
+            profile = schema.load_profile(path)
+        except InvalidInput:
+            print(f"  {name:<28} INVALID (run: edgepipe validate {path})")
+            continue
+        profiles[name] = profile
+        what = f"{profile.provider.removesuffix('ExecutionProvider')}, {profile.graph_variant}"
+        print(f"  {name:<28} {what:<16} {_first_line(profile.description)}")
+    print("recipes:")
+    for name, path in resources.recipe_files().items():
+        try:
+            recipe = schema.load_recipe(path, profiles)
+        except InvalidInput:
+            print(f"  {name:<28} INVALID (run: edgepipe validate {path})")
+            continue
+        targets = ",".join(recipe.targets)
+        print(f"  {name:<28} {_first_line(recipe.description)}  [{targets}]")
+    return 0
+
+
+def validate_command(args: argparse.Namespace) -> int:
+    """Check recipes and device profiles; print every problem as `file: field: message`.
+
+    With no FILE, checks every shipped recipe and profile. Exit code 2 when anything is wrong.
+    """
+    require("pydantic", "build")
+    require("yaml", "build")
+    from edgepipe import resources, schema
+
+    files = list(args.files) or [
+        *resources.profile_files().values(),
+        *resources.recipe_files().values(),
+    ]
+    problems = schema.validate_files(files)
+    if problems:
+        raise InvalidInput(problems[0], problems)
+    print(f"ok: {len(files)} file(s) valid", file=sys.stdout)
+    return 0

@@ -1,0 +1,73 @@
+"""Recipes and device profiles: pydantic models, YAML loading, and problem reports.
+
+A *recipe* (recipes/*.yaml) says what to build; a *device profile* (device_profiles/*.yaml)
+says where it runs. Both forbid unknown keys. The loaders report every problem at once as
+`file: field.path: message` and raise `edgepipe.errors.InvalidInput`; closed sets list their
+allowed values. Later stages never merge precision settings by hand:
+`Recipe.precision_for(profile)` returns the `ResolvedPrecision` for one target.
+
+    from edgepipe.schema import load_recipe
+    recipe = load_recipe("qwen3-0.6b")
+    for profile in recipe.target_profiles():
+        plan = recipe.precision_for(profile)
+"""
+
+from edgepipe.schema.loading import (
+    file_kind,
+    load_profile,
+    load_recipe,
+    shipped_profiles,
+    shipped_recipes,
+    validate_files,
+)
+from edgepipe.schema.models import (
+    FALLBACK_PRESETS,
+    PROVIDER_PACKAGES,
+    QUANTIZED,
+    ContextSize,
+    DeviceProfile,
+    FieldProblems,
+    Generation,
+    HubSource,
+    Override,
+    PartialPrecision,
+    PrecisionPlan,
+    PresetSource,
+    QnnOptions,
+    Recipe,
+    ResolvedPrecision,
+    Sampling,
+    Source,
+    TextSample,
+    Thresholds,
+    preset_names,
+)
+
+__all__ = [
+    "FALLBACK_PRESETS",
+    "PROVIDER_PACKAGES",
+    "QUANTIZED",
+    "ContextSize",
+    "DeviceProfile",
+    "FieldProblems",
+    "Generation",
+    "HubSource",
+    "Override",
+    "PartialPrecision",
+    "PrecisionPlan",
+    "PresetSource",
+    "QnnOptions",
+    "Recipe",
+    "ResolvedPrecision",
+    "Sampling",
+    "Source",
+    "TextSample",
+    "Thresholds",
+    "file_kind",
+    "load_profile",
+    "load_recipe",
+    "preset_names",
+    "shipped_profiles",
+    "shipped_recipes",
+    "validate_files",
+]
