@@ -34,8 +34,7 @@ DATA = "model.onnx.data"
 
 # Profile level names (and the ORT enum names) -> onnxruntime.GraphOptimizationLevel member.
 LEVELS = {
-    "disabled": "ORT_DISABLE_ALL",
-    "none": "ORT_DISABLE_ALL",
+    "disable": "ORT_DISABLE_ALL",
     "basic": "ORT_ENABLE_BASIC",
     "extended": "ORT_ENABLE_EXTENDED",
     "layout": "ORT_ENABLE_LAYOUT",
@@ -60,7 +59,7 @@ def level_name(level) -> str:
     if level is None:
         return "extended"
     if isinstance(level, int):
-        by_int = {0: "disabled", 1: "basic", 2: "extended", 3: "layout", 99: "all"}
+        by_int = {0: "disable", 1: "basic", 2: "extended", 3: "layout", 99: "all"}
         if level in by_int:
             return by_int[level]
     text = str(level).strip().lower()
@@ -193,7 +192,7 @@ def optimize_model(
             raise BuildFailed(f"optimize: the exported graph does not run on CPU: {exc}") from exc
 
         chosen = tmp / "clean"
-        if level == "disabled":
+        if level == "disable":
             record["reason"] = "profile disables graph optimization"
         elif provider != CPU:
             record["reason"] = (
