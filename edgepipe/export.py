@@ -1,0 +1,703 @@
+"""The streaming ONNX graph builder for Qwen2, Qwen2.5 and Qwen3 decoders (dynamic variant).
+
+`build_decoder` reads config.json, checks every weight's name and shape from the safetensors
+headers, then walks the model once: read a tensor, convert (or quantize) it, append it to
+`model.onnx.data`, drop it. Peak memory stays near the largest tensor (the embedding table),
+not the model. The graph follows docs/contracts.md ("Dynamic decoder graph") and
+onnxruntime-genai's names, and a `genai_config.json` is written beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from edgepipe.errors import InvalidInput
+from edgepipe.graph_ops import MS_DOMAIN, GraphWriter, ir_dtype, save_model, tensor_input
+from edgepipe.qwen2 import DecoderConfig, read_config
+from edgepipe.safetensors_io import SafetensorsModel
+
+if TYPE_CHECKING:
+    from edgepipe.quantize import QuantizedWeight, QuantPlan, QuantSpec
+
+ACTIVATION_DTYPES = {"float32": np.float32, "float16": np.float16}
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+GENAI_CONFIG = "genai_config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+# Qwen's end tokens: <|im_end|> ends a chat turn, <|endoftext|> ends a document.
+QWEN_EOS = [151645, 151643]
+QWEN_BOS = 151643
+QWEN_PAD = 151643
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class ExportResult:
+    """What `build_decoder` wrote.
+
+    Attributes:
+        out_dir: the export folder.
+        model_path: `model.onnx` (graph; weights are external).
+        data_path: `model.onnx.data` (all weights).
+        genai_config_path: `genai_config.json`.
+        config: a summary of the model config (family, sizes).
+        bytes_written: total bytes of model.onnx + model.onnx.data.
+        activation_dtype: "float32" or "float16".
+        quantized: HF weight names that were quantized, with "bits/block_size/method".
+        files: every file written or copied into `out_dir`.
+    """
+
+    out_dir: Path
+    model_path: Path
+    data_path: Path
+    genai_config_path: Path
+    config: dict[str, Any]
+    bytes_written: int
+    activation_dtype: str
+    quantized: dict[str, str] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+
+def expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight the builder reads, with the shape config.json implies."""
+    fam = cfg.family
+    h, d, i_size = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q_dim, kv_dim = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    per_layer = {
+        "input_norm": (h,),
+        "post_norm": (h,),
+        "q": (q_dim, h),
+        "k": (kv_dim, h),
+        "v": (kv_dim, h),
+        "o": (h, q_dim),
+        "gate": (i_size, h),
+        "up": (i_size, h),
+        "down": (h, i_size),
+    }
+    shapes: dict[str, tuple[int, ...]] = {fam.embed: (cfg.vocab_size, h)}
+    for layer in range(cfg.num_hidden_layers):
+        for key, shape in per_layer.items():
+            shapes[fam.layer[key].format(i=layer)] = shape
+        if fam.qkv_bias:
+            for key, dim in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
+                shapes[fam.bias[key].format(i=layer)] = (dim,)
+        if fam.qk_norm:
+            for key in ("q_norm", "k_norm"):
+                shapes[fam.norms[key].format(i=layer)] = (d,)
+    shapes[fam.final_norm] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes[fam.lm_head] = (cfg.vocab_size, h)
+    return shapes
+
+
+def check_weights(cfg: DecoderConfig, weights: SafetensorsModel) -> None:
+    """Raise InvalidInput listing every missing tensor and every shape mismatch."""
+    problems: list[str] = []
+    expected = expected_shapes(cfg)
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        shown = ", ".join(missing[:20]) + (
+            f" (+{len(missing) - 20} more)" if len(missing) > 20 else ""
+        )
+        problems.append(
+            f"{weights.folder}: {len(missing)} tensors missing from the weights: {shown}"
+        )
+    for name, shape in expected.items():
+        if name in weights and weights.info(name).shape != shape:
+            problems.append(
+                f"{weights.folder}: {name}: shape {list(weights.info(name).shape)}, expected "
+                f"{list(shape)} from config.json"
+            )
+    if problems:
+        raise InvalidInput(problems[0], problems)
+
+
+def rotary_caches(
+    head_dim: int, theta: float, length: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches `[length, head_dim / 2]` for non-interleaved rotary.
+
+    Computed in float32 the way transformers does (inv_freq, then position * inv_freq), so the
+    angles match the reference bit for bit before the final cast.
+    """
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    freqs = np.outer(np.arange(length, dtype=np.float32), inv_freq).astype(np.float32)
+    return np.cos(freqs).astype(dtype), np.sin(freqs).astype(dtype)
+
+
+class _DecoderBuilder:
+    """One export: holds the writer, the config and the per-dtype constants."""
+
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        weights: SafetensorsModel,
+        writer: GraphWriter,
+        *,
+        dtype: np.dtype,
+        quant: QuantPlan | None,
+        all_logits: bool,
+        rotary_in_attention: bool,
+        context_length: int,
+        progress: Progress | None,
+    ):
+        self.cfg = cfg
+        self.fam = cfg.family
+        self.weights = weights
+        self.w = writer
+        self.dtype = np.dtype(dtype)
+        self.ir_dtype = ir_dtype(self.dtype)
+        self.quant = quant
+        self.all_logits = all_logits
+        self.rotary_in_attention = rotary_in_attention
+        self.context_length = context_length
+        self.progress = progress
+        self.quantized: dict[str, str] = {}
+        self._step = 0
+        self._steps = cfg.num_hidden_layers + 2
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def _read(self, name: str) -> np.ndarray:
+        return self.weights.read(name, np.float32)
+
+    def _float_weight(self, name: str, array: np.ndarray) -> ir.Value:
+        return self.w.weight(name, array.astype(self.dtype))
+
+    def _spec(self, hf_name: str) -> QuantSpec | None:
+        return None if self.quant is None else self.quant.spec_for(hf_name)
+
+    def _quantized_inputs(self, prefix: str, qw: QuantizedWeight) -> list[ir.Value | None]:
+        scales = self.w.weight(f"{prefix}.scales", qw.scales.astype(self.dtype))
+        zp = None
+        if qw.zero_points is not None:
+            zp = self.w.weight(f"{prefix}.zero_points", qw.zero_points)
+        return [scales, zp]
+
+    def linear(
+        self,
+        name: str,
+        x: ir.Value,
+        hf_names: list[str],
+        bias_names: list[str] | None = None,
+    ) -> ir.Value:
+        """y = x @ Wᵀ (+ b) for HF weights `[N, K]`, packed along N when several are given."""
+        spec = self._spec(hf_names[0])
+        if any(self._spec(n) != spec for n in hf_names[1:]):
+            # Packing needs one spec; quantize each part on its own and concatenate outputs.
+            parts = [
+                self.linear(f"{name}_{k}", x, [n], None if not bias_names else [bias_names[k]])
+                for k, n in enumerate(hf_names)
+            ]
+            return self.w.op("Concat", f"{name}/concat", parts, {"axis": -1})
+        w_kn = np.concatenate([self._read(n).T for n in hf_names], axis=1)
+        bias = None
+        if bias_names:
+            b = np.concatenate([self._read(n) for n in bias_names])
+            bias = self._float_weight(f"{name}.bias", b)
+        if spec is None:
+            weight = self._float_weight(f"{name}.weight", w_kn)
+            del w_kn
+            y = self.w.op("MatMul", f"{name}/MatMul", [x, weight])
+            return y if bias is None else self.w.op("Add", f"{name}/Add", [y, bias])
+        from edgepipe.quantize import quantize_weight
+
+        qw = quantize_weight(w_kn, spec, name=hf_names[0])
+        del w_kn
+        for n in hf_names:
+            self.quantized[n] = f"int{spec.bits}/b{spec.block_size}/{spec.method}"
+        packed = self.w.weight(f"{name}.qweight", qw.packed)
+        return self._matmul_nbits(name, x, packed, qw, spec, bias)
+
+    def _matmul_nbits(
+        self,
+        name: str,
+        x: ir.Value,
+        packed: ir.Value,
+        qw: QuantizedWeight,
+        spec: QuantSpec,
+        bias: ir.Value | None,
+    ) -> ir.Value:
+        scales, zp = self._quantized_inputs(name, qw)
+        inputs: list[ir.Value | None] = [x, packed, scales, zp]
+        if bias is not None:
+            inputs += [None, bias]  # g_idx unused
+        attrs = {
+            "K": qw.K,
+            "N": qw.N,
+            "bits": qw.bits,
+            "block_size": qw.block_size,
+            "accuracy_level": spec.accuracy_level,
+        }
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        return self.w.op("MatMulNBits", f"{name}/MatMulNBits", inputs, attrs, domain=MS_DOMAIN)
+
+    def _tick(self, what: str) -> None:
+        self._step += 1
+        if self.progress is not None:
+            self.progress(what, self._step, self._steps)
+
+    # -- graph -----------------------------------------------------------------------------
+
+    def build(self) -> ir.Model:
+        cfg, w = self.cfg, self.w
+        ids = tensor_input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+        mask = tensor_input(
+            "attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"]
+        )
+        kv_shape = ["batch_size", cfg.num_key_value_heads, "past_sequence_length", cfg.head_dim]
+        present_shape = [
+            "batch_size",
+            cfg.num_key_value_heads,
+            "total_sequence_length",
+            cfg.head_dim,
+        ]
+        pasts, presents = [], []
+        for layer in range(cfg.num_hidden_layers):
+            for kind in ("key", "value"):
+                pasts.append(
+                    tensor_input(f"past_key_values.{layer}.{kind}", self.ir_dtype, kv_shape)
+                )
+                presents.append(
+                    tensor_input(f"present.{layer}.{kind}", self.ir_dtype, present_shape)
+                )
+
+        # Attention bookkeeping shared by every layer (contract: both int32, from the mask).
+        mask_sum = w.op(
+            "ReduceSum",
+            "mask/ReduceSum",
+            [mask, w.const("mask/axes", np.array([1], np.int64))],
+            {"keepdims": 0},
+        )
+        seqlens = w.op("Sub", "mask/Sub", [mask_sum, w.const("mask/one", np.array(1, np.int64))])
+        self.seqlens_k = w.op("Cast", "mask/seqlens_k", [seqlens], {"to": ir.DataType.INT32})
+        mask_shape = w.op("Shape", "mask/Shape", [mask])
+        total = w.op(
+            "Gather",
+            "mask/total_gather",
+            [mask_shape, w.const("mask/idx1", np.array(1, np.int64))],
+            {"axis": 0},
+        )
+        self.total_len = w.op(
+            "Cast", "mask/total_sequence_length", [total], {"to": ir.DataType.INT32}
+        )
+        if not self.rotary_in_attention:
+            self.position_ids = self._position_ids(ids, mask)
+        cos, sin = rotary_caches(cfg.head_dim, cfg.rope_theta, self.context_length, self.dtype)
+        self.cos = w.weight("rotary.cos_cache", cos)
+        self.sin = w.weight("rotary.sin_cache", sin)
+
+        hidden, embed_q = self._embedding(ids)
+        self._tick("embedding")
+        residual = None
+        for layer in range(cfg.num_hidden_layers):
+            hidden, residual = self._layer(layer, hidden, residual, pasts, presents)
+            self._tick(f"layer {layer}")
+        normed = self._skip_norm("final_norm", hidden, residual, self.fam.final_norm)[0]
+        if not self.all_logits:
+            normed = w.op(
+                "Slice",
+                "lm_head/last_position",
+                [
+                    normed,
+                    w.const("lm_head/starts", np.array([-1], np.int64)),
+                    w.const("lm_head/ends", np.array([np.iinfo(np.int64).max], np.int64)),
+                    w.const("lm_head/axes", np.array([1], np.int64)),
+                ],
+            )
+        logits = self._lm_head(normed, embed_q)
+        self._tick("lm_head")
+        out_seq = "sequence_length" if self.all_logits else 1
+        logits_out = tensor_input("logits", self.ir_dtype, ["batch_size", out_seq, cfg.vocab_size])
+        w.op("Identity", "logits/Identity", [logits], output_names=["logits"])
+        # Rebind the graph outputs to the node outputs carrying their names.
+        outputs = [self._named_output(logits_out)] + [self._named_output(p) for p in presents]
+        return w.model([ids, mask, *pasts], outputs)
+
+    def _named_output(self, template: ir.Value) -> ir.Value:
+        for node in reversed(self.w.nodes):
+            for out in node.outputs:
+                if out.name == template.name:
+                    out.type, out.shape = template.type, template.shape
+                    return out
+        raise AssertionError(f"no node produces {template.name}")
+
+    def _position_ids(self, ids: ir.Value, mask: ir.Value) -> ir.Value:
+        # Position of each new token = (number of attended tokens up to it) - 1, taken over the
+        # last sequence_length columns of the mask; padded slots clamp to 0.
+        w = self.w
+        cum = w.op("CumSum", "pos/CumSum", [mask, w.const("pos/axis", np.array(1, np.int64))])
+        pos = w.op("Sub", "pos/Sub", [cum, w.const("pos/one", np.array(1, np.int64))])
+        pos = w.op("Max", "pos/Max", [pos, w.const("pos/zero", np.array(0, np.int64))])
+        seq = w.op(
+            "Gather",
+            "pos/seq_len",
+            [w.op("Shape", "pos/ids_shape", [ids]), w.const("pos/idx1", np.array([1], np.int64))],
+            {"axis": 0},
+        )
+        neg = w.op("Neg", "pos/neg_seq", [seq])
+        return w.op(
+            "Slice",
+            "pos/last",
+            [
+                pos,
+                neg,
+                w.const("pos/end", np.array([np.iinfo(np.int64).max], np.int64)),
+                w.const("pos/slice_axis", np.array([1], np.int64)),
+            ],
+        )
+
+    def _embedding(self, ids: ir.Value) -> tuple[ir.Value, Any]:
+        name = self.fam.embed
+        table = self._read(name)
+        spec = self._spec(name)
+        if spec is None:
+            weight = self._float_weight("embed_tokens.weight", table)
+            del table
+            self.embed_weight = weight
+            return self.w.op("Gather", "embed_tokens/Gather", [weight, ids], {"axis": 0}), None
+        from edgepipe.quantize import quantize_embedding
+
+        qw = quantize_embedding(table, spec)
+        del table
+        self.quantized[name] = f"int{spec.bits}/b{spec.block_size}/{spec.method}"
+        data = self.w.weight("embed_tokens.qweight", qw.gather_data())
+        scales, zp = self._quantized_inputs("embed_tokens", qw)
+        attrs = {"bits": qw.bits, "block_size": qw.block_size, "gather_axis": 0, "quantize_axis": 1}
+        inputs = [data, ids, scales] + ([zp] if zp is not None else [])
+        out = self.w.op(
+            "GatherBlockQuantized",
+            "embed_tokens/GatherBlockQuantized",
+            inputs,
+            attrs,
+            domain=MS_DOMAIN,
+        )
+        return out, (qw, spec, data, scales, zp)
+
+    def _lm_head(self, x: ir.Value, embed_q: Any) -> ir.Value:
+        cfg, w = self.cfg, self.w
+        if cfg.tie_word_embeddings and embed_q is not None:
+            qw, spec, data, scales, zp = embed_q
+            # The tied lm_head reuses the embedding's quantized initializers: one copy on disk.
+            inputs: list[ir.Value | None] = [x, data, scales, zp]
+            while inputs[-1] is None:
+                inputs.pop()
+            attrs = {
+                "K": qw.K,
+                "N": qw.N,
+                "bits": qw.bits,
+                "block_size": qw.block_size,
+                "accuracy_level": spec.accuracy_level,
+            }
+            return w.op("MatMulNBits", "lm_head/MatMulNBits", inputs, attrs, domain=MS_DOMAIN)
+        if cfg.tie_word_embeddings and self._spec(self.fam.lm_head) is None:
+            # Gemm with transB reads the [vocab, hidden] embedding as is: one copy, no transpose.
+            return self._gemm_transposed(x, self.embed_weight)
+        if cfg.tie_word_embeddings:
+            return self.linear("lm_head", x, [self.fam.embed])
+        if self._spec(self.fam.lm_head) is None:
+            weight = self._float_weight("lm_head.weight", self._read(self.fam.lm_head))
+            return self._gemm_transposed(x, weight)
+        return self.linear("lm_head", x, [self.fam.lm_head])
+
+    def _gemm_transposed(self, x: ir.Value, weight_vh: ir.Value) -> ir.Value:
+        w = self.w
+        shape = w.op("Shape", "lm_head/x_shape", [x])
+        flat = w.op(
+            "Reshape",
+            "lm_head/flatten",
+            [x, w.const("lm_head/flat_shape", np.array([-1, self.cfg.hidden_size], np.int64))],
+        )
+        y = w.op("Gemm", "lm_head/Gemm", [flat, weight_vh], {"transB": 1})
+        out_shape = w.op(
+            "Concat",
+            "lm_head/out_shape",
+            [
+                w.op(
+                    "Slice",
+                    "lm_head/batch_seq",
+                    [
+                        shape,
+                        w.const("lm_head/s0", np.array([0], np.int64)),
+                        w.const("lm_head/s2", np.array([2], np.int64)),
+                    ],
+                ),
+                w.const("lm_head/vocab", np.array([self.cfg.vocab_size], np.int64)),
+            ],
+            {"axis": 0},
+        )
+        return w.op("Reshape", "lm_head/unflatten", [y, out_shape])
+
+    def _skip_norm(
+        self, name: str, x: ir.Value, residual: ir.Value | None, gamma_name: str
+    ) -> tuple[ir.Value, ir.Value]:
+        """RMSNorm(x + residual); returns (normed, new residual)."""
+        gamma = self._float_weight(f"{name}.weight", self._read(gamma_name))
+        eps = self.cfg.rms_norm_eps
+        if residual is None:
+            out = self.w.op(
+                "SimplifiedLayerNormalization",
+                f"{name}/SimplifiedLayerNorm",
+                [x, gamma],
+                {"epsilon": eps, "axis": -1, "stash_type": 1},
+            )
+            return out, x
+        outs = self.w.op(
+            "SkipSimplifiedLayerNormalization",
+            f"{name}/SkipSimplifiedLayerNorm",
+            [x, residual, gamma],
+            {"epsilon": eps},
+            domain=MS_DOMAIN,
+            num_outputs=4,
+        )
+        return outs[0], outs[3]
+
+    def _head_norm(self, name: str, x: ir.Value, heads: int, gamma_name: str) -> ir.Value:
+        """Qwen3's RMSNorm over each head: reshape to [..., heads, head_dim], norm, reshape back."""
+        w, d = self.w, self.cfg.head_dim
+        gamma = self._float_weight(f"{name}.weight", self._read(gamma_name))
+        split = w.op(
+            "Reshape",
+            f"{name}/split_heads",
+            [x, w.const(f"{name}/heads_shape", np.array([0, 0, heads, d], np.int64))],
+        )
+        normed = w.op(
+            "SimplifiedLayerNormalization",
+            f"{name}/SimplifiedLayerNorm",
+            [split, gamma],
+            {"epsilon": self.cfg.rms_norm_eps, "axis": -1, "stash_type": 1},
+        )
+        return w.op(
+            "Reshape",
+            f"{name}/merge_heads",
+            [normed, w.const(f"{name}/merged_shape", np.array([0, 0, heads * d], np.int64))],
+        )
+
+    def _rotary(self, name: str, x: ir.Value, heads: int) -> ir.Value:
+        return self.w.op(
+            "RotaryEmbedding",
+            f"{name}/RotaryEmbedding",
+            [x, self.position_ids, self.cos, self.sin],
+            {"interleaved": 0, "num_heads": heads, "rotary_embedding_dim": self.cfg.head_dim},
+            domain=MS_DOMAIN,
+        )
+
+    def _layer(self, i: int, hidden, residual, pasts, presents):
+        cfg, fam, w = self.cfg, self.fam, self.w
+        p = f"layers.{i}"
+        names = {k: t.format(i=i) for k, t in fam.layer.items()}
+        normed, residual = self._skip_norm(f"{p}.input_norm", hidden, residual, names["input_norm"])
+
+        qkv_names = [names["q"], names["k"], names["v"]]
+        bias_names = [fam.bias[k].format(i=i) for k in ("q", "k", "v")] if fam.qkv_bias else None
+        qkv = self.linear(f"{p}.attn.qkv_proj", normed, qkv_names, bias_names)
+        q_dim = cfg.num_attention_heads * cfg.head_dim
+        kv_dim = cfg.num_key_value_heads * cfg.head_dim
+        separate = fam.qk_norm or not self.rotary_in_attention
+        if separate:
+            q, k, v = w.op(
+                "Split",
+                f"{p}.attn.qkv_split",
+                [qkv, w.const(f"{p}.attn.qkv_sizes", np.array([q_dim, kv_dim, kv_dim], np.int64))],
+                {"axis": -1},
+                num_outputs=3,
+            )
+            if fam.qk_norm:
+                q = self._head_norm(
+                    f"{p}.attn.q_norm", q, cfg.num_attention_heads, fam.norms["q_norm"].format(i=i)
+                )
+                k = self._head_norm(
+                    f"{p}.attn.k_norm", k, cfg.num_key_value_heads, fam.norms["k_norm"].format(i=i)
+                )
+            if not self.rotary_in_attention:
+                q = self._rotary(f"{p}.attn.q_rotary", q, cfg.num_attention_heads)
+                k = self._rotary(f"{p}.attn.k_rotary", k, cfg.num_key_value_heads)
+            qkv_inputs = [q, k, v]
+        else:
+            qkv_inputs = [qkv, None, None]
+        gqa_inputs = [
+            *qkv_inputs,
+            pasts[2 * i],
+            pasts[2 * i + 1],
+            self.seqlens_k,
+            self.total_len,
+        ]
+        if self.rotary_in_attention:
+            gqa_inputs += [self.cos, self.sin]
+        attn, _, _ = w.op(
+            "GroupQueryAttention",
+            f"{p}.attn.GroupQueryAttention",
+            gqa_inputs,
+            {
+                "num_heads": cfg.num_attention_heads,
+                "kv_num_heads": cfg.num_key_value_heads,
+                "do_rotary": int(self.rotary_in_attention),
+                "rotary_interleaved": 0,
+                "scale": float(cfg.head_dim**-0.5),
+            },
+            domain=MS_DOMAIN,
+            output_names=[f"{p}.attn/output_0", f"present.{i}.key", f"present.{i}.value"],
+        )
+        attn_out = self.linear(f"{p}.attn.o_proj", attn, [names["o"]])
+
+        normed, residual = self._skip_norm(f"{p}.post_norm", attn_out, residual, names["post_norm"])
+        gate = self.linear(f"{p}.mlp.gate_proj", normed, [names["gate"]])
+        up = self.linear(f"{p}.mlp.up_proj", normed, [names["up"]])
+        silu = w.op("Mul", f"{p}.mlp.silu", [gate, w.op("Sigmoid", f"{p}.mlp.sigmoid", [gate])])
+        act = w.op("Mul", f"{p}.mlp.act", [silu, up])
+        return self.linear(f"{p}.mlp.down_proj", act, [names["down"]]), residual
+
+
+def genai_config(cfg: DecoderConfig, *, dtype: str, context_length: int) -> dict[str, Any]:
+    """The genai_config.json onnxruntime-genai 0.18 reads for this decoder."""
+    eos = cfg.eos_token_id or QWEN_EOS
+    eos = sorted(set(eos) | set(QWEN_EOS), key=lambda t: QWEN_EOS.index(t) if t in QWEN_EOS else 99)
+    return {
+        "model": {
+            "type": cfg.family.name,
+            "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else QWEN_BOS,
+            "context_length": context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "num_key_value_heads": cfg.num_key_value_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": QWEN_PAD,
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": context_length,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": True,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def build_decoder(
+    model_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    activation_dtype: str = "float32",
+    quant: QuantPlan | None = None,
+    all_logits: bool = False,
+    rotary_in_attention: bool = True,
+    context_length: int | None = None,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export a Qwen2/Qwen2.5/Qwen3 model folder to an ONNX Runtime decoder, streaming.
+
+    Args:
+        model_dir: folder with config.json and safetensors weights (single or sharded).
+        out_dir: export folder (created; existing files of the same names are replaced).
+        activation_dtype: "float32" or "float16" (weights, inputs/outputs and KV cache).
+        quant: which weights become MatMulNBits / GatherBlockQuantized; None keeps all float.
+        all_logits: return logits for every position (perplexity) instead of the last one.
+        rotary_in_attention: rotary inside GroupQueryAttention; False emits
+            com.microsoft.RotaryEmbedding nodes before it (for EPs without GQA rotary).
+        context_length: longest sequence (sizes the rotary caches and genai's max_length);
+            default config.json's max_position_embeddings.
+        progress: called as progress(step_name, done, total).
+
+    Returns:
+        ExportResult with paths, a config summary and bytes written.
+
+    Raises:
+        InvalidInput: bad folder, config, weights or arguments (every problem listed).
+    """
+    if activation_dtype not in ACTIVATION_DTYPES:
+        raise InvalidInput(
+            f"activation_dtype: {activation_dtype!r}; allowed: {list(ACTIVATION_DTYPES)}"
+        )
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cfg = read_config(model_dir)
+    weights = SafetensorsModel(model_dir)
+    check_weights(cfg, weights)
+    if quant is not None:
+        quant.check_patterns(expected_shapes(cfg))
+    ctx = int(context_length or cfg.max_position_embeddings)
+    if ctx < 1:
+        raise InvalidInput(f"context_length: {ctx}; must be a positive number of tokens")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = GraphWriter(out_dir / DATA_FILE, DATA_FILE)
+    try:
+        builder = _DecoderBuilder(
+            cfg,
+            weights,
+            writer,
+            dtype=ACTIVATION_DTYPES[activation_dtype],
+            quant=quant,
+            all_logits=all_logits,
+            rotary_in_attention=rotary_in_attention,
+            context_length=ctx,
+            progress=progress,
+        )
+        model = builder.build()
+    finally:
+        writer.close()
+    graph_bytes = save_model(model, out_dir / MODEL_FILE)
+    gc_path = out_dir / GENAI_CONFIG
+    gc = genai_config(cfg, dtype=activation_dtype, context_length=ctx)
+    gc_path.write_text(json.dumps(gc, indent=4) + "\n")
+    files = [out_dir / MODEL_FILE, out_dir / DATA_FILE, gc_path]
+    for extra in (*TOKENIZER_FILES, "generation_config.json"):
+        src = model_dir / extra
+        if src.is_file() and src.resolve() != (out_dir / extra).resolve():
+            shutil.copyfile(src, out_dir / extra)
+            files.append(out_dir / extra)
+    return ExportResult(
+        out_dir=out_dir,
+        model_path=out_dir / MODEL_FILE,
+        data_path=out_dir / DATA_FILE,
+        genai_config_path=gc_path,
+        config=cfg.summary(),
+        bytes_written=graph_bytes + writer.bytes_written,
+        activation_dtype=activation_dtype,
+        quantized=builder.quantized,
+        files=files,
+    )
