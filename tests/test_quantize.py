@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgepipe.errors import InvalidInput
 from edgepipe.quantize import (
+    METHODS,
     QuantPlan,
     QuantSpec,
     from_codes,
@@ -199,7 +200,7 @@ def test_gptq_without_calibration_raises():
 def test_every_registered_method_runs(rng):
     w = rng.standard_normal((64, 8)).astype(np.float32)
     x = rng.standard_normal((128, 64)).astype(np.float32)
-    for method in ("rtn",):  # hqq, gptq: next commit
+    for method in METHODS:
         qw = quantize_weight(w, QuantSpec(4, 32, False, method), calibration=x)
         assert qw.dequantize().shape == w.shape
         assert _rel_err(qw.dequantize(), w) < 0.2

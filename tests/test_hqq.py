@@ -1,0 +1,60 @@
+"""Tests for edgepipe.hqq: exact MatMulNBits packing and lower error than rtn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgepipe.hqq import quantize_hqq, shrink_lp
+from edgepipe.quantize import QuantSpec, quantize_weight
+from tests.test_quantize import matmul_nbits_session
+
+
+def correlated_inputs(rng, tokens: int, k: int) -> np.ndarray:
+    """Activations with strongly correlated features, like a transformer layer's inputs."""
+    mix = rng.standard_normal((k, k)).astype(np.float32) / np.sqrt(k)
+    base = rng.standard_normal((tokens, k)).astype(np.float32)
+    return (base @ mix + 0.3 * base).astype(np.float32)
+
+
+def output_error(x, w, qw) -> float:
+    return float(np.linalg.norm(x @ qw.dequantize() - x @ w) / np.linalg.norm(x @ w))
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_hqq_packing_matches_matmul_nbits(bits, block_size):
+    rng = np.random.default_rng(bits + block_size)
+    k = 2 * block_size + 8
+    w = rng.standard_normal((k, 12)).astype(np.float32)
+    qw = quantize_weight(w, QuantSpec(bits, block_size, False, "hqq"))
+    assert qw.zero_points is not None
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    y = matmul_nbits_session(qw).run(None, {"A": x})[0]
+    np.testing.assert_allclose(y, x @ qw.dequantize(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("bits", "block_size"), [(4, 32), (4, 128), (8, 64)])
+def test_hqq_has_lower_output_error_than_rtn(bits, block_size):
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((256, 128)) * 0.02).astype(np.float32)
+    w[rng.random(w.shape) < 0.003] *= 8  # a few outliers, as real weights have
+    x = correlated_inputs(rng, 512, 256)
+    rtn = quantize_weight(w, QuantSpec(bits, block_size, False, "rtn"))
+    hqq = quantize_weight(w, QuantSpec(bits, block_size, False, "hqq"))
+    assert output_error(x, w, hqq) < 0.99 * output_error(x, w, rtn)
+
+
+def test_hqq_handles_constant_and_zero_blocks():
+    w = np.zeros((64, 4), np.float32)
+    w[:, 1] = 0.5
+    w[:32, 2] = -3.0
+    qw = quantize_hqq(w, QuantSpec(4, 32, False, "hqq"))
+    np.testing.assert_allclose(qw.dequantize(), w, atol=1e-6)
+
+
+def test_shrink_lp_zeroes_small_errors_and_keeps_large_ones():
+    x = np.array([-5.0, -1e-3, 0.0, 1e-3, 5.0], np.float32)
+    out = shrink_lp(x, beta=10.0, p=0.7)
+    assert out[1] == out[2] == out[3] == 0
+    assert 4.5 < out[4] < 5.0 and out[0] == -out[4]
