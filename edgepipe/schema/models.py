@@ -410,7 +410,15 @@ class Recipe(Strict):
 
     def target_profiles(self) -> list[DeviceProfile]:
         """The `targets` as loaded profiles (shipped names or paths relative to the recipe)."""
-        return [self._profile(target) for target in self.targets]
+        return [self.profile(target) for target in self.targets]
+
+    def profile(self, target: str) -> DeviceProfile:
+        """One target as a loaded profile: a profile name, or a path relative to the recipe.
+
+        Raises:
+            InvalidInput: the profile does not exist or is invalid.
+        """
+        return self._profile(target)
 
     def _profile(self, target: str) -> DeviceProfile:
         if target not in self._profiles:
