@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 
 from edgepipe import __version__
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_command(subparsers, name: str, handler) -> argparse.ArgumentParser:
     """Register `handler` as subcommand `name`; its docstring becomes the help text."""
-    doc = (handler.__doc__ or "").strip()
+    doc = inspect.cleandoc(handler.__doc__ or "")
     summary = doc.splitlines()[0] if doc else ""
     sub = subparsers.add_parser(
         name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -118,3 +118,22 @@ def test_console_script_validates_and_fails_with_exit_2(tmp_path):
     assert run.returncode == 2
     assert "tiny-qwen2.yaml: nme: unknown key 'nme' (did you mean 'name'?)" in run.stderr
     assert "tiny-qwen2.yaml: name: required field is missing" in run.stderr
+
+
+def test_validate_expands_a_folder_to_its_yaml_files(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    write(folder / "tiny-qwen2.yaml", TINY)
+    write(folder / "notes.txt", "not a recipe")
+    assert main(["validate", "mine"]) == 0
+    assert capsys.readouterr().out.strip() == "ok: 1 file(s) valid"
+
+
+def test_list_marks_a_broken_file_invalid_and_keeps_listing(tmp_path, monkeypatch, capsys):
+    broken = write(tmp_path / "broken.yaml", "name: [unclosed\n")
+    shipped = {"broken": broken, **resources.recipe_files()}
+    monkeypatch.setattr(resources, "recipe_files", lambda: shipped)
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert f"broken                       INVALID (run: edgepipe validate {broken})" in out
+    assert "tiny-qwen3" in out

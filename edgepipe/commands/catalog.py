@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from edgepipe.cli import add_command
 from edgepipe.errors import InvalidInput, require
@@ -17,7 +18,7 @@ def register(subparsers) -> None:
         "files",
         nargs="*",
         metavar="FILE",
-        help="recipe or profile YAML files (default: all shipped)",
+        help="recipe or profile YAML files, or folders of them (default: all shipped)",
     )
 
 
@@ -66,10 +67,16 @@ def validate_command(args: argparse.Namespace) -> int:
     require("yaml", "build")
     from edgepipe import resources, schema
 
-    files = list(args.files) or [
+    files = [
         *resources.profile_files().values(),
         *resources.recipe_files().values(),
     ]
+    if args.files:
+        # A folder stands for the YAML files in it (`edgepipe validate my_recipes/`).
+        files = []
+        for arg in map(Path, args.files):
+            found = sorted(p for p in arg.glob("*") if p.suffix in resources.YAML_SUFFIXES)
+            files += found if arg.is_dir() else [arg]
     problems = schema.validate_files(files)
     if problems:
         raise InvalidInput(problems[0], problems)

@@ -344,7 +344,9 @@ class Generation(Sampling):
 
 
 def _check_target(value: str, info: ValidationInfo) -> str:
-    known: Mapping[str, Any] = (info.context or {}).get("profiles") or {}
+    # The loaders pass shipped + user profiles; code that builds a Recipe directly gets the
+    # shipped ones.
+    known: Mapping[str, Any] = (info.context or {}).get("profiles") or resources.profile_files()
     if resources.looks_like_path(value):
         if not (_base_dir(info) / value).is_file():
             raise ValueError(f"profile file {value!r} not found (relative to the recipe's folder)")
