@@ -71,9 +71,11 @@ def level_name(level) -> str:
     )
 
 
-def clean_layout(src_dir: Path, dst_dir: Path, model_name: str = MODEL) -> int:
+def clean_layout(
+    src_dir: Path, dst_dir: Path, model_name: str = MODEL, exclude: tuple[str, ...] = ()
+) -> int:
     """Copy `src_dir` to `dst_dir` with the model's unused initializers removed and every
-    weight in one `model.onnx.data`.
+    weight in one `model.onnx.data`. Files named in `exclude` are not copied.
 
     Returns:
         The number of initializers removed.
@@ -83,7 +85,7 @@ def clean_layout(src_dir: Path, dst_dir: Path, model_name: str = MODEL) -> int:
 
     dst_dir.mkdir(parents=True, exist_ok=True)
     for path in sorted(src_dir.iterdir()):
-        if path.is_file() and path.suffix not in (".onnx", ".data"):
+        if path.is_file() and path.suffix not in (".onnx", ".data") and path.name not in exclude:
             shutil.copy2(path, dst_dir / path.name)
     model = ir.load(src_dir / model_name)
     before = len(model.graph.initializers)
@@ -158,6 +160,7 @@ def optimize_model(
     provider: str = CPU,
     level=None,
     tolerance: float = 1e-3,
+    exclude: tuple[str, ...] = (),
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Write the optimized artifact model of `src_dir` into `dst_dir` (created).
@@ -169,6 +172,7 @@ def optimize_model(
         level: the profile's graph optimization level (see `level_name`).
         tolerance: largest probe-logit difference accepted, relative to the largest logit
             (fp32 graphs stay near 1e-6; fp16 graphs need about 1e-2).
+        exclude: names of files in `src_dir` not to carry over (e.g. a cache entry's index).
         progress: called with a short status line.
 
     Returns:
@@ -185,7 +189,7 @@ def optimize_model(
         tmp = Path(tmp)
         if progress:
             progress("cleaning external-data layout")
-        record["removed_initializers"] = clean_layout(src_dir, tmp / "clean")
+        record["removed_initializers"] = clean_layout(src_dir, tmp / "clean", exclude=exclude)
         try:
             base_logits, base_time = _probe(tmp / "clean" / MODEL)
         except Exception as exc:

@@ -155,6 +155,7 @@ def package_artifact(
     write_json(folder / "generation_config.json", generation_config(generation, eos_ids))
     update_genai_config(folder, generation, provider, provider_options)
 
+    _readable_by_all(folder)
     files = hash_tree(folder, exclude=(MANIFEST,))
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -181,4 +182,16 @@ def package_artifact(
         "peak_rss_bytes": _peak_rss_bytes(),
     }
     write_json(folder / MANIFEST, manifest)
+    _readable_by_all(folder)
     return manifest
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Give every file the mode a plain `open()` would (0644 under the usual umask): atomic
+    writes through `mkstemp` create 0600 files, which break artifacts copied to a server or
+    shared between users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgepipe.cache import StageCache
+from edgepipe.cache import ENTRY_FILE, StageCache, content_hash
 from edgepipe.errors import BuildFailed, EdgepipeError, InvalidInput
 from edgepipe.matrix import MatrixEntry, build_matrix, shard_slice
 from edgepipe.source import Source, as_plain, source_from_recipe
@@ -50,6 +50,7 @@ class BuildResult:
         precision: weight precision built.
         size_bytes: total artifact size.
         seconds: wall time.
+        stage_seconds: wall time per stage.
         cached: the export came from the stage cache.
         quality: the quality metrics (vs the unquantized export for quantized builds, else vs
             the validation reference).
@@ -65,6 +66,7 @@ class BuildResult:
     size_bytes: int | None = None
     seconds: float = 0.0
     cached: bool = False
+    stage_seconds: dict = field(default_factory=dict)
     quality: dict | None = None
     validation: dict | None = None
     error: str | None = None
@@ -319,8 +321,16 @@ class _Stages:
 
     def __init__(self, plan: BuildPlan, callback):
         self.plan, self.callback = plan, callback
+        self.seconds: dict[str, float] = {}
+        self._current, self._since = None, time.perf_counter()
 
     def __call__(self, stage: str, message: str = "") -> None:
+        if stage != self._current and (stage in STAGES or stage in ("done", "failed")):
+            now = time.perf_counter()
+            if self._current is not None:
+                spent = self.seconds.get(self._current, 0.0) + now - self._since
+                self.seconds[self._current] = round(spent, 3)
+            self._current, self._since = stage, now
         if self.callback is not None:
             self.callback(self.plan.name, stage, message)
 
@@ -328,15 +338,26 @@ class _Stages:
         return lambda message: self(stage, message)
 
 
-def _export(plan: BuildPlan, model_dir: Path, out: Path, quant, calibration: str | None) -> dict:
-    """Run the exporter (and quantizer, as weights stream through it) into `out`."""
+def _export(plan: BuildPlan, model_dir: Path, out: Path, quant, report) -> dict:
+    """Run the exporter (and the quantizer, as weights stream through it) into `out`."""
     from edgepipe.export import build_decoder
 
-    kwargs = {"activation_dtype": plan.activation_dtype, "quant": quant, "all_logits": False}
-    if calibration is not None:
-        kwargs["calibration_text"] = calibration
-    result = build_decoder(model_dir, out, **kwargs)
-    return as_plain(result) if isinstance(result, dict) else {}
+    def progress(step: str, done: int, total: int) -> None:
+        report(f"{step} {done}/{total}")
+
+    result = build_decoder(
+        model_dir,
+        out,
+        activation_dtype=plan.activation_dtype,
+        quant=quant,
+        all_logits=False,
+        progress=progress,
+    )
+    return {
+        "config": as_plain(result.config),
+        "bytes_written": result.bytes_written,
+        "quantized_weights": len(result.quantized),
+    }
 
 
 def _export_stage(
@@ -354,9 +375,6 @@ def _export_stage(
     """
     from dataclasses import asdict as dc_asdict
 
-    calibration = None
-    if quant is not None and any(s.method == "gptq" for s in quant.specs()):
-        calibration = plan.recipe.calibration.read()
     key = cache.key(
         "export",
         {
@@ -364,7 +382,8 @@ def _export_stage(
             "activation_dtype": plan.activation_dtype,
             "graph_variant": plan.profile.graph_variant,
             "quant": dc_asdict(quant) if quant is not None else None,
-            "calibration": calibration,
+            # gptq reads calibration text: its content is part of what the export depends on.
+            "calibration": _calibration_hash(plan, quant),
             "all_logits": False,
         },
     )
@@ -375,10 +394,16 @@ def _export_stage(
     out = work / name
     model_dir = plan.source.materialize(work, report)
     report("exporting" + (" and quantizing" if quant is not None else ""))
-    _export(plan, model_dir, out, quant, calibration)
+    _export(plan, model_dir, out, quant, report)
     stored = cache.store("export", key, out)
     del stored  # a cache that cannot be written only costs a rebuild next time
     return out, False
+
+
+def _calibration_hash(plan: BuildPlan, quant) -> str | None:
+    if quant is None or not any(spec.method == "gptq" for spec in quant.specs()):
+        return None
+    return content_hash(plan.recipe.calibration.read())
 
 
 def _applicable_thresholds(plan: BuildPlan) -> dict:
@@ -444,6 +469,7 @@ def build_one(plan: BuildPlan, options: BuildOptions) -> BuildResult:
         result.seconds = round(time.perf_counter() - start, 3)
     if result.status != "built":
         stages("failed", result.error or "")
+    result.stage_seconds = dict(stages.seconds)
     return result
 
 
@@ -477,6 +503,7 @@ def _build_into(plan, options, tmp: Path, result: BuildResult, stages, start: fl
         provider=plan.profile.provider,
         level=plan.profile.optimization_level,
         tolerance=1e-3 if plan.activation_dtype == "float32" else 2e-2,
+        exclude=(ENTRY_FILE,),
         progress=stages.sub("optimize"),
     )
 

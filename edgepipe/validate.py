@@ -262,7 +262,9 @@ def validate_model(
             progress("transformers reference")
         reference = transformers_logits(reference_dir, ids)
         kind = "transformers" if reference is not None else None
-    ref_runner = DecoderRunner(reference_model, CPU) if reference_model is not None else None
+    # The unquantized export runs only when it is the reference or the quality baseline.
+    needed = reference is None or quality
+    ref_runner = DecoderRunner(reference_model, CPU) if needed and reference_model else None
     export_logits = ref_runner.teacher_forced(ids) if ref_runner is not None else None
     if reference is None:
         reference, kind = export_logits, "unquantized-export"
