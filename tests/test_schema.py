@@ -285,6 +285,20 @@ BAD_RECIPES = {
         {"description: a recipe written in a test": "description: broken: here"},
         ["mine.yaml: line 2, column 20: malformed YAML: mapping values are not allowed here"],
     ),
+    "a single target instead of a list": (
+        {"targets: [cpu-x64, cpu-arm64, directml, qnn-htp]": "targets: cpu-x64"},
+        ["mine.yaml: targets: must be a list, e.g. [cpu-x64] or one `- item` per line"],
+    ),
+    "a value where a mapping belongs": (
+        {"+": "precision: int4\n"},
+        ["mine.yaml: precision: must be a mapping of keys (one `key: value` per line); "
+         "got 'int4'"],
+    ),
+    "key abbreviated": (
+        {"seed: 0}": "sd: 0}"},
+        ["mine.yaml: source.preset.sd: unknown key 'sd' (did you mean 'seed'?); "
+         "allowed keys: name, seed"],
+    ),
     "name differs from the file name": (
         {"name: mine": "name: yours"},
         ["mine.yaml: name: 'yours' differs from the file name 'mine.yaml'"],

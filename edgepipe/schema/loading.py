@@ -112,13 +112,19 @@ def _message(root: type[BaseModel], error: Mapping[str, Any]) -> str:
     if kind == "extra_forbidden":
         parent = _model_at(root, loc[:-1])
         allowed = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        key = str(loc[-1])
+        close = [a for a in allowed if a.startswith(key) or key.startswith(a)]
+        close = close or difflib.get_close_matches(key, allowed, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"unknown key {loc[-1]!r}{hint}; allowed keys: {', '.join(allowed)}"
     if kind == "missing":
         return "required field is missing"
     if kind == "literal_error":
         return f"must be one of {error['ctx']['expected']}; got {value!r}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping of keys (one `key: value` per line); got {value!r}"
+    if kind == "list_type":
+        return f"must be a list, e.g. [{value}] or one `- item` per line; got {value!r}"
     message = error["msg"].removeprefix("Value error, ")
     if isinstance(value, (str, int, float, bool)) and kind != "value_error":
         message += f"; got {value!r}"
