@@ -198,10 +198,14 @@ class _DecoderBuilder:
         x: ir.Value,
         hf_names: list[str],
         bias_names: list[str] | None = None,
+        spec_name: str | None = None,
     ) -> ir.Value:
-        """y = x @ Wᵀ (+ b) for HF weights `[N, K]`, packed along N when several are given."""
-        spec = self._spec(hf_names[0])
-        if any(self._spec(n) != spec for n in hf_names[1:]):
+        """y = x @ Wᵀ (+ b) for HF weights `[N, K]`, packed along N when several are given.
+
+        `spec_name` looks the quantization spec up under another name (tied lm_head).
+        """
+        spec = self._spec(spec_name or hf_names[0])
+        if spec_name is None and any(self._spec(n) != spec for n in hf_names[1:]):
             # Packing needs one spec; quantize each part on its own and concatenate outputs.
             parts = [
                 self.linear(f"{name}_{k}", x, [n], None if not bias_names else [bias_names[k]])
@@ -220,9 +224,9 @@ class _DecoderBuilder:
             return y if bias is None else self.w.op("Add", f"{name}/Add", [y, bias])
         from edgepipe.quantize import quantize_weight
 
-        qw = quantize_weight(w_kn, spec, name=hf_names[0])
+        qw = quantize_weight(w_kn, spec, name=spec_name or hf_names[0])
         del w_kn
-        for n in hf_names:
+        for n in [spec_name] if spec_name else hf_names:
             self.quantized[n] = f"int{spec.bits}/b{spec.block_size}/{spec.method}"
         packed = self.w.weight(f"{name}.qweight", qw.packed)
         return self._matmul_nbits(name, x, packed, qw, spec, bias)
@@ -391,21 +395,25 @@ class _DecoderBuilder:
             attrs,
             domain=MS_DOMAIN,
         )
-        return out, (qw, spec, data, scales, zp)
+        # Keep only what the tied lm_head needs, not the quantized table itself.
+        shape = qw.packed.shape
+        return out, (qw.K, qw.N, qw.bits, qw.block_size, shape, spec, data, scales, zp)
 
     def _lm_head(self, x: ir.Value, embed_q: Any) -> ir.Value:
         cfg, w = self.cfg, self.w
         if cfg.tie_word_embeddings and embed_q is not None:
-            qw, spec, data, scales, zp = embed_q
-            # The tied lm_head reuses the embedding's quantized initializers: one copy on disk.
-            inputs: list[ir.Value | None] = [x, data, scales, zp]
+            k, n, bits, block_size, shape, spec, data, scales, zp = embed_q
+            # The tied lm_head reads the embedding's quantized bytes: one copy on disk, viewed
+            # 3-D as MatMulNBits requires (its 8-bit prepack rejects the 2-D gather layout).
+            packed = w.alias("lm_head.qweight", data, shape)
+            inputs: list[ir.Value | None] = [x, packed, scales, zp]
             while inputs[-1] is None:
                 inputs.pop()
             attrs = {
-                "K": qw.K,
-                "N": qw.N,
-                "bits": qw.bits,
-                "block_size": qw.block_size,
+                "K": k,
+                "N": n,
+                "bits": bits,
+                "block_size": block_size,
                 "accuracy_level": spec.accuracy_level,
             }
             return w.op("MatMulNBits", "lm_head/MatMulNBits", inputs, attrs, domain=MS_DOMAIN)
@@ -413,7 +421,8 @@ class _DecoderBuilder:
             # Gemm with transB reads the [vocab, hidden] embedding as is: one copy, no transpose.
             return self._gemm_transposed(x, self.embed_weight)
         if cfg.tie_word_embeddings:
-            return self.linear("lm_head", x, [self.fam.embed])
+            # Float embedding, quantized lm_head: the quantized copy is a second, smaller one.
+            return self.linear("lm_head", x, [self.fam.embed], spec_name=self.fam.lm_head)
         if self._spec(self.fam.lm_head) is None:
             weight = self._float_weight("lm_head.weight", self._read(self.fam.lm_head))
             return self._gemm_transposed(x, weight)

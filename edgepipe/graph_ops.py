@@ -79,6 +79,28 @@ class GraphWriter:
         self._offset += len(data)
         return self._register(name, tensor)
 
+    def alias(self, name: str, of: ir.Value, shape: Sequence[int]) -> ir.Value:
+        """A second initializer viewing the same stored bytes of `of` with another shape.
+
+        Used where two ops want one weight in different layouts (GatherBlockQuantized takes the
+        tied embedding 2-D, MatMulNBits 3-D): the data is stored once.
+        """
+        src = of.const_value
+        if not isinstance(src, ir.ExternalTensor):
+            raise TypeError(f"{of.name} is not stored externally")
+        if int(np.prod(shape)) != int(np.prod(src.shape.numpy())):
+            raise ValueError(f"alias {name}: {list(shape)} does not match {src.shape}")
+        tensor = ir.ExternalTensor(
+            self.location,
+            src.offset,
+            src.length,
+            src.dtype,
+            shape=ir.Shape(shape),
+            name=name,
+            base_dir=self.data_path.parent,
+        )
+        return self._register(name, tensor)
+
     def const(self, name: str, array: np.ndarray | Sequence[Any]) -> ir.Value:
         """A small initializer stored inside model.onnx (shapes, axes, scalars)."""
         array = np.asarray(array)

@@ -250,7 +250,12 @@ def write_safetensors(
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
+        order = list(shapes)
+        written = 0
         for name, array in items:
+            if written >= len(order) or name != order[written]:
+                raise InvalidInput(f"write_safetensors: {name!r} out of the order `shapes` gives")
+            written += 1
             if tuple(array.shape) != tuple(shapes[name]):
                 raise InvalidInput(
                     f"write_safetensors: {name}: shape {array.shape} != {shapes[name]}"
@@ -260,4 +265,6 @@ def write_safetensors(
             else:
                 data = np.ascontiguousarray(array, dtype=_DTYPES[st_dtype])
             f.write(data.tobytes())
+    if written != len(order):
+        raise InvalidInput(f"write_safetensors: {path}: {len(order) - written} tensors not given")
     return 8 + len(blob) + offset
