@@ -414,10 +414,12 @@ def quantize_embedding(table_vd: np.ndarray, spec: QuantSpec) -> QuantizedWeight
 class QuantPlan:
     """Which weights are quantized and how; None = keep in float (activation dtype).
 
-    Resolution order in `spec_for`: norms and biases are never quantized; then `exclude`
-    patterns (float); then `overrides`, the LAST matching pattern winning; then the embedding /
-    lm_head specs for those two names; then `default`. Patterns are fnmatch patterns over HF
-    weight names, e.g. "model.layers.*.mlp.down_proj.weight" or "model.layers.0.*".
+    Resolution order in `spec_for`: norms and biases are never quantized; the embedding and
+    lm_head get `embedding` / `lm_head` (patterns do not apply to them, as in the recipe
+    schema); other weights: `exclude` patterns (float), then `overrides` with the LAST matching
+    pattern winning (the recipe schema lets the first win: `from_precision` callers reverse),
+    then `default`. Patterns are fnmatch patterns over HF weight names, e.g.
+    "model.layers.*.mlp.down_proj.weight" or "model.layers.0.*".
 
     For a tied model the embedding spec governs the one shared copy (see `quantize_embedding`).
     """
@@ -433,15 +435,17 @@ class QuantPlan:
         """The spec for one HF weight name, or None to keep it in float."""
         if _matches_any(weight_name, _NEVER_QUANTIZED):
             return None
+        # As in the recipe schema, the embedding and lm_head have fields of their own that
+        # patterns do not reach.
+        if _matches_any(weight_name, EMBEDDING_PATTERNS):
+            return self.embedding
+        if _matches_any(weight_name, LM_HEAD_PATTERNS):
+            return self.lm_head
         if _matches_any(weight_name, self.exclude):
             return None
         for pattern, spec in reversed(self.overrides):
             if fnmatch.fnmatchcase(weight_name, pattern):
                 return spec
-        if _matches_any(weight_name, EMBEDDING_PATTERNS):
-            return self.embedding
-        if _matches_any(weight_name, LM_HEAD_PATTERNS):
-            return self.lm_head
         return self.default
 
     def specs(self) -> list[QuantSpec]:
