@@ -272,3 +272,15 @@ def test_gptq_plan_needs_calibration_text():
     with pytest.raises(InvalidInput, match=r"precision\.method.*calibration"):
         QuantPlan.from_precision("int4", method="gptq", has_calibration_text=False)
     QuantPlan.from_precision("int4", method="gptq", has_calibration_text=True)
+
+
+def test_registered_methods_are_the_schema_methods_and_documented():
+    import typing
+    from pathlib import Path
+
+    from edgepipe.schema import models
+
+    assert set(typing.get_args(models.Method)) == set(METHODS)
+    contracts = (Path(__file__).parents[1] / "docs" / "contracts.md").read_text()
+    for name in METHODS:
+        assert name in contracts
