@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgepipe.calibrate import LayerConfig, layer_forward
+from edgepipe.calibrate import LayerConfig, layer_forward, rms_norm
 from edgepipe.errors import InvalidInput
 
 torch = pytest.importorskip("torch")
@@ -103,3 +103,38 @@ def test_layer_forward_reports_missing_weights_and_unknown_linears():
     acts = layer_forward(np.zeros((3, 64), np.float32), weights, cfg)
     with pytest.raises(InvalidInput, match="not a decoder-layer linear"):
         acts.for_weight("lm_head.weight")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_layer_by_layer_streaming_reproduces_transformers_hidden_states(make_tiny_model, family):
+    """The builder's intended use: embed once, then one layer at a time from the checkpoint."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from edgepipe.safetensors_io import SafetensorsModel
+
+    folder = make_tiny_model(family)
+    config = json.loads((folder / "config.json").read_text())
+    model_file = SafetensorsModel(folder)
+    weights = {name: model_file.read(name) for name in model_file.names()}
+    cfg = LayerConfig.from_hf_config(config)
+    ids = np.random.default_rng(0).integers(0, config["vocab_size"], size=(1, 12))
+    hidden = weights["model.embed_tokens.weight"][ids].astype(np.float32)
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{i}."
+        layer = {k: v for k, v in weights.items() if k.startswith(prefix)}
+        hidden = layer_forward(hidden, layer, cfg).hidden_out
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids), output_hidden_states=True)
+    # hidden_states[-1] has the final norm applied; the one before it is the last layer's input.
+    last_in = out.hidden_states[-2].numpy()
+    prev = weights["model.embed_tokens.weight"][ids].astype(np.float32)
+    for i in range(config["num_hidden_layers"] - 1):
+        layer = {k: v for k, v in weights.items() if k.startswith(f"model.layers.{i}.")}
+        prev = layer_forward(prev, layer, cfg).hidden_out
+    np.testing.assert_allclose(prev, last_in, atol=1e-4, rtol=1e-4)
+    final = rms_norm(hidden, weights["model.norm.weight"], cfg.rms_norm_eps)
+    np.testing.assert_allclose(final, out.hidden_states[-1].numpy(), atol=1e-4, rtol=1e-4)
