@@ -140,7 +140,10 @@ def rotary_caches(
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
     freqs = np.outer(np.arange(length, dtype=np.float32), inv_freq).astype(np.float32)
-    return np.cos(freqs).astype(dtype), np.sin(freqs).astype(dtype)
+    # cos/sin of the float32 angles evaluated in float64: float32 libm kernels differ by a few
+    # ulps between numpy and torch at large angles; this is the exact value of the same angle.
+    angles = freqs.astype(np.float64)
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 
 class _DecoderBuilder:
@@ -667,6 +670,12 @@ def build_decoder(
     cfg = read_config(model_dir)
     weights = SafetensorsModel(model_dir)
     check_weights(cfg, weights)
+    if cfg.head_dim % 16:
+        # ORT's GroupQueryAttention kernels reject other head sizes at run time; say so now.
+        raise InvalidInput(
+            f"{model_dir / 'config.json'}: head_dim {cfg.head_dim} is not supported: "
+            "GroupQueryAttention needs a multiple of 16 (every Qwen2.5/Qwen3 size is 64 or 128)"
+        )
     if quant is not None:
         quant.check_patterns(expected_shapes(cfg))
     ctx = int(context_length or cfg.max_position_embeddings)

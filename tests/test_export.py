@@ -1,0 +1,484 @@
+"""build_decoder against transformers: parity, KV cache, genai, quantized weights, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgepipe.errors import InvalidInput
+from edgepipe.export import build_decoder, expected_shapes, rotary_caches
+from edgepipe.qwen2 import read_config
+from edgepipe.safetensors_io import write_safetensors
+
+PROMPT = [151644, 872, 198, 9707, 11, 1246, 525, 498, 30, 151645, 198]
+SMALL_PROMPT = [1, 17, 993, 40, 5, 123, 7]  # for the vocab-1000 extra shapes
+DECODE_STEPS = 64
+TOL = 1e-4
+
+
+def hf_reference(model_dir: Path, prompt: list[int], steps: int) -> tuple[list[np.ndarray], list]:
+    """transformers fp32 greedy: last-position logits at prefill and each decode step."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    logits, tokens = [], []
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        for _ in range(steps + 1):
+            step_logits = out.logits[0, -1].numpy().copy()
+            logits.append(step_logits)
+            tokens.append(int(step_logits.argmax()))
+            out = model(
+                torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True
+            )
+    return logits, tokens
+
+
+def ort_greedy(model_path: Path, prompt: list[int], steps: int) -> tuple[list[np.ndarray], list]:
+    """Drive the exported decoder with numpy and a growing KV cache (past -> present)."""
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    past = {
+        i.name: np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32)
+        for i in session.get_inputs()
+        if i.name.startswith("past_key_values.")
+    }
+    out_names = [o.name for o in session.get_outputs()]
+    ids = np.array([prompt], np.int64)
+    total = len(prompt)
+    logits, tokens = [], []
+    for _ in range(steps + 1):
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64), **past}
+        outs = dict(zip(out_names, session.run(None, feeds), strict=True))
+        step_logits = outs["logits"][0, -1]
+        logits.append(step_logits)
+        tokens.append(int(step_logits.argmax()))
+        past = {n.replace("present.", "past_key_values."): outs[n] for n in out_names[1:]}
+        ids = np.array([[tokens[-1]]], np.int64)
+        total += 1
+    return logits, tokens
+
+
+def assert_parity(model_dir: Path, export_dir: Path, prompt: list[int], steps: int) -> None:
+    ref_logits, ref_tokens = hf_reference(model_dir, prompt, steps)
+    logits, tokens = ort_greedy(export_dir / "model.onnx", prompt, steps)
+    diffs = [float(np.abs(a - b).max()) for a, b in zip(logits, ref_logits, strict=True)]
+    assert max(diffs) <= TOL, f"max |logits diff| per step: {diffs}"
+    assert tokens == ref_tokens
+
+
+@pytest.fixture(scope="session")
+def qwen2_export(tiny_qwen2_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qwen2-export")
+    build_decoder(tiny_qwen2_dir, out, context_length=1024)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen3_export(tiny_qwen3_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qwen3-export")
+    build_decoder(tiny_qwen3_dir, out, context_length=1024)
+    return out
+
+
+def op_types(model_path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with transformers
+
+
+def test_qwen2_matches_transformers_at_prefill_and_64_decode_steps(tiny_qwen2_dir, qwen2_export):
+    assert_parity(tiny_qwen2_dir, qwen2_export, PROMPT, DECODE_STEPS)
+
+
+def test_qwen3_matches_transformers_at_prefill_and_64_decode_steps(tiny_qwen3_dir, qwen3_export):
+    assert_parity(tiny_qwen3_dir, qwen3_export, PROMPT, DECODE_STEPS)
+
+
+def test_greedy_tokens_are_varied_so_parity_is_meaningful(qwen2_export, qwen3_export):
+    for folder in (qwen2_export, qwen3_export):
+        _, tokens = ort_greedy(folder / "model.onnx", PROMPT, 31)
+        assert len(set(tokens)) >= 16, tokens
+
+
+EXTRA_SHAPES = {
+    "qwen2-odd-hidden-kv1": (
+        "qwen2",
+        {"hidden_size": 80, "num_attention_heads": 5, "num_key_value_heads": 1},
+    ),
+    "qwen2-untied-gqa4": (
+        "qwen2",
+        {
+            "hidden_size": 128,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": False,
+        },
+    ),
+    "qwen3-odd-hidden-headdim48-kv1": (
+        "qwen3",
+        {"hidden_size": 100, "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 48},
+    ),
+    "qwen3-untied-bf16-sharded": (
+        "qwen3",
+        {"tie_word_embeddings": False, "dtype": "bfloat16", "max_shard_size": "200KB"},
+    ),
+    "qwen2-fp16-storage-3-layers": ("qwen2", {"dtype": "float16", "num_hidden_layers": 3}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXTRA_SHAPES))
+def test_extra_shapes_match_transformers(case, make_tiny_model, tmp_path):
+    family, options = EXTRA_SHAPES[case]
+    model_dir = make_tiny_model(family, **options)
+    build_decoder(model_dir, tmp_path, context_length=256)
+    assert_parity(model_dir, tmp_path, SMALL_PROMPT, 32)
+
+
+def test_sharded_fixture_really_has_shards(make_tiny_model):
+    family, options = EXTRA_SHAPES["qwen3-untied-bf16-sharded"]
+    folder = make_tiny_model(family, **options)
+    assert (folder / "model.safetensors.index.json").is_file()
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+
+
+def test_rotary_embedding_nodes_variant_matches_transformers(tiny_qwen3_dir, tmp_path):
+    build_decoder(tiny_qwen3_dir, tmp_path, rotary_in_attention=False, context_length=256)
+    ops = op_types(tmp_path / "model.onnx")
+    assert ops.count("RotaryEmbedding") == 2 * 2  # q and k in each of 2 layers
+    assert_parity(tiny_qwen3_dir, tmp_path, PROMPT, 32)
+
+
+def test_all_logits_returns_every_prompt_position(tiny_qwen2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    build_decoder(tiny_qwen2_dir, tmp_path, all_logits=True, context_length=256)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    feeds = {"input_ids": np.array([PROMPT]), "attention_mask": np.ones((1, len(PROMPT)), np.int64)}
+    for i in session.get_inputs()[2:]:
+        feeds[i.name] = np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32)
+    logits = session.run(["logits"], feeds)[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits.numpy()
+    assert logits.shape == (1, len(PROMPT), 151936)
+    assert np.abs(logits - ref).max() <= TOL
+
+
+def test_shared_past_present_buffer_gives_the_same_logits(tiny_qwen3_dir, qwen3_export):
+    """The runtime binds one [batch, kv, max_length, head] buffer as both past and present."""
+    ref_logits, ref_tokens = hf_reference(tiny_qwen3_dir, PROMPT, 8)
+    session = ort.InferenceSession(str(qwen3_export / "model.onnx"))
+    cfg = read_config(tiny_qwen3_dir)
+    shape = (1, cfg.num_key_value_heads, 64, cfg.head_dim)
+    buffers = {
+        f"{layer}.{kind}": ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+        for layer in range(cfg.num_hidden_layers)
+        for kind in ("key", "value")
+    }
+    ids, total = list(PROMPT), len(PROMPT)
+    for step in range(9):
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", np.array([ids], np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
+        binding.bind_output("logits")  # bound first: copy_outputs_to_cpu keeps binding order
+        for key, buf in buffers.items():
+            binding.bind_ortvalue_input(f"past_key_values.{key}", buf)
+            binding.bind_ortvalue_output(f"present.{key}", buf)
+        session.run_with_iobinding(binding)
+        logits = binding.copy_outputs_to_cpu()[0][0, -1]
+        assert np.abs(logits - ref_logits[step]).max() <= TOL, step
+        ids = [int(logits.argmax())]
+        assert ids[0] == ref_tokens[step]
+        total += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime-genai
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_onnxruntime_genai_generates_transformers_greedy_tokens(family, request):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    model_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    export_dir = request.getfixturevalue(f"{family}_export")
+    _, ref_tokens = hf_reference(model_dir, PROMPT, 31)
+    model = og.Model(str(export_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + 32, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(PROMPT)
+    tokens: list[int] = []
+    while not generator.is_done() and len(tokens) < 32:
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    # genai stops at an eos id; transformers' run above does not, so compare up to there.
+    assert tokens == ref_tokens[: len(tokens)]
+    assert len(tokens) >= 16 or tokens[-1] in (151645, 151643)
+
+
+def test_genai_config_describes_the_decoder(qwen3_export, tiny_qwen3_dir):
+    config = json.loads((qwen3_export / "genai_config.json").read_text())
+    decoder = config["model"]["decoder"]
+    assert config["model"]["type"] == "qwen3"
+    assert (decoder["head_size"], decoder["num_key_value_heads"]) == (48, 2)
+    assert config["model"]["eos_token_id"] == [151645, 151643]
+    assert config["search"]["past_present_share_buffer"] is True
+    assert config["model"]["context_length"] == config["search"]["max_length"] == 1024
+    if (tiny_qwen3_dir / "tokenizer.json").is_file():
+        assert (qwen3_export / "tokenizer.json").read_bytes() == (
+            tiny_qwen3_dir / "tokenizer.json"
+        ).read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph structure, fp16, quantized weights, determinism
+
+
+def test_graph_uses_fused_contrib_ops_and_one_embedding_copy(qwen2_export):
+    model = onnx.load(str(qwen2_export / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GroupQueryAttention") == 2
+    assert (
+        ops.count("SkipSimplifiedLayerNormalization") == 2 * 2
+    )  # post-attn x2, layer-1 input, final
+    assert ops.count("SimplifiedLayerNormalization") == 1
+    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert attrs["do_rotary"] == 1 and attrs["kv_num_heads"] == 2
+    big = [t for t in model.graph.initializer if np.prod(t.dims) >= 151936 * 128]
+    assert len(big) == 1, [t.name for t in big]  # tied: one [vocab, hidden] table
+    assert [o.name for o in model.graph.output][:3] == [
+        "logits",
+        "present.0.key",
+        "present.0.value",
+    ]
+
+
+def test_float16_export_tracks_float32(tiny_qwen3_dir, qwen3_export, tmp_path):
+    build_decoder(tiny_qwen3_dir, tmp_path, activation_dtype="float16", context_length=256)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    assert session.get_inputs()[2].type == "tensor(float16)"
+    assert session.get_outputs()[0].type == "tensor(float16)"
+    ref_logits, ref_tokens = hf_reference(tiny_qwen3_dir, PROMPT, 0)
+    feeds = {"input_ids": np.array([PROMPT]), "attention_mask": np.ones((1, len(PROMPT)), np.int64)}
+    for i in session.get_inputs()[2:]:
+        feeds[i.name] = np.zeros([1, i.shape[1], 0, i.shape[3]], np.float16)
+    logits = session.run(["logits"], feeds)[0][0, -1].astype(np.float32)
+    assert np.abs(logits - ref_logits[0]).max() < 0.05
+    assert int(logits.argmax()) == ref_tokens[0]
+
+
+def _dequantized_reference(model_dir: Path, plan, out_dir: Path) -> Path:
+    """A float copy of `model_dir` whose weights are what the quantized graph computes with."""
+    from edgepipe.quantize import quantize_embedding, quantize_weight
+    from edgepipe.safetensors_io import SafetensorsModel
+
+    shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+    weights = SafetensorsModel(model_dir)
+    tensors = {}
+    for name in weights.names():
+        array = weights.read(name)
+        spec = plan.spec_for(name)
+        if spec is not None and "embed_tokens" in name:
+            array = quantize_embedding(array, spec).dequantize().T
+        elif spec is not None:
+            array = quantize_weight(array.T, spec, name=name).dequantize().T
+        tensors[name] = np.ascontiguousarray(array, np.float32)
+    write_safetensors(out_dir / "model.safetensors", tensors, "float32")
+    return out_dir
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_export_matches_dequantized_reference(bits, make_tiny_model, tmp_path):
+    from edgepipe.quantize import QuantPlan, QuantSpec
+
+    model_dir = make_tiny_model("qwen3", hidden_size=128, head_dim=32)
+    plan = QuantPlan(
+        default=QuantSpec(bits, 32, bits == 8, "rtn", 0),
+        embedding=QuantSpec(8, 32, False, "rtn", 0),
+    )
+    result = build_decoder(model_dir, tmp_path / "onnx", quant=plan, context_length=256)
+    ops = op_types(result.model_path)
+    assert ops.count("MatMulNBits") == 2 * 5 + 1  # qkv, o, gate, up, down per layer + lm_head
+    assert "GatherBlockQuantized" in ops and "Gemm" not in ops
+    assert "model.layers.0.self_attn.q_proj.weight" in result.quantized
+    reference = _dequantized_reference(model_dir, plan, tmp_path / "reference")
+    ref_logits, ref_tokens = hf_reference(reference, SMALL_PROMPT, 8)
+    logits, tokens = ort_greedy(result.model_path, SMALL_PROMPT, 8)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(logits, ref_logits, strict=True)) <= 1e-3
+    assert tokens == ref_tokens
+
+
+def test_tied_quantized_embedding_is_stored_once(make_tiny_model, tmp_path):
+    from edgepipe.quantize import QuantPlan, QuantSpec
+
+    model_dir = make_tiny_model("qwen2")
+    plan = QuantPlan(default=None, embedding=QuantSpec(4, 32, False, "rtn", 0))
+    build_decoder(model_dir, tmp_path, quant=plan, context_length=256)
+    model = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    where = {
+        t.name: {e.key: e.value for e in t.external_data}
+        for t in model.graph.initializer
+        if t.name in ("embed_tokens.qweight", "lm_head.qweight")
+    }
+    assert where["embed_tokens.qweight"]["offset"] == where["lm_head.qweight"]["offset"]
+
+
+def test_two_exports_are_byte_identical(tiny_qwen2_dir, tmp_path):
+    a = build_decoder(tiny_qwen2_dir, tmp_path / "a", context_length=256)
+    b = build_decoder(tiny_qwen2_dir, tmp_path / "b", context_length=256)
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json"):
+        assert (a.out_dir / name).read_bytes() == (b.out_dir / name).read_bytes(), name
+    sizes = (a.out_dir / "model.onnx").stat().st_size + a.data_path.stat().st_size
+    assert a.bytes_written == sizes
+
+
+def test_progress_reports_each_layer(make_tiny_model, tmp_path):
+    seen = []
+    build_decoder(make_tiny_model("qwen2"), tmp_path, progress=lambda *a: seen.append(a))
+    assert [s[0] for s in seen] == ["embedding", "layer 0", "layer 1", "lm_head"]
+    assert seen[-1][1] == seen[-1][2]
+
+
+def test_rotary_caches_match_transformers():
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    config = Qwen3Config(head_dim=48, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    rope = Qwen3RotaryEmbedding(config)
+    positions = torch.arange(300)[None]
+    cos_ref, sin_ref = rope(torch.zeros(1, 300, 48), positions)
+    cos, sin = rotary_caches(48, 1e6, 300, np.float32)
+    # Same angles; torch's float32 cos/sin differ by a few ulps at angles ~300 rad.
+    np.testing.assert_allclose(cos, cos_ref[0, :, :24].numpy(), atol=1e-5)
+    np.testing.assert_allclose(sin, sin_ref[0, :, :24].numpy(), atol=1e-5)
+    np.testing.assert_allclose(cos[:, -1], 1.0, atol=1e-3)  # the slowest frequency barely turns
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input, as a new user would try it
+
+
+@pytest.fixture()
+def model_copy(make_tiny_model, tmp_path) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(make_tiny_model("qwen2"), folder)
+    return folder
+
+
+def test_missing_config_is_a_clear_error(model_copy, tmp_path):
+    (model_copy / "config.json").unlink()
+    with pytest.raises(InvalidInput, match="config.json not found"):
+        build_decoder(model_copy, tmp_path / "out")
+
+
+def test_missing_weights_is_a_clear_error(model_copy, tmp_path):
+    (model_copy / "model.safetensors").unlink()
+    with pytest.raises(InvalidInput, match="no weights found"):
+        build_decoder(model_copy, tmp_path / "out")
+
+
+def test_pickle_checkpoint_is_refused_with_conversion_hint(model_copy, tmp_path):
+    (model_copy / "model.safetensors").rename(model_copy / "pytorch_model.bin")
+    with pytest.raises(InvalidInput, match="safetensors only.*save_pretrained"):
+        build_decoder(model_copy, tmp_path / "out")
+
+
+def test_truncated_weights_name_the_file(model_copy, tmp_path):
+    weights = model_copy / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 1000)
+    with pytest.raises(InvalidInput, match=r"model\.safetensors.*truncated"):
+        build_decoder(model_copy, tmp_path / "out")
+
+
+def _rewrite_weights(folder: Path, edit) -> None:
+    from edgepipe.safetensors_io import SafetensorsModel
+
+    weights = SafetensorsModel(folder)
+    tensors = {name: weights.read(name) for name in weights.names()}
+    edit(tensors)
+    write_safetensors(folder / "model.safetensors", tensors, "float32")
+
+
+def test_wrong_shape_names_tensor_and_expected_shape(model_copy, tmp_path):
+    name = "model.layers.1.mlp.up_proj.weight"
+    _rewrite_weights(model_copy, lambda t: t.update({name: t[name][:-1]}))
+    with pytest.raises(InvalidInput, match=rf"{name}: shape \[255, 128\], expected \[256, 128\]"):
+        build_decoder(model_copy, tmp_path / "out")
+
+
+def test_missing_tensors_are_all_listed(model_copy, tmp_path):
+    gone = ["model.layers.0.self_attn.k_proj.bias", "model.norm.weight"]
+    _rewrite_weights(model_copy, lambda t: [t.pop(n) for n in gone])
+    with pytest.raises(InvalidInput) as info:
+        build_decoder(model_copy, tmp_path / "out")
+    assert "2 tensors missing" in str(info.value)
+    assert all(n in str(info.value) for n in gone)
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_unsupported_architecture_names_the_supported_ones(model_copy, tmp_path):
+    _edit_config(model_copy, architectures=["LlamaForCausalLM"], model_type="llama")
+    with pytest.raises(InvalidInput, match="LlamaForCausalLM.*Qwen2ForCausalLM.*Qwen3ForCausalLM"):
+        build_decoder(model_copy, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
+        {"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}},
+    ],
+)
+def test_unsupported_rope_scaling_is_refused(changes, model_copy, tmp_path):
+    _edit_config(model_copy, **changes)
+    with pytest.raises(InvalidInput, match="rope type .* is not implemented; supported"):
+        build_decoder(model_copy, tmp_path / "out")
+
+
+def test_old_style_rope_theta_and_null_scaling_are_read(model_copy):
+    _edit_config(model_copy, rope_parameters=None, rope_theta=5e5, rope_scaling=None)
+    assert read_config(model_copy).rope_theta == 5e5
+
+
+def test_qwen3_config_without_head_dim_is_refused(make_tiny_model, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(make_tiny_model("qwen3"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["head_dim"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidInput, match="head_dim"):
+        build_decoder(folder, tmp_path / "out")
+
+
+def test_head_dim_not_multiple_of_16_is_refused(make_tiny_model, tmp_path):
+    folder = make_tiny_model("qwen3", head_dim=40)
+    with pytest.raises(InvalidInput, match="head_dim 40.*multiple of 16"):
+        build_decoder(folder, tmp_path / "out")
+
+
+def test_bad_activation_dtype_lists_allowed_values(model_copy, tmp_path):
+    with pytest.raises(InvalidInput, match="float32.*float16"):
+        build_decoder(model_copy, tmp_path / "out", activation_dtype="bfloat16")
+
+
+def test_expected_shapes_follow_config_head_dim(tiny_qwen3_dir):
+    shapes = expected_shapes(read_config(tiny_qwen3_dir))
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (4 * 48, 128)
+    assert shapes["model.layers.0.self_attn.k_norm.weight"] == (48,)
+    assert "lm_head.weight" not in shapes
