@@ -160,3 +160,47 @@ def test_ort_logits_fn_gives_every_position_for_all_logits_and_last_only_exports
         np.testing.assert_allclose(logits, table[ids], rtol=1e-6)
     report = compare_artifacts(tmp_path / "all", tmp_path / "last", tokens[:40], window=20)
     assert report.mean_kl == pytest.approx(0.0, abs=1e-12) and report.top1_agreement == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(make_tiny_model, tmp_path_factory):
+    """A tiny Qwen3 exported in float32 and quantized several ways, all-position logits."""
+    from edgepipe.export import build_decoder
+    from edgepipe.quantize import QuantPlan
+
+    model = make_tiny_model("qwen3")
+    root = tmp_path_factory.mktemp("quality-exports")
+    plans = {
+        "fp32": None,
+        "int4-acc0": QuantPlan.from_precision("int4", block_size=32, accuracy_level=0),
+        "int4-acc4": QuantPlan.from_precision("int4", block_size=32, accuracy_level=4),
+        "int4-hqq": QuantPlan.from_precision("int4", block_size=32, method="hqq"),
+        "int8": QuantPlan.from_precision("int8", block_size=32),
+    }
+    for name, plan in plans.items():
+        build_decoder(model, root / name, quant=plan, all_logits=True, context_length=256)
+    return root
+
+
+def test_report_on_tiny_quantized_exports_is_plausible(tiny_exports):
+    tokens = np.random.default_rng(5).integers(0, 1000, size=96)
+    reports = {
+        name: compare_artifacts(
+            tiny_exports / "fp32",
+            tiny_exports / name,
+            tokens,
+            window=48,
+            prompts=[[1, 2, 3], [400, 5]],
+            greedy_steps=6,
+        )
+        for name in ("int4-acc0", "int4-acc4", "int4-hqq", "int8")
+    }
+    for name, report in reports.items():
+        assert report.mean_kl > 0, name
+        assert 0.0 <= report.top1_agreement <= 1.0, name
+        assert 0.0 <= report.greedy_agreement <= 1.0, name
+        assert math.isfinite(report.candidate_perplexity), name
+        assert report.positions == 2 * 47
+    assert reports["int8"].mean_kl < reports["int4-acc0"].mean_kl
+    # accuracy_level 4 quantizes activations too: selectable, and reported separately.
+    assert reports["int4-acc4"].mean_kl != reports["int4-acc0"].mean_kl
