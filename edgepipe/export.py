@@ -183,7 +183,7 @@ class _DecoderBuilder:
         return self.weights.read(name, np.float32)
 
     def _float_weight(self, name: str, array: np.ndarray) -> ir.Value:
-        return self.w.weight(name, array.astype(self.dtype))
+        return self.w.weight(name, array.astype(self.dtype, copy=False))
 
     def _spec(self, hf_name: str) -> QuantSpec | None:
         return None if self.quant is None else self.quant.spec_for(hf_name)

@@ -65,18 +65,18 @@ class GraphWriter:
         if pad:
             self._file.write(b"\0" * pad)
             self._offset += pad
-        data = array.tobytes()
-        self._file.write(data)
+        # Write the array's own buffer: `tobytes()` would hold a second copy of a large table.
+        self._file.write(memoryview(array.reshape(-1)).cast("B"))
         tensor = ir.ExternalTensor(
             self.location,
             self._offset,
-            len(data),
+            array.nbytes,
             ir_dtype(array.dtype),
             shape=ir.Shape(array.shape),
             name=name,
             base_dir=self.data_path.parent,
         )
-        self._offset += len(data)
+        self._offset += array.nbytes
         return self._register(name, tensor)
 
     def alias(self, name: str, of: ir.Value, shape: Sequence[int]) -> ir.Value:

@@ -129,7 +129,10 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     if count and data.size != count:
         raise InvalidInput(f"{info.file}: {info.name}: file ended early (truncated)")
     if info.dtype == "BF16":
-        data = (data.astype(np.uint32) << 16).view(np.float32)
+        wide = data.astype(np.uint32)
+        del data  # keep one buffer alive besides the result
+        np.left_shift(wide, 16, out=wide)
+        data = wide.view(np.float32)
     return data.reshape(info.shape)
 
 
