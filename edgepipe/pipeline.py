@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgepipe.cache import ENTRY_FILE, StageCache, content_hash
+from edgepipe.cache import ENTRY_FILE, StageCache, content_hash, sha256_file
 from edgepipe.errors import BuildFailed, EdgepipeError, InvalidInput
 from edgepipe.matrix import MatrixEntry, build_matrix, shard_slice
 from edgepipe.source import Source, as_plain, source_from_recipe
@@ -379,6 +379,7 @@ def _export_stage(
         "export",
         {
             "source": plan.source.identity(),
+            "code": build_code_hash(),
             "activation_dtype": plan.activation_dtype,
             "graph_variant": plan.profile.graph_variant,
             "quant": dc_asdict(quant) if quant is not None else None,
@@ -398,6 +399,17 @@ def _export_stage(
     stored = cache.store("export", key, out)
     del stored  # a cache that cannot be written only costs a rebuild next time
     return out, False
+
+
+def build_code_hash() -> str:
+    """sha256 of the build-side source (every `edgepipe/*.py` module, not the runtime or CLI).
+
+    Part of the export cache key: the version number does not change while the code does (a
+    checkout between releases, a local edit), and a stale export served from the cache would
+    be wrong silently, e.g. a preset whose random draw changed.
+    """
+    package = Path(__file__).resolve().parent
+    return content_hash({path.name: sha256_file(path) for path in sorted(package.glob("*.py"))})
 
 
 def _calibration_hash(plan: BuildPlan, quant) -> str | None:

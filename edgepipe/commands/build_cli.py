@@ -146,8 +146,9 @@ def _quality(result) -> str:
     if not q:
         return "-"
     parts = []
-    if "kl" in q:
-        parts.append(f"KL {q['kl']:.4f}")
+    kl = q.get("mean_kl", q.get("kl"))
+    if kl is not None:
+        parts.append(f"KL {kl:.4f}")
     if "top1_agreement" in q:
         parts.append(f"top1 {q['top1_agreement']:.0%}")
     return ", ".join(parts)
