@@ -92,7 +92,7 @@ def build_artifact(out: Path) -> Path:
     model_dir = out / "source"
     write_preset("qwen3-0.6b", 0, model_dir)
     artifact = out / "artifact"
-    build_decoder(model_dir, artifact, quant_plan=QuantPlan.from_precision("int4"))
+    build_decoder(model_dir, artifact, quant=QuantPlan.from_precision("int4"))
     if not (artifact / "tokenizer.json").is_file():
         write_tokenizer_files(artifact, "qwen3")
     return artifact
