@@ -30,6 +30,9 @@ from edgepipe.errors import InvalidInput
 #: token ids `[seq]` int64 → logits `[seq, vocab]` for every position.
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 
+#: (prompt ids `[n]`, steps) → the `steps` greedily generated token ids.
+GreedyFn = Callable[[np.ndarray, int], Sequence[int] | np.ndarray]
+
 # Rows of logits converted to float64 at once: 32 x 151936 x 8 B = 39 MB per temporary.
 _ROW_CHUNK = 32
 
@@ -161,6 +164,8 @@ def quality_report(
     max_windows: int | None = None,
     prompts: Sequence[Sequence[int]] = (),
     greedy_steps: int = 32,
+    reference_greedy_fn: GreedyFn | None = None,
+    candidate_greedy_fn: GreedyFn | None = None,
 ) -> QualityReport:
     """Compare a candidate model with the reference on evaluation tokens.
 
@@ -172,6 +177,9 @@ def quality_report(
         max_windows: Evaluate at most this many windows.
         prompts: Token-id prompts for greedy agreement; empty skips it.
         greedy_steps: Greedy tokens per prompt.
+        reference_greedy_fn: (prompt ids, steps) → greedy token ids, e.g. a KV-cached
+            generator; default re-runs `reference_logits_fn` on the growing sequence.
+        candidate_greedy_fn: The same for the candidate.
 
     Returns:
         The report.
@@ -197,9 +205,16 @@ def quality_report(
     agreement = exact = None
     if prompts and greedy_steps > 0:
         same, identical = [], []
+        ref_greedy = reference_greedy_fn or _greedy_from(reference_logits_fn)
+        cand_greedy = candidate_greedy_fn or _greedy_from(candidate_logits_fn)
         for prompt in prompts:
-            a = greedy_continuation(reference_logits_fn, np.asarray(prompt), greedy_steps)
-            b = greedy_continuation(candidate_logits_fn, np.asarray(prompt), greedy_steps)
+            a = np.asarray(ref_greedy(np.asarray(prompt, dtype=np.int64), greedy_steps))
+            b = np.asarray(cand_greedy(np.asarray(prompt, dtype=np.int64), greedy_steps))
+            if a.shape != (greedy_steps,) or b.shape != (greedy_steps,):
+                raise InvalidInput(
+                    f"greedy functions must return {greedy_steps} token ids, got {a.shape} "
+                    f"and {b.shape}"
+                )
             same.append(np.mean(a == b))
             identical.append(bool(np.array_equal(a, b)))
         agreement, exact = float(np.mean(same)), float(np.mean(identical))
@@ -208,8 +223,8 @@ def quality_report(
         mean_kl=float(cat["kl"].mean()),
         max_kl=float(cat["kl"].max()),
         top1_agreement=float(cat["agree"].mean()),
-        reference_perplexity=float(math.exp(cat["ref_nll"].mean())),
-        candidate_perplexity=float(math.exp(cat["cand_nll"].mean())),
+        reference_perplexity=perplexity(cat["ref_nll"]),
+        candidate_perplexity=perplexity(cat["cand_nll"]),
         greedy_agreement=agreement,
         greedy_exact=exact,
         positions=int(cat["kl"].shape[0]),
@@ -217,6 +232,16 @@ def quality_report(
         greedy_steps=greedy_steps if prompts else 0,
         greedy_prompts=len(prompts),
     )
+
+
+def perplexity(nll: np.ndarray) -> float:
+    """exp(mean NLL); inf instead of an OverflowError past float range (a wild random model)."""
+    mean = float(np.mean(nll))
+    return math.exp(mean) if mean < 709.0 else math.inf
+
+
+def _greedy_from(logits_fn: LogitsFn) -> GreedyFn:
+    return lambda prompt, steps: greedy_continuation(logits_fn, prompt, steps)
 
 
 def _checked(logits: np.ndarray, ids: np.ndarray, which: str) -> np.ndarray:

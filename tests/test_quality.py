@@ -204,3 +204,27 @@ def test_report_on_tiny_quantized_exports_is_plausible(tiny_exports):
     assert reports["int8"].mean_kl < reports["int4-acc0"].mean_kl
     # accuracy_level 4 quantizes activations too: selectable, and reported separately.
     assert reports["int4-acc4"].mean_kl != reports["int4-acc0"].mean_kl
+
+
+def test_custom_greedy_functions_are_used_and_perplexity_saturates(table, tokens):
+    calls = []
+
+    def fixed(prompt, steps):
+        calls.append(len(prompt))
+        return np.arange(steps)
+
+    report = quality_report(
+        bigram(table),
+        bigram(table),
+        tokens[:10],
+        prompts=[[1, 2]],
+        greedy_steps=4,
+        reference_greedy_fn=fixed,
+        candidate_greedy_fn=lambda prompt, steps: np.zeros(steps, np.int64),
+    )
+    assert calls == [2]
+    assert report.greedy_agreement == 0.25 and report.greedy_exact == 0.0
+    wild = np.zeros((VOCAB, VOCAB), np.float32)
+    wild[:, 0] = 1e6  # every target but 0 has NLL ~1e6 nats
+    report = quality_report(bigram(wild), bigram(wild), np.arange(1, 20))
+    assert report.reference_perplexity == math.inf and report.mean_kl == 0.0
