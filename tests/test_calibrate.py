@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgepipe.calibrate import LayerConfig, layer_forward, rms_norm
+from edgepipe.calibrate import LayerCalibrator, LayerConfig, layer_forward, rms_norm
 from edgepipe.errors import InvalidInput
 
 torch = pytest.importorskip("torch")
@@ -120,11 +120,12 @@ def test_layer_by_layer_streaming_reproduces_transformers_hidden_states(make_tin
     weights = {name: model_file.read(name) for name in model_file.names()}
     cfg = LayerConfig.from_hf_config(config)
     ids = np.random.default_rng(0).integers(0, config["vocab_size"], size=(1, 12))
-    hidden = weights["model.embed_tokens.weight"][ids].astype(np.float32)
+    cal = LayerCalibrator(config, weights["model.embed_tokens.weight"], ids[0])
     for i in range(config["num_hidden_layers"]):
         prefix = f"model.layers.{i}."
-        layer = {k: v for k, v in weights.items() if k.startswith(prefix)}
-        hidden = layer_forward(hidden, layer, cfg).hidden_out
+        acts = cal.advance({k: v for k, v in weights.items() if k.startswith(prefix)})
+        assert acts.for_weight(prefix + "mlp.down_proj.weight").shape == (12, 256)
+    hidden = cal.hidden
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -138,3 +139,18 @@ def test_layer_by_layer_streaming_reproduces_transformers_hidden_states(make_tin
     np.testing.assert_allclose(prev, last_in, atol=1e-4, rtol=1e-4)
     final = rms_norm(hidden, weights["model.norm.weight"], cfg.rms_norm_eps)
     np.testing.assert_allclose(final, out.hidden_states[-1].numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_calibrator_cuts_tokens_into_sequences_and_rejects_empty_text():
+    config = {
+        "hidden_size": 8,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "model_type": "qwen2",
+    }
+    table = np.arange(40, dtype=np.float32).reshape(5, 8)
+    cal = LayerCalibrator(config, table, np.arange(10) % 5, max_tokens_per_sequence=4)
+    assert cal.hidden.shape == (2, 4, 8) and cal.tokens == 8
+    assert LayerCalibrator(config, table, [1, 2, 3]).hidden.shape == (1, 3, 8)
+    with pytest.raises(InvalidInput, match="calibration text"):
+        LayerCalibrator(config, table, [1])
