@@ -147,14 +147,14 @@ def test_accuracy_levels_0_and_4_both_run_close_to_reference(accuracy_level, rng
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("bits", BITS)
 def test_gather_block_quantized_returns_dequantized_rows(bits, symmetric, rng):
-    table = rng.standard_normal((50, 64)).astype(np.float32)
+    table = rng.standard_normal((50, 96)).astype(np.float32)  # 3 blocks: odd zero-point tail
     qw = quantize_embedding(table, QuantSpec(bits, 32, symmetric, "rtn"))
-    assert (qw.K, qw.N) == (64, 50)
+    assert (qw.K, qw.N) == (96, 50)
     ids = np.array([0, 7, 49, 7], dtype=np.int64)
     rows = gather_session(qw).run(None, {"I": ids})[0]
     np.testing.assert_allclose(rows, qw.dequantize().T[ids], rtol=1e-6, atol=1e-6)
     # The same copy serves the tied lm_head: MatMulNBits over hidden gives logits.
-    h = rng.standard_normal((2, 64)).astype(np.float32)
+    h = rng.standard_normal((2, 96)).astype(np.float32)
     logits = matmul_nbits_session(qw).run(None, {"A": h})[0]
     np.testing.assert_allclose(logits, h @ qw.dequantize(), rtol=1e-4, atol=1e-4)
 
