@@ -45,6 +45,12 @@ QWEN_EOS = [151645, 151643]
 QWEN_BOS = 151643
 QWEN_PAD = 151643
 
+# gate_proj and up_proj as one MatMul + Split (True) or two MatMuls (False); see the
+# measurements in benchmarks/ before changing it.
+PACK_MLP = False
+# Rows per chunk when streaming [vocab, hidden] tables (8192 x 2560 fp32 = 80 MiB).
+TABLE_CHUNK_ROWS = 8192
+
 Progress = Callable[[str, int, int], None]
 
 
@@ -173,6 +179,7 @@ class _DecoderBuilder:
         self.rotary_in_attention = rotary_in_attention
         self.context_length = context_length
         self.progress = progress
+        self.pack_mlp = PACK_MLP
         self.quantized: dict[str, str] = {}
         self._step = 0
         self._steps = cfg.num_hidden_layers + 2
@@ -374,22 +381,51 @@ class _DecoderBuilder:
         )
 
     def _embedding(self, ids: ir.Value) -> tuple[ir.Value, Any]:
-        name = self.fam.embed
-        table = self._read(name)
+        name, cfg = self.fam.embed, self.cfg
+        shape = (cfg.vocab_size, cfg.hidden_size)
         spec = self._spec(name)
         if spec is None:
-            weight = self._float_weight("embed_tokens.weight", table)
-            del table
+            chunks = self.weights.read_chunks(name, TABLE_CHUNK_ROWS, self.dtype)
+            weight = self.w.stream_weight("embed_tokens.weight", self.dtype, shape, chunks)
             self.embed_weight = weight
             return self.w.op("Gather", "embed_tokens/Gather", [weight, ids], {"axis": 0}), None
         from edgepipe.quantize import quantize_embedding
 
-        qw = quantize_embedding(table, spec)
-        del table
+        # Rows are quantized independently (blocks run along hidden), so the table is quantized
+        # chunk by chunk and never whole in memory; scales and zero points are small.
+        scales_parts: list[np.ndarray] = []
+        zp_parts: list[np.ndarray] = []
+        layout: dict[str, Any] = {}
+
+        def packed_chunks():
+            for chunk in self.weights.read_chunks(name, TABLE_CHUNK_ROWS):
+                qw = quantize_embedding(chunk, spec)
+                layout.update(bits=qw.bits, block_size=qw.block_size, packed=qw.packed.shape[1:])
+                scales_parts.append(qw.scales.astype(self.dtype))
+                if qw.zero_points is not None:
+                    zp_parts.append(qw.zero_points)
+                yield qw.gather_data()
+
+        blob = spec.block_size * spec.bits // 8
+        n_blocks = -(-cfg.hidden_size // spec.block_size)
+        data = self.w.stream_weight(
+            "embed_tokens.qweight", np.uint8, (cfg.vocab_size, n_blocks * blob), packed_chunks()
+        )
+        if layout["packed"] != (n_blocks, blob):
+            raise AssertionError(f"unexpected embedding layout {layout}")
         self.quantized[name] = f"int{spec.bits}/b{spec.block_size}/{spec.method}"
-        data = self.w.weight("embed_tokens.qweight", qw.gather_data())
-        scales, zp = self._quantized_inputs("embed_tokens", qw)
-        attrs = {"bits": qw.bits, "block_size": qw.block_size, "gather_axis": 0, "quantize_axis": 1}
+        scales = self.w.weight("embed_tokens.scales", np.concatenate(scales_parts))
+        zp = (
+            self.w.weight("embed_tokens.zero_points", np.concatenate(zp_parts))
+            if zp_parts
+            else None
+        )
+        attrs = {
+            "bits": layout["bits"],
+            "block_size": layout["block_size"],
+            "gather_axis": 0,
+            "quantize_axis": 1,
+        }
         inputs = [data, ids, scales] + ([zp] if zp is not None else [])
         out = self.w.op(
             "GatherBlockQuantized",
@@ -398,9 +434,18 @@ class _DecoderBuilder:
             attrs,
             domain=MS_DOMAIN,
         )
-        # Keep only what the tied lm_head needs, not the quantized table itself.
-        shape = qw.packed.shape
-        return out, (qw.K, qw.N, qw.bits, qw.block_size, shape, spec, data, scales, zp)
+        packed_shape = (cfg.vocab_size, n_blocks, blob)
+        return out, (
+            cfg.hidden_size,
+            cfg.vocab_size,
+            layout["bits"],
+            layout["block_size"],
+            packed_shape,
+            spec,
+            data,
+            scales,
+            zp,
+        )
 
     def _lm_head(self, x: ir.Value, embed_q: Any) -> ir.Value:
         cfg, w = self.cfg, self.w
@@ -427,7 +472,9 @@ class _DecoderBuilder:
             # Float embedding, quantized lm_head: the quantized copy is a second, smaller one.
             return self.linear("lm_head", x, [self.fam.embed], spec_name=self.fam.lm_head)
         if self._spec(self.fam.lm_head) is None:
-            weight = self._float_weight("lm_head.weight", self._read(self.fam.lm_head))
+            shape = (cfg.vocab_size, cfg.hidden_size)
+            chunks = self.weights.read_chunks(self.fam.lm_head, TABLE_CHUNK_ROWS, self.dtype)
+            weight = self.w.stream_weight("lm_head.weight", self.dtype, shape, chunks)
             return self._gemm_transposed(x, weight)
         return self.linear("lm_head", x, [self.fam.lm_head])
 
@@ -572,8 +619,15 @@ class _DecoderBuilder:
         attn_out = self.linear(f"{p}.attn.o_proj", attn, [names["o"]])
 
         normed, residual = self._skip_norm(f"{p}.post_norm", attn_out, residual, names["post_norm"])
-        gate = self.linear(f"{p}.mlp.gate_proj", normed, [names["gate"]])
-        up = self.linear(f"{p}.mlp.up_proj", normed, [names["up"]])
+        if self.pack_mlp:
+            gate_up = self.linear(f"{p}.mlp.gate_up_proj", normed, [names["gate"], names["up"]])
+            size = w.const(f"{p}.mlp.split_sizes", np.array([cfg.intermediate_size] * 2, np.int64))
+            gate, up = w.op(
+                "Split", f"{p}.mlp.gate_up_split", [gate_up, size], {"axis": -1}, num_outputs=2
+            )
+        else:
+            gate = self.linear(f"{p}.mlp.gate_proj", normed, [names["gate"]])
+            up = self.linear(f"{p}.mlp.up_proj", normed, [names["up"]])
         silu = w.op("Mul", f"{p}.mlp.silu", [gate, w.op("Sigmoid", f"{p}.mlp.sigmoid", [gate])])
         act = w.op("Mul", f"{p}.mlp.act", [silu, up])
         return self.linear(f"{p}.mlp.down_proj", act, [names["down"]]), residual

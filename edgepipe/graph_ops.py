@@ -9,7 +9,7 @@ model produce byte-identical files.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,41 @@ class GraphWriter:
             base_dir=self.data_path.parent,
         )
         self._offset += array.nbytes
+        return self._register(name, tensor)
+
+    def stream_weight(
+        self,
+        name: str,
+        dtype: np.dtype | type,
+        shape: Sequence[int],
+        chunks: Iterable[np.ndarray],
+    ) -> ir.Value:
+        """Like `weight`, but the data arrives in row chunks (each written and dropped).
+
+        Keeps large tables (a 151936-row embedding) from ever being whole in memory.
+        """
+        pad = -self._offset % ALIGNMENT
+        if pad:
+            self._file.write(b"\0" * pad)
+            self._offset += pad
+        start = self._offset
+        for chunk in chunks:
+            chunk = np.ascontiguousarray(chunk, dtype=dtype)
+            self._file.write(memoryview(chunk.reshape(-1)).cast("B"))
+            self._offset += chunk.nbytes
+        length = self._offset - start
+        expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if length != expected:
+            raise ValueError(f"{name}: streamed {length} bytes, {expected} expected for {shape}")
+        tensor = ir.ExternalTensor(
+            self.location,
+            start,
+            length,
+            ir_dtype(dtype),
+            shape=ir.Shape(shape),
+            name=name,
+            base_dir=self.data_path.parent,
+        )
         return self._register(name, tensor)
 
     def alias(self, name: str, of: ir.Value, shape: Sequence[int]) -> ir.Value:

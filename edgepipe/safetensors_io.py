@@ -121,11 +121,18 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def read_tensor(info: TensorInfo) -> np.ndarray:
-    """Read one tensor from disk; bf16 is returned as float32, other dtypes as stored."""
+def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """Read one tensor (or rows [start, stop) of it); bf16 comes back as float32."""
     storage = _DTYPES[info.dtype]
-    count = info.nbytes // storage.itemsize
-    data = np.fromfile(info.file, dtype=storage, count=count, offset=info.start)
+    shape = info.shape
+    offset, count = info.start, info.nbytes // storage.itemsize
+    if rows is not None:
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        start, stop = max(0, rows[0]), min(shape[0], rows[1])
+        shape = (max(0, stop - start), *shape[1:])
+        offset += start * row * storage.itemsize
+        count = shape[0] * row
+    data = np.fromfile(info.file, dtype=storage, count=count, offset=offset)
     if count and data.size != count:
         raise InvalidInput(f"{info.file}: {info.name}: file ended early (truncated)")
     if info.dtype == "BF16":
@@ -133,7 +140,7 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
         del data  # keep one buffer alive besides the result
         np.left_shift(wide, 16, out=wide)
         data = wide.view(np.float32)
-    return data.reshape(info.shape)
+    return data.reshape(shape)
 
 
 class SafetensorsModel:
@@ -193,6 +200,14 @@ class SafetensorsModel:
         if dtype is not None and array.dtype != np.dtype(dtype):
             array = array.astype(dtype)
         return array
+
+    def read_chunks(
+        self, name: str, rows: int, dtype: np.dtype | str = np.float32
+    ) -> Iterator[np.ndarray]:
+        """Yield tensor `name` in blocks of `rows` rows (first axis), cast to `dtype`."""
+        info = self.info(name)
+        for start in range(0, info.shape[0], rows):
+            yield read_tensor(info, (start, start + rows)).astype(dtype, copy=False)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -298,8 +298,13 @@ def _dequantized_reference(model_dir: Path, plan, out_dir: Path) -> Path:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_export_matches_dequantized_reference(bits, make_tiny_model, tmp_path):
+def test_quantized_export_matches_dequantized_reference(
+    bits, make_tiny_model, tmp_path, monkeypatch
+):
     from edgepipe.quantize import QuantPlan, QuantSpec
+
+    # Stream the 1000-row embedding in uneven chunks: chunked quantization must equal whole.
+    monkeypatch.setattr("edgepipe.export.TABLE_CHUNK_ROWS", 300)
 
     model_dir = make_tiny_model("qwen3", hidden_size=128, head_dim=32)
     plan = QuantPlan(

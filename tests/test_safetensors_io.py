@@ -135,3 +135,14 @@ def test_missing_tensor_names_the_folder(arrays, tmp_path):
 def test_unknown_write_dtype_lists_allowed(tmp_path):
     with pytest.raises(InvalidInput, match="bfloat16"):
         write_safetensors(tmp_path / "m.safetensors", {"a": np.ones(1)}, "int4")
+
+
+def test_row_chunks_reassemble_the_tensor(tmp_path):
+    torch.manual_seed(0)
+    table = torch.randn(1001, 6).to(torch.bfloat16)
+    save_file({"t": table}, tmp_path / "model.safetensors")
+    model = SafetensorsModel(tmp_path)
+    chunks = list(model.read_chunks("t", 300, np.float16))
+    assert [c.shape[0] for c in chunks] == [300, 300, 300, 101]
+    assert all(c.dtype == np.float16 for c in chunks)
+    np.testing.assert_array_equal(np.concatenate(chunks), table.float().numpy().astype(np.float16))
