@@ -58,15 +58,24 @@ def _fit_blocks(
     best_zero = zero.copy()
     best_err = np.full(zero.shape, np.inf, dtype=np.float32)
     for _ in range(iters):
-        q = np.clip(np.round(w * inv + zero), 0, qmax)
+        q = w * inv
+        q += zero
+        np.clip(np.round(q, out=q), 0, qmax, out=q)
         err = w - (q - zero) * scale
+        ax = np.abs(err)
+        # |err|**(p-1) serves both the lp loss (|err| * it) and the shrinkage threshold, so the
+        # costly power is taken once per iteration; the clamp keeps it finite at 0.
+        pw = np.power(np.maximum(ax, 1e-12), p - 1.0)
         # Keep each block's best zero by the lp objective; stopping globally would let one
         # badly-behaved block end the iterations for all.
-        loss = np.mean(np.power(np.abs(err), p), axis=1, keepdims=True)
+        loss = np.mean(ax * pw, axis=1, keepdims=True)
         better = loss < best_err
         best_err = np.where(better, loss, best_err)
         best_zero = np.where(better, zero, best_zero)
-        e = shrink_lp(err, beta, p)
+        # e = shrink_lp(err, beta, p), reusing pw.
+        ax -= pw / beta
+        np.maximum(ax, 0.0, out=ax)
+        e = np.copysign(ax, err)
         zero = np.mean(q - (w - e) * inv, axis=1, keepdims=True)
         beta *= kappa
 
