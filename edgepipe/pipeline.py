@@ -401,15 +401,54 @@ def _export_stage(
     return out, False
 
 
+# The modules whose code decides the export's bytes; everything they import from edgepipe
+# counts too (found by `export_modules`).
+EXPORT_ROOTS = ("edgepipe.export", "edgepipe.presets")
+
+
+def export_modules() -> list[Path]:
+    """Source files of `EXPORT_ROOTS` and of every edgepipe module they import, transitively
+    (read from the import statements, so adding a module needs no list to be kept)."""
+    import ast
+    import importlib.util
+
+    seen: dict[str, Path] = {}
+    todo = list(EXPORT_ROOTS)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, AttributeError, ValueError):  # `from module import function`
+            continue
+        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+            continue
+        path = Path(spec.origin)
+        seen[name] = path
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                base = node.module if node.level == 0 else None
+                if base and base.startswith("edgepipe"):
+                    todo.append(base)
+                    todo.extend(f"{base}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                todo.extend(a.name for a in node.names if a.name.startswith("edgepipe"))
+    return sorted(set(seen.values()))
+
+
 def build_code_hash() -> str:
-    """sha256 of the build-side source (every `edgepipe/*.py` module, not the runtime or CLI).
+    """sha256 of the export-side source code (`export_modules`).
 
     Part of the export cache key: the version number does not change while the code does (a
     checkout between releases, a local edit), and a stale export served from the cache would
     be wrong silently, e.g. a preset whose random draw changed.
     """
     package = Path(__file__).resolve().parent
-    return content_hash({path.name: sha256_file(path) for path in sorted(package.glob("*.py"))})
+    return content_hash(
+        {path.relative_to(package).as_posix(): sha256_file(path) for path in export_modules()}
+    )
 
 
 def _calibration_hash(plan: BuildPlan, quant) -> str | None:
