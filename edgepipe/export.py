@@ -21,8 +21,8 @@ import onnx_ir as ir
 
 from edgepipe.errors import InvalidInput
 from edgepipe.graph_ops import MS_DOMAIN, GraphWriter, ir_dtype, save_model, tensor_input
-from edgepipe.qwen2 import DecoderConfig, read_config
-from edgepipe.safetensors_io import SafetensorsModel
+from edgepipe.qwen2 import DecoderConfig, check_weights, expected_shapes, read_config
+from edgepipe.safetensors_io import SafetensorsModel, read_tensor
 
 if TYPE_CHECKING:
     from edgepipe.quantize import QuantizedWeight, QuantPlan, QuantSpec
@@ -81,60 +81,6 @@ class ExportResult:
     files: list[Path] = field(default_factory=list)
 
 
-def expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight the builder reads, with the shape config.json implies."""
-    fam = cfg.family
-    h, d, i_size = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    q_dim, kv_dim = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    per_layer = {
-        "input_norm": (h,),
-        "post_norm": (h,),
-        "q": (q_dim, h),
-        "k": (kv_dim, h),
-        "v": (kv_dim, h),
-        "o": (h, q_dim),
-        "gate": (i_size, h),
-        "up": (i_size, h),
-        "down": (h, i_size),
-    }
-    shapes: dict[str, tuple[int, ...]] = {fam.embed: (cfg.vocab_size, h)}
-    for layer in range(cfg.num_hidden_layers):
-        for key, shape in per_layer.items():
-            shapes[fam.layer[key].format(i=layer)] = shape
-        if fam.qkv_bias:
-            for key, dim in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
-                shapes[fam.bias[key].format(i=layer)] = (dim,)
-        if fam.qk_norm:
-            for key in ("q_norm", "k_norm"):
-                shapes[fam.norms[key].format(i=layer)] = (d,)
-    shapes[fam.final_norm] = (h,)
-    if not cfg.tie_word_embeddings:
-        shapes[fam.lm_head] = (cfg.vocab_size, h)
-    return shapes
-
-
-def check_weights(cfg: DecoderConfig, weights: SafetensorsModel) -> None:
-    """Raise InvalidInput listing every missing tensor and every shape mismatch."""
-    problems: list[str] = []
-    expected = expected_shapes(cfg)
-    missing = [name for name in expected if name not in weights]
-    if missing:
-        shown = ", ".join(missing[:20]) + (
-            f" (+{len(missing) - 20} more)" if len(missing) > 20 else ""
-        )
-        problems.append(
-            f"{weights.folder}: {len(missing)} tensors missing from the weights: {shown}"
-        )
-    for name, shape in expected.items():
-        if name in weights and weights.info(name).shape != shape:
-            problems.append(
-                f"{weights.folder}: {name}: shape {list(weights.info(name).shape)}, expected "
-                f"{list(shape)} from config.json"
-            )
-    if problems:
-        raise InvalidInput(problems[0], problems)
-
-
 def rotary_caches(
     head_dim: int, theta: float, length: int, dtype: np.dtype
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -167,6 +113,7 @@ class _DecoderBuilder:
         rotary_in_attention: bool,
         context_length: int,
         progress: Progress | None,
+        calibration_ids: np.ndarray | None = None,
     ):
         self.cfg = cfg
         self.fam = cfg.family
@@ -183,11 +130,38 @@ class _DecoderBuilder:
         self.quantized: dict[str, str] = {}
         self._step = 0
         self._steps = cfg.num_hidden_layers + 2
+        self.calibration_ids = calibration_ids
+        self._calibrator = None
+        self._acts = None  # the current layer's calibration activations (gptq)
+        self._layer_cache: dict[str, np.ndarray] = {}
 
     # -- weights ---------------------------------------------------------------------------
 
     def _read(self, name: str) -> np.ndarray:
+        if name in self._layer_cache:
+            return self._layer_cache[name]
         return self.weights.read(name, np.float32)
+
+    def _start_calibration(self) -> None:
+        """Embed the calibration tokens (gptq) without loading the whole embedding table."""
+        from edgepipe.calibrate import LayerCalibrator
+
+        ids = np.asarray(self.calibration_ids, np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+            raise InvalidInput(f"calibration ids must lie in [0, {self.cfg.vocab_size})")
+        # Only the rows the calibration text uses: a small table plus remapped ids.
+        unique, remapped = np.unique(ids, return_inverse=True)
+        info = self.weights.info(self.fam.embed)
+        rows = np.stack([read_tensor(info, (int(t), int(t) + 1))[0] for t in unique])
+        self._calibrator = LayerCalibrator(self.cfg.raw, rows.astype(np.float32), remapped)
+
+    def _calibrate_layer(self, i: int) -> None:
+        """Run layer i's float forward on the calibration states; cache its weights."""
+        names = [t.format(i=i) for t in self.fam.layer.values()]
+        names += [t.format(i=i) for t in self.fam.bias.values()]
+        names += [t.format(i=i) for t in self.fam.norms.values()]
+        self._layer_cache = {n: self.weights.read(n, np.float32) for n in names}
+        self._acts = self._calibrator.advance(self._layer_cache)
 
     def _float_weight(self, name: str, array: np.ndarray) -> ir.Value:
         return self.w.weight(name, array.astype(self.dtype, copy=False))
@@ -234,7 +208,10 @@ class _DecoderBuilder:
             return y if bias is None else self.w.op("Add", f"{name}/Add", [y, bias])
         from edgepipe.quantize import quantize_weight
 
-        qw = quantize_weight(w_kn, spec, name=spec_name or hf_names[0])
+        calibration = None
+        if self._acts is not None and spec_name is None:
+            calibration = self._acts.for_weight(hf_names[0])  # packed parts share one input
+        qw = quantize_weight(w_kn, spec, name=spec_name or hf_names[0], calibration=calibration)
         del w_kn
         for n in [spec_name] if spec_name else hf_names:
             self.quantized[n] = f"int{spec.bits}/b{spec.block_size}/{spec.method}"
@@ -561,6 +538,14 @@ class _DecoderBuilder:
         )
 
     def _layer(self, i: int, hidden, residual, pasts, presents):
+        if self._calibrator is not None:
+            self._calibrate_layer(i)
+        try:
+            return self._layer_graph(i, hidden, residual, pasts, presents)
+        finally:
+            self._layer_cache, self._acts = {}, None
+
+    def _layer_graph(self, i: int, hidden, residual, pasts, presents):
         cfg, fam, w = self.cfg, self.fam, self.w
         p = f"layers.{i}"
         names = {k: t.format(i=i) for k, t in fam.layer.items()}
@@ -685,6 +670,12 @@ def genai_config(cfg: DecoderConfig, *, dtype: str, context_length: int) -> dict
     }
 
 
+def _needs_calibration(quant: QuantPlan) -> bool:
+    from edgepipe.quantize import gptq_needs_calibration
+
+    return gptq_needs_calibration(quant)
+
+
 def build_decoder(
     model_dir: Path | str,
     out_dir: Path | str,
@@ -695,6 +686,7 @@ def build_decoder(
     rotary_in_attention: bool = True,
     context_length: int | None = None,
     progress: Progress | None = None,
+    calibration_ids: np.ndarray | None = None,
 ) -> ExportResult:
     """Export a Qwen2/Qwen2.5/Qwen3 model folder to an ONNX Runtime decoder, streaming.
 
@@ -709,6 +701,9 @@ def build_decoder(
         context_length: longest sequence (sizes the rotary caches and genai's max_length);
             default config.json's max_position_embeddings.
         progress: called as progress(step_name, done, total).
+        calibration_ids: token ids of calibration text, 1-D; required when `quant` uses a
+            calibrated method (gptq). Each layer's linears are quantized with the inputs the
+            float model gives them on these tokens (see edgepipe.calibrate).
 
     Returns:
         ExportResult with paths, a config summary and bytes written.
@@ -748,7 +743,15 @@ def build_decoder(
             rotary_in_attention=rotary_in_attention,
             context_length=ctx,
             progress=progress,
+            calibration_ids=calibration_ids,
         )
+        if quant is not None and _needs_calibration(quant):
+            if calibration_ids is None:
+                raise InvalidInput(
+                    "quant: a calibrated method (gptq) needs calibration_ids (token ids of "
+                    "calibration text); pass them, or use method rtn or hqq"
+                )
+            builder._start_calibration()
         model = builder.build()
     finally:
         writer.close()

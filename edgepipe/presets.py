@@ -95,8 +95,7 @@ def preset_config(spec: PresetSpec, dtype: str = "bfloat16") -> dict[str, Any]:
 
 def preset_tensors(spec: PresetSpec) -> dict[str, tuple[int, ...]]:
     """Every weight name and shape in save_pretrained's order."""
-    from edgepipe.export import expected_shapes
-    from edgepipe.qwen2 import DecoderConfig
+    from edgepipe.qwen2 import DecoderConfig, expected_shapes
 
     s = spec.shape
     cfg = DecoderConfig(

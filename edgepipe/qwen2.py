@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgepipe.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from edgepipe.safetensors_io import SafetensorsModel
 
 # Rope types the builder implements: plain rotary with one theta.
 SUPPORTED_ROPE_TYPES = ("default",)
@@ -225,3 +228,57 @@ def read_config(model_dir: Path | str) -> DecoderConfig:
         eos_token_id=eos_list,
         raw=config,
     )
+
+
+def expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight the builder reads, with the shape config.json implies."""
+    fam = cfg.family
+    h, d, i_size = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q_dim, kv_dim = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    per_layer = {
+        "input_norm": (h,),
+        "post_norm": (h,),
+        "q": (q_dim, h),
+        "k": (kv_dim, h),
+        "v": (kv_dim, h),
+        "o": (h, q_dim),
+        "gate": (i_size, h),
+        "up": (i_size, h),
+        "down": (h, i_size),
+    }
+    shapes: dict[str, tuple[int, ...]] = {fam.embed: (cfg.vocab_size, h)}
+    for layer in range(cfg.num_hidden_layers):
+        for key, shape in per_layer.items():
+            shapes[fam.layer[key].format(i=layer)] = shape
+        if fam.qkv_bias:
+            for key, dim in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
+                shapes[fam.bias[key].format(i=layer)] = (dim,)
+        if fam.qk_norm:
+            for key in ("q_norm", "k_norm"):
+                shapes[fam.norms[key].format(i=layer)] = (d,)
+    shapes[fam.final_norm] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes[fam.lm_head] = (cfg.vocab_size, h)
+    return shapes
+
+
+def check_weights(cfg: DecoderConfig, weights: SafetensorsModel) -> None:
+    """Raise InvalidInput listing every missing tensor and every shape mismatch."""
+    problems: list[str] = []
+    expected = expected_shapes(cfg)
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        shown = ", ".join(missing[:20]) + (
+            f" (+{len(missing) - 20} more)" if len(missing) > 20 else ""
+        )
+        problems.append(
+            f"{weights.folder}: {len(missing)} tensors missing from the weights: {shown}"
+        )
+    for name, shape in expected.items():
+        if name in weights and weights.info(name).shape != shape:
+            problems.append(
+                f"{weights.folder}: {name}: shape {list(weights.info(name).shape)}, expected "
+                f"{list(shape)} from config.json"
+            )
+    if problems:
+        raise InvalidInput(problems[0], problems)

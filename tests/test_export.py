@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from edgepipe.errors import InvalidInput
-from edgepipe.export import build_decoder, expected_shapes, rotary_caches
-from edgepipe.qwen2 import read_config
+from edgepipe.export import build_decoder, rotary_caches
+from edgepipe.qwen2 import expected_shapes, read_config
 from edgepipe.safetensors_io import write_safetensors
 
 PROMPT = [151644, 872, 198, 9707, 11, 1246, 525, 498, 30, 151645, 198]
@@ -487,3 +487,34 @@ def test_expected_shapes_follow_config_head_dim(tiny_qwen3_dir):
     assert shapes["model.layers.0.self_attn.q_proj.weight"] == (4 * 48, 128)
     assert shapes["model.layers.0.self_attn.k_norm.weight"] == (48,)
     assert "lm_head.weight" not in shapes
+
+
+def test_gptq_quantizes_with_calibration_activations(make_tiny_model, tmp_path):
+    from edgepipe.quantize import QuantPlan, QuantSpec
+
+    model_dir = make_tiny_model("qwen3", hidden_size=128, head_dim=32)
+    ids = np.random.default_rng(0).integers(0, 1000, 96)
+    results = {}
+    for method in ("rtn", "gptq"):
+        plan = QuantPlan(default=QuantSpec(4, 32, False, method, 0))
+        results[method] = build_decoder(
+            model_dir, tmp_path / method, quant=plan, context_length=256, calibration_ids=ids
+        )
+        assert op_types(results[method].model_path).count("MatMulNBits") == 2 * 5
+    # Same layout, different codes: the calibration activations reached the quantizer.
+    rtn, gptq = (results[m].data_path.read_bytes() for m in ("rtn", "gptq"))
+    assert len(rtn) == len(gptq) and rtn != gptq
+    ref_logits, _ = hf_reference(model_dir, SMALL_PROMPT, 0)
+    errors = {
+        m: float(np.abs(ort_greedy(r.model_path, SMALL_PROMPT, 0)[0][0] - ref_logits[0]).mean())
+        for m, r in results.items()
+    }
+    assert np.isfinite(errors["gptq"]) and errors["gptq"] < 2 * errors["rtn"], errors
+
+
+def test_gptq_without_calibration_ids_says_what_to_pass(make_tiny_model, tmp_path):
+    from edgepipe.quantize import QuantPlan, QuantSpec
+
+    plan = QuantPlan(default=QuantSpec(4, 32, False, "gptq", 0))
+    with pytest.raises(InvalidInput, match="calibration_ids"):
+        build_decoder(make_tiny_model("qwen2"), tmp_path, quant=plan)
