@@ -386,7 +386,8 @@ def quantize_embedding(table_vd: np.ndarray, spec: QuantSpec) -> QuantizedWeight
     the same initializers serve both ops: GatherBlockQuantized takes `gather_data()` (uint8
     `[vocab, hidden * bits / 8]`), `scales` `[vocab, n_blocks]` and, when asymmetric, the packed
     `zero_points`, with attributes `bits`, `block_size`, `gather_axis=0`, `quantize_axis=1`.
-    Calibrated methods fall back to rtn here (a lookup table has no input activations).
+    The spec applied is `embedding_spec(spec, hidden)`: rtn for calibrated methods, and the
+    block size shrunk to the largest allowed one dividing hidden.
 
     Args:
         table_vd: Float embedding table `[vocab, hidden]`.
@@ -395,15 +396,29 @@ def quantize_embedding(table_vd: np.ndarray, spec: QuantSpec) -> QuantizedWeight
     table = np.asarray(table_vd)
     if table.ndim != 2:
         raise InvalidInput(f"embedding: expected a 2-D [vocab, hidden] table, got {table.shape}")
-    if table.shape[1] % spec.block_size:
+    return quantize_weight(table.T, embedding_spec(spec, table.shape[1]), name="embedding")
+
+
+def embedding_spec(spec: QuantSpec, hidden: int) -> QuantSpec:
+    """The spec `quantize_embedding` actually applies to a table `hidden` wide.
+
+    GatherBlockQuantized needs whole blocks along hidden; Qwen2.5-0.5B's 896 = 7 x 128 is not a
+    multiple of 256, so the block shrinks to the largest allowed size dividing hidden. A lookup
+    table sees no activations, so calibrated methods become rtn. Call this before streaming the
+    table to know its layout.
+
+    Raises:
+        InvalidInput: No allowed block size divides hidden.
+    """
+    fitting = [b for b in ALLOWED_BLOCK_SIZES if b <= spec.block_size and hidden % b == 0]
+    if not fitting:
         raise InvalidInput(
-            f"embedding: hidden size {table.shape[1]} is not a multiple of block_size "
-            f"{spec.block_size}; GatherBlockQuantized needs whole blocks; choose a smaller "
-            "embedding block_size"
+            f"embedding: hidden size {hidden} is not a multiple of any block size up to "
+            f"{spec.block_size} ({', '.join(map(str, ALLOWED_BLOCK_SIZES))}); keep the "
+            "embedding in float (embedding: fp16 or fp32)"
         )
-    if spec.method in CALIBRATED_METHODS:
-        spec = QuantSpec(spec.bits, spec.block_size, spec.symmetric, "rtn", spec.accuracy_level)
-    return quantize_weight(table.T, spec, name="embedding")
+    method = "rtn" if spec.method in CALIBRATED_METHODS else spec.method
+    return QuantSpec(spec.bits, fitting[-1], spec.symmetric, method, spec.accuracy_level)
 
 
 # ----------------------------------------------------------------------------------------------

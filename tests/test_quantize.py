@@ -12,6 +12,7 @@ from edgepipe.quantize import (
     METHODS,
     QuantPlan,
     QuantSpec,
+    embedding_spec,
     from_codes,
     gptq_needs_calibration,
     pack_codes,
@@ -159,8 +160,13 @@ def test_gather_block_quantized_returns_dequantized_rows(bits, symmetric, rng):
     np.testing.assert_allclose(logits, h @ qw.dequantize(), rtol=1e-4, atol=1e-4)
 
 
-def test_embedding_rejects_partial_blocks(rng):
-    with pytest.raises(InvalidInput, match="block_size"):
+def test_embedding_block_shrinks_to_divide_hidden_and_rejects_odd_widths(rng):
+    table = rng.standard_normal((8, 896)).astype(np.float32)  # Qwen2.5-0.5B: 896 = 7 x 128
+    qw = quantize_embedding(table, QuantSpec(4, 256))
+    assert qw.block_size == 128 and qw.gather_data().shape == (8, 448)
+    assert embedding_spec(QuantSpec(4, 256, method="gptq"), 896) == QuantSpec(4, 128)
+    assert quantize_embedding(table, QuantSpec(4, 32)).block_size == 32
+    with pytest.raises(InvalidInput, match="embedding: fp16"):
         quantize_embedding(rng.standard_normal((8, 40)).astype(np.float32), QuantSpec(4, 32))
 
 
