@@ -263,9 +263,13 @@ def test_async_variants_match_the_blocking_ones(gen):
     async def run():
         result = await gen.agenerate(PROMPTS[0], max_new_tokens=10, stop_token_ids=[])
         pieces = [p async for p in gen.astream(PROMPTS[0], max_new_tokens=10, stop_token_ids=[])]
-        return result, pieces
+        reply = await gen.achat(messages, enable_thinking=False, max_new_tokens=6)
+        return result, pieces, reply
 
-    result, pieces = asyncio.run(run())
+    messages = [{"role": "user", "content": "Hi"}]
+    result, pieces, reply = asyncio.run(run())
+    blocking_reply = gen.chat(messages, enable_thinking=False, max_new_tokens=6)
+    assert reply.token_ids == blocking_reply.token_ids
     blocking = gen.generate(PROMPTS[0], max_new_tokens=10, stop_token_ids=[])
     assert result.token_ids == blocking.token_ids
     assert "".join(pieces) == blocking.text
