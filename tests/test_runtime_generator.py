@@ -290,3 +290,16 @@ def test_generation_defaults_come_from_generation_config(toy_dir, tmp_path):
     (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3}))
     result = Generator(folder).generate("hello", stop_token_ids=[])
     assert len(result.token_ids) == 3
+
+
+def test_chunked_prefill_gives_the_same_tokens(toy_dir, gen):
+    ids = gen.encode(" ".join(["chunk the prefill of a longer prompt"] * 8))
+    assert len(ids) > 40
+    chunked = Generator(toy_dir, prefill_chunk=7)
+    for prompt in (ids, [ids, ids[:20]]):
+        expected = gen.generate(prompt, max_new_tokens=12, stop_token_ids=[])
+        result = chunked.generate(prompt, max_new_tokens=12, stop_token_ids=[])
+        if isinstance(result, list):
+            assert [r.token_ids for r in result] == [r.token_ids for r in expected]
+        else:
+            assert result.token_ids == expected.token_ids

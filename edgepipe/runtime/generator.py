@@ -157,6 +157,8 @@ class Generator:
         session_options: an `onnxruntime.SessionOptions` to use as is.
         intra_op_num_threads: threads for onnxruntime (ignored when session_options is given).
         provider_options: override the profile's provider options.
+        prefill_chunk: feed long prompts this many tokens at a time (None: all at once); bounds
+            prefill memory, same tokens.
 
     Raises:
         ArtifactError: a file is missing, corrupt, or fails its checksum (named in the message).
@@ -173,6 +175,7 @@ class Generator:
         session_options=None,
         intra_op_num_threads: int | None = None,
         provider_options: Mapping | None = None,
+        prefill_chunk: int | None = 512,
     ):
         import onnxruntime as ort
         import tokenizers
@@ -187,6 +190,9 @@ class Generator:
         if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
             raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
         self.max_length = max_length
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be an int >= 1 or None, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         self.provider = provider or art.provider
         if self.provider not in ort.get_available_providers():
             package = art.package if provider is None else PROVIDER_PACKAGES.get(self.provider)
@@ -536,13 +542,11 @@ class Generator:
 
         # Prefill: equal lengths in one call, otherwise row by row into row views of the cache.
         if batch == 1 or len(set(lengths.tolist())) == 1:
-            prompt = np.array([r.prompt[reuse:] for r in rows], dtype=np.int64)
-            logits = self._step(prompt, lengths, cache.ortvalues())
+            prompt = np.array([r.prompt for r in rows], dtype=np.int64)
+            logits = self._prefill(prompt, reuse, cache.ortvalues())
         else:
             parts = [
-                self._step(
-                    np.array([r.prompt], dtype=np.int64), lengths[i : i + 1], cache.ortvalues(i)
-                )
+                self._prefill(np.array([r.prompt], dtype=np.int64), 0, cache.ortvalues(i))
                 for i, r in enumerate(rows)
             ]
             logits = np.concatenate(parts, axis=0)
@@ -636,6 +640,22 @@ class Generator:
             piece += row.stops.push(row.detok.flush()) + row.stops.flush()
         row.pieces.append(piece)
         return piece
+
+    def _prefill(self, ids: np.ndarray, start: int, kv) -> np.ndarray:
+        """Feed `ids[:, start:]` (positions before `start` are cached) in chunks.
+
+        Chunks of `prefill_chunk` tokens bound the prefill activations (attention scores grow
+        with chunk x total length) without changing the result: GQA continues from the cache
+        exactly as if the prompt came in one call.
+        """
+        total = ids.shape[1]
+        chunk = self.prefill_chunk or total
+        logits = None
+        for begin in range(start, total, chunk):
+            end = min(begin + chunk, total)
+            lengths = np.full(ids.shape[0], end, dtype=np.int64)
+            logits = self._step(ids[:, begin:end], lengths, kv)
+        return logits
 
     def _step(self, input_ids: np.ndarray, lengths: np.ndarray, kv) -> np.ndarray:
         """One decoder call; returns last-position logits [batch, vocab] as float32."""
