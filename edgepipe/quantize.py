@@ -57,6 +57,10 @@ class QuantSpec:
         symmetric: No zero points (the kernel assumes 8 at 4 bits, 128 at 8 bits).
         method: A key of `METHODS`: "rtn", "hqq" or "gptq".
         accuracy_level: `MatMulNBits` accuracy_level attribute, 0..4 (4 = int8 activations).
+        float_zero_points: hqq only: keep HQQ's fractional zero points as float32
+            `[N, n_blocks]` (MatMulNBits accepts zero points of the scales' type and computes
+            `(code - zero) * scale`) instead of rounding them to uint8. Lower error, larger file
+            (a float per block instead of half a byte); not for GatherBlockQuantized.
     """
 
     bits: int = 4
@@ -64,11 +68,17 @@ class QuantSpec:
     symmetric: bool = False
     method: str = "rtn"
     accuracy_level: int = 0
+    float_zero_points: bool = False
 
     def __post_init__(self) -> None:
         problems = spec_problems(
             self.bits, self.block_size, self.symmetric, self.method, self.accuracy_level
         )
+        if self.float_zero_points and self.method != "hqq":
+            problems.append(
+                f"float_zero_points: only method hqq fits fractional zero points, not "
+                f"{self.method!r}; set float_zero_points: false or method: hqq"
+            )
         if problems:
             raise InvalidInput(problems[0], problems)
 
@@ -133,7 +143,8 @@ class QuantizedWeight:
         block_size: Values per scale along K.
         packed: uint8 `[N, n_blocks, block_size * bits // 8]`, MatMulNBits input B.
         scales: float32 `[N, n_blocks]`.
-        zero_points: uint8 `[N, ceil(n_blocks * bits / 8)]`, or None when symmetric.
+        zero_points: uint8 `[N, ceil(n_blocks * bits / 8)]`, or None when symmetric, or
+            float32 `[N, n_blocks]` (unpacked) for hqq with `float_zero_points`.
     """
 
     K: int
@@ -159,10 +170,17 @@ class QuantizedWeight:
         """The unpacked integer codes, uint8 `[N, n_blocks * block_size]` (K padded)."""
         return unpack_codes(self.packed, self.bits)
 
+    @property
+    def float_zero_points(self) -> bool:
+        """Zero points are float32 `[N, n_blocks]` (cast them to the scales' dtype in a graph)."""
+        return self.zero_points is not None and self.zero_points.dtype != np.uint8
+
     def zero_point_values(self) -> np.ndarray:
-        """Zero points as uint8 `[N, n_blocks]`, the implicit midpoint when symmetric."""
+        """Zero points `[N, n_blocks]`: uint8 (the implicit midpoint when symmetric) or float32."""
         if self.zero_points is None:
             return np.full(self.scales.shape, 1 << (self.bits - 1), dtype=np.uint8)
+        if self.float_zero_points:
+            return self.zero_points
         return unpack_zero_points(self.zero_points, self.n_blocks, self.bits)
 
     def dequantize(self) -> np.ndarray:
@@ -250,7 +268,8 @@ def from_codes(
     Args:
         codes_nk: Integer codes `[N, n_blocks * block_size]` in [0, 2**bits).
         scales: `[N, n_blocks]`.
-        zero_points: Integer zero points `[N, n_blocks]` in [0, 2**bits), or None (symmetric).
+        zero_points: Zero points `[N, n_blocks]`: integers in [0, 2**bits) (packed to uint8),
+            a float array (kept as float32 `[N, n_blocks]`), or None (symmetric).
         K: The unpadded in_features.
         bits: 4 or 8.
         block_size: Values per block.
@@ -263,7 +282,11 @@ def from_codes(
         block_size=block_size,
         packed=pack_codes(codes_nk, bits, block_size),
         scales=np.ascontiguousarray(scales, dtype=np.float32),
-        zero_points=None if zero_points is None else pack_zero_points(zero_points, bits),
+        zero_points=None
+        if zero_points is None
+        else np.ascontiguousarray(zero_points, dtype=np.float32)
+        if np.issubdtype(zero_points.dtype, np.floating)
+        else pack_zero_points(zero_points, bits),
     )
 
 
@@ -418,6 +441,7 @@ def embedding_spec(spec: QuantSpec, hidden: int) -> QuantSpec:
             "embedding in float (embedding: fp16 or fp32)"
         )
     method = "rtn" if spec.method in CALIBRATED_METHODS else spec.method
+    # GatherBlockQuantized takes uint8 zero points only.
     return QuantSpec(spec.bits, fitting[-1], spec.symmetric, method, spec.accuracy_level)
 
 
@@ -522,6 +546,7 @@ class QuantPlan:
         exclude: Sequence[str] = (),
         overrides: Sequence[tuple[str, str, int | None]] = (),
         has_calibration_text: bool | None = None,
+        float_zero_points: bool = False,
         field_prefix: str = "precision",
     ) -> QuantPlan:
         """Build a plan from a recipe's resolved precision fields (plain values, no schema).
@@ -537,6 +562,8 @@ class QuantPlan:
             exclude: fnmatch patterns of weights kept in float.
             overrides: (pattern, precision, block_size or None) per-layer rules.
             has_calibration_text: When given, gptq without calibration text is an error.
+            float_zero_points: hqq only: fractional float zero points for the body weights
+                (see `QuantSpec.float_zero_points`); embedding/lm_head keep uint8 ones.
             field_prefix: Names the recipe section in error messages.
 
         Returns:
@@ -566,8 +593,14 @@ class QuantPlan:
             if found:
                 problems.extend(found)
                 return None
-            return QuantSpec(bits, bs, sym, meth, accuracy_level)
+            fzp = float_zero_points and not side and meth == "hqq"
+            return QuantSpec(bits, bs, sym, meth, accuracy_level, fzp)
 
+        if float_zero_points and method != "hqq":
+            problems.append(
+                f"{p}.float_zero_points: only method hqq fits fractional zero points, not "
+                f"{method!r}; set float_zero_points: false or method: hqq"
+            )
         default = make(weights, "weights", block_size, method)
         side_method = "rtn" if method in CALIBRATED_METHODS else method
         emb = make(embedding or weights, "embedding", block_size, side_method)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgepipe.errors import InvalidInput
 from edgepipe.hqq import quantize_hqq, shrink_lp
 from edgepipe.quantize import QuantSpec, quantize_weight
 from tests.test_quantize import matmul_nbits_session
@@ -58,3 +59,26 @@ def test_shrink_lp_zeroes_small_errors_and_keeps_large_ones():
     out = shrink_lp(x, beta=10.0, p=0.7)
     assert out[1] == out[2] == out[3] == 0
     assert 4.5 < out[4] < 5.0 and out[0] == -out[4]
+
+
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_hqq_float_zero_points_run_in_matmul_nbits_and_cut_error_further(accuracy_level):
+    rng = np.random.default_rng(9)
+    w = (rng.standard_normal((256, 64)) * 0.02).astype(np.float32)
+    w[rng.random(w.shape) < 0.003] *= 8
+    spec = QuantSpec(4, 32, False, "hqq", accuracy_level, float_zero_points=True)
+    qw = quantize_weight(w, spec)
+    assert qw.float_zero_points and qw.zero_points.shape == (64, 8)
+    assert qw.zero_points.dtype == np.float32
+    x = rng.standard_normal((4, 256)).astype(np.float32)
+    y = matmul_nbits_session(qw, accuracy_level).run(None, {"A": x})[0]
+    ref = x @ qw.dequantize()
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < (1e-5 if accuracy_level == 0 else 2e-2)
+    integer = quantize_weight(w, QuantSpec(4, 32, False, "hqq"))
+    err = [np.linalg.norm(q.dequantize() - w) for q in (qw, integer)]
+    assert err[0] < err[1]
+
+
+def test_float_zero_points_need_hqq():
+    with pytest.raises(InvalidInput, match="float_zero_points"):
+        QuantSpec(4, 32, False, "rtn", float_zero_points=True)

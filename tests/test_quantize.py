@@ -290,3 +290,11 @@ def test_registered_methods_are_the_schema_methods_and_documented():
     contracts = (Path(__file__).parents[1] / "docs" / "contracts.md").read_text()
     for name in METHODS:
         assert name in contracts
+
+
+def test_plan_float_zero_points_apply_to_hqq_body_weights_only():
+    plan = QuantPlan.from_precision("int4", method="hqq", float_zero_points=True)
+    assert plan.spec_for("model.layers.0.mlp.up_proj.weight").float_zero_points
+    assert not plan.spec_for("model.embed_tokens.weight").float_zero_points
+    with pytest.raises(InvalidInput, match=r"precision\.float_zero_points"):
+        QuantPlan.from_precision("int4", method="rtn", float_zero_points=True)
