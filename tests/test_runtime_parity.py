@@ -7,8 +7,6 @@ import pytest
 from edgepipe.runtime import Generator
 from tests.test_runtime_toy import build_toy_artifact
 
-og = pytest.importorskip("onnxruntime_genai")
-
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, qwen3_tokenizer_dir):
@@ -18,6 +16,7 @@ def toy(tmp_path_factory, qwen3_tokenizer_dir):
 
 
 def genai_greedy(folder, ids: list[int], new_tokens: int) -> list[int]:
+    og = pytest.importorskip("onnxruntime_genai")
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens)
