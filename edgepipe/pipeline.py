@@ -170,6 +170,7 @@ class BuildPlan:
     resolved: object  # edgepipe.schema.ResolvedPrecision
     source: Source
     recipe_arg: str = ""  # what the recipe was loaded from (a name or a path)
+    profile_arg: str = ""  # what the profile was named by (-p value or a target)
 
     @property
     def name(self) -> str:
@@ -284,6 +285,7 @@ def plan_builds(
                     resolved,
                     source_from_recipe(recipe.source, base),
                     recipe_arg=str(entry.recipe_path),
+                    profile_arg=entry.profile,
                 )
             )
         except InvalidInput as exc:
@@ -659,7 +661,7 @@ def build_all(
     tasks = [
         (
             p.recipe_arg,
-            str(p.profile.name),
+            p.profile_arg or str(p.profile.name),
             options.precision,
             worker_options,
         )

@@ -297,3 +297,17 @@ def test_sweep_restores_an_artifact_set_aside_by_a_killed_build(tmp_path):
     sweep(tmp_path)
     assert not aside.exists()
     assert (tmp_path / "r" / "cpu-x64" / "model.onnx").read_text() == "old"
+
+
+@pytest.mark.slow
+def test_parallel_jobs_build_every_pair(built, build_cache, tmp_path):
+    plans = plan_builds(["tiny-qwen2", "tiny-qwen3"], ["cpu-x64"], "fp32")
+    results = build_all(plans, BuildOptions(tmp_path, "fp32", build_cache), jobs=2)
+    assert [(r.recipe, r.status) for r in results] == [
+        ("tiny-qwen2", "built"),
+        ("tiny-qwen3", "built"),
+    ], [r.error for r in results]
+    for r in results:
+        assert _model_bytes(Path(r.artifact)) == _model_bytes(
+            Path(built[(r.recipe, "fp32")].artifact)
+        )
