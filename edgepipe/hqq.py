@@ -61,7 +61,7 @@ def _fit_blocks(
     wmin = np.minimum(w.min(axis=1, keepdims=True), 0.0)
     wmax = np.maximum(w.max(axis=1, keepdims=True), 0.0)
     scale = (wmax - wmin) / qmax
-    scale[scale == 0] = 1.0  # a constant block: any scale works, codes absorb the value
+    scale[scale == 0] = 1.0  # an all-zero block (the range includes 0): any scale works
     inv = 1.0 / scale
     zero = -wmin * inv
     rtn_zero = np.clip(np.round(zero), 0, qmax)
