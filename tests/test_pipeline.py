@@ -170,6 +170,22 @@ def test_corrupted_cache_entry_is_detected_and_rebuilt(built, build_cache, tmp_p
     assert any(cache.verify(p) for p in (build_cache / "export").iterdir() if p.is_dir())
 
 
+def test_without_transformers_validation_uses_the_unquantized_export(
+    built, build_cache, tmp_path, monkeypatch
+):
+    import edgepipe.pipeline as pipeline
+
+    # What `pip install 'edgepipe[build]'` (no torch, no transformers) gets.
+    monkeypatch.setattr(pipeline, "importlib_available", lambda module: False)
+    plans = plan_builds(["tiny-qwen3"], ["cpu-x64"], "int4")
+    (result,) = build_all(plans, BuildOptions(tmp_path, "int4", build_cache))
+    assert result.status == "built", result.error
+    assert result.validation["reference"] == "unquantized-export"
+    # Same reference, same text: the gate and the quality report agree (the report leaves out
+    # the last position, which has no next token).
+    assert result.validation["kl"] == pytest.approx(result.quality["mean_kl"], rel=1e-2)
+
+
 def test_failing_threshold_exits_1_and_leaves_no_artifact(tmp_path, build_cache, capsys):
     recipe = _recipe_copy(tmp_path / "recipes", "tiny-qwen2", validation={"max_kl": 0.0})
     out = tmp_path / "dist"
