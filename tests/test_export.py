@@ -518,3 +518,21 @@ def test_gptq_without_calibration_ids_says_what_to_pass(make_tiny_model, tmp_pat
     plan = QuantPlan(default=QuantSpec(4, 32, False, "gptq", 0))
     with pytest.raises(InvalidInput, match="calibration_ids"):
         build_decoder(make_tiny_model("qwen2"), tmp_path, quant=plan)
+
+
+def test_packed_gate_up_variant_matches_transformers(make_tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr("edgepipe.export.PACK_MLP", True)
+    model_dir = make_tiny_model("qwen3")
+    build_decoder(model_dir, tmp_path, context_length=256)
+    ops = op_types(tmp_path / "model.onnx")
+    assert ops.count("MatMul") == 2 * 4  # qkv, o, gate_up, down per layer
+    assert_parity(model_dir, tmp_path, SMALL_PROMPT, 16)
+
+
+def test_bf16_preset_exports_and_matches_transformers(tmp_path):
+    from edgepipe.presets import write_preset
+
+    model_dir = write_preset("tiny-qwen2", 3, tmp_path / "preset", tokenizer=False)
+    result = build_decoder(model_dir, tmp_path / "onnx", context_length=256)
+    assert result.config["family"] == "qwen2" and result.config["head_dim"] == 32
+    assert_parity(model_dir, tmp_path / "onnx", PROMPT, 16)
