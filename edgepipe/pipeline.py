@@ -13,6 +13,7 @@ re-packages, but does not re-export.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -440,8 +441,10 @@ def export_modules() -> list[Path]:
     return sorted(set(seen.values()))
 
 
+@functools.cache
 def build_code_hash() -> str:
-    """sha256 of the export-side source code (`export_modules`).
+    """sha256 of the export-side source code (`export_modules`), once per process: the code a
+    process runs is what it imported, even if the files are edited while it runs.
 
     Part of the export cache key: the version number does not change while the code does (a
     checkout between releases, a local edit), and a stale export served from the cache would
