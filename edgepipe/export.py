@@ -624,12 +624,20 @@ class _DecoderBuilder:
 
 def genai_config(cfg: DecoderConfig, *, context_length: int) -> dict[str, Any]:
     """The genai_config.json onnxruntime-genai 0.18 reads for this decoder."""
-    eos = cfg.eos_token_id or QWEN_EOS
-    eos = sorted(set(eos) | set(QWEN_EOS), key=lambda t: QWEN_EOS.index(t) if t in QWEN_EOS else 99)
+    extra = [t for t in cfg.eos_token_id if t not in QWEN_EOS]
+    eos = [*QWEN_EOS, *extra]
+    bos = cfg.bos_token_id if cfg.bos_token_id is not None else QWEN_BOS
+    pad = QWEN_PAD
+    vocab = cfg.vocab_size
+    if max(eos + [bos, pad]) >= vocab:
+        # genai refuses special ids outside the vocabulary; only test models with a reduced
+        # vocabulary get here: keep the ids that exist, else stop on the last id.
+        eos = [t for t in eos if t < vocab] or [vocab - 1]
+        bos, pad = (t if t < vocab else 0 for t in (bos, pad))
     return {
         "model": {
             "type": cfg.family.name,
-            "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else QWEN_BOS,
+            "bos_token_id": bos,
             "context_length": context_length,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -652,7 +660,7 @@ def genai_config(cfg: DecoderConfig, *, context_length: int) -> dict[str, Any]:
                 "num_key_value_heads": cfg.num_key_value_heads,
             },
             "eos_token_id": eos,
-            "pad_token_id": QWEN_PAD,
+            "pad_token_id": pad,
             "vocab_size": cfg.vocab_size,
         },
         "search": {

@@ -336,6 +336,18 @@ def test_tied_quantized_embedding_is_stored_once(make_tiny_model, tmp_path):
         if t.name in ("embed_tokens.qweight", "lm_head.qweight")
     }
     assert where["embed_tokens.qweight"]["offset"] == where["lm_head.qweight"]["offset"]
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    _, expected = ort_greedy(tmp_path / "model.onnx", SMALL_PROMPT, 11)
+    model = og.Model(str(tmp_path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(SMALL_PROMPT) + 12, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(SMALL_PROMPT)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert tokens == expected  # genai runs GatherBlockQuantized + the shared MatMulNBits too
 
 
 def test_two_exports_are_byte_identical(tiny_qwen2_dir, tmp_path):
