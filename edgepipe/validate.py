@@ -89,16 +89,27 @@ class DecoderRunner:
         new_past = {p: outputs[self.present_for[p]] for p in self.past_names}
         return outputs["logits"].astype(np.float32), new_past
 
-    def teacher_forced(self, ids: list[int]) -> np.ndarray:
-        """Next-token logits after every prefix of `ids`: shape `[len(ids), vocab]`."""
-        logits, past = self.step(ids, self._empty_past(), len(ids))
-        if logits.shape[1] == len(ids):  # an all-logits export answers in one run
-            return logits[0]
+    def teacher_forced(
+        self, ids: list[int], progress: Callable[[str], None] | None = None
+    ) -> np.ndarray:
+        """Next-token logits after every prefix of `ids`: shape `[len(ids), vocab]`.
+
+        Args:
+            ids: the token ids.
+            progress: called with "t/T tokens" every 32 tokens.
+        """
+        shape = next(o.shape for o in self.session.get_outputs() if o.name == "logits")
+        if shape[1] != 1:  # maybe an all-logits export: then one run answers
+            logits, _ = self.step(ids, self._empty_past(), len(ids))
+            if logits.shape[1] == len(ids):
+                return logits[0]
         rows = []
         past = self._empty_past()
         for t, token in enumerate(ids):
             logits, past = self.step([token], past, t + 1)
             rows.append(logits[0, -1])
+            if progress is not None and (t + 1) % 32 == 0:
+                progress(f"{t + 1}/{len(ids)} tokens")
         return np.stack(rows)
 
     def greedy(self, ids: list[int], new_tokens: int) -> list[int]:
@@ -292,7 +303,7 @@ def validate_model(
     if progress:
         progress(f"running on {used}")
     runner = DecoderRunner(model_path, used, provider_options if used == provider else None)
-    logits = runner.teacher_forced(ids)
+    logits = runner.teacher_forced(ids, progress)
 
     reference, kind = None, None
     if reference_dir is not None:
