@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import traceback
 import uuid
@@ -52,6 +53,7 @@ class BuildResult:
         size_bytes: total artifact size.
         seconds: wall time.
         stage_seconds: wall time per stage.
+        stage_peak_rss_mb: the process's peak RSS (MiB) at the end of each stage.
         cached: the export came from the stage cache.
         quality: the quality metrics (vs the unquantized export for quantized builds, else vs
             the validation reference).
@@ -68,6 +70,7 @@ class BuildResult:
     seconds: float = 0.0
     cached: bool = False
     stage_seconds: dict = field(default_factory=dict)
+    stage_peak_rss_mb: dict = field(default_factory=dict)
     quality: dict | None = None
     validation: dict | None = None
     error: str | None = None
@@ -319,12 +322,22 @@ def matrix_entries(
 # ----------------------------------------------------------------------------- one build
 
 
+def _peak_rss_mb() -> float:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / (1024 * 1024)  # KiB on Linux
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1)
+
+
 class _Stages:
     """Reports stage progress of one build to the caller's callback."""
 
     def __init__(self, plan: BuildPlan, callback):
         self.plan, self.callback = plan, callback
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
         self._current, self._since = None, time.perf_counter()
 
     def __call__(self, stage: str, message: str = "") -> None:
@@ -333,6 +346,8 @@ class _Stages:
             if self._current is not None:
                 spent = self.seconds.get(self._current, 0.0) + now - self._since
                 self.seconds[self._current] = round(spent, 3)
+                # The process's peak so far: where it jumps is the stage that needs the memory.
+                self.peak_rss_mb[self._current] = _peak_rss_mb()
             self._current, self._since = stage, now
         if self.callback is not None:
             self.callback(self.plan.name, stage, message)
@@ -526,6 +541,7 @@ def build_one(plan: BuildPlan, options: BuildOptions) -> BuildResult:
     if result.status != "built":
         stages("failed", result.error or "")
     result.stage_seconds = dict(stages.seconds)
+    result.stage_peak_rss_mb = dict(stages.peak_rss_mb)
     return result
 
 

@@ -122,3 +122,29 @@ def test_validate_with_impossible_threshold_fails(toys):
     )
     assert not report["passed"]
     assert report["failures"][0].startswith("kl = ")
+
+
+def test_chunked_metrics_equal_a_direct_computation():
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((40, 300)).astype(np.float32)  # more rows than one chunk
+    reference = logits + 0.3 * rng.standard_normal((40, 300)).astype(np.float32)
+    ids = list(rng.integers(0, 300, size=40))
+    got = compare_logits(logits, reference, ids)
+
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        return (
+            x
+            - x.max(-1, keepdims=True)
+            - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        )
+
+    art, ref = log_softmax(logits), log_softmax(reference)
+    nll = -np.mean(art[np.arange(39), ids[1:]])
+    ref_nll = -np.mean(ref[np.arange(39), ids[1:]])
+    assert got["kl"] == pytest.approx(np.mean(np.sum(np.exp(ref) * (ref - art), -1)))
+    assert got["top1_agreement"] == pytest.approx(np.mean(art.argmax(-1) == ref.argmax(-1)))
+    assert got["perplexity_ratio"] == pytest.approx(np.exp(nll - ref_nll))
+    assert got["logit_abs_diff"] == pytest.approx(np.max(np.abs(logits - reference)))
+    cosine = np.sum(logits * reference) / np.linalg.norm(logits) / np.linalg.norm(reference)
+    assert got["cosine"] == pytest.approx(cosine, rel=1e-5)
