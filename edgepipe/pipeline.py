@@ -363,6 +363,9 @@ def _export(plan: BuildPlan, model_dir: Path, out: Path, quant, report) -> dict:
     def progress(step: str, done: int, total: int) -> None:
         report(f"{step} {done}/{total}")
 
+    kwargs = {}
+    if quant is not None and any(spec.method == "gptq" for spec in quant.specs()):
+        kwargs["calibration_ids"] = _calibration_ids(plan, model_dir)
     result = build_decoder(
         model_dir,
         out,
@@ -370,12 +373,27 @@ def _export(plan: BuildPlan, model_dir: Path, out: Path, quant, report) -> dict:
         quant=quant,
         all_logits=False,
         progress=progress,
+        **kwargs,
     )
     return {
         "config": as_plain(result.config),
         "bytes_written": result.bytes_written,
         "quantized_weights": len(result.quantized),
     }
+
+
+def _calibration_ids(plan: BuildPlan, model_dir: Path):
+    """The recipe's calibration text as token ids (gptq), cut to its `max_tokens`."""
+    import numpy as np
+
+    from edgepipe.tokenizer import build_qwen_tokenizer
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    family = plan.recipe.resolve_family(config)
+    sample = plan.recipe.calibration
+    ids = build_qwen_tokenizer(family).encode(sample.read(), add_special_tokens=False).ids
+    vocab = int(config.get("vocab_size") or 151936)
+    return np.asarray([i % vocab for i in ids[: sample.max_tokens]], dtype=np.int64)
 
 
 def _export_stage(

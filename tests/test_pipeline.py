@@ -186,6 +186,18 @@ def test_without_transformers_validation_uses_the_unquantized_export(
     assert result.validation["kl"] == pytest.approx(result.quality["mean_kl"], rel=1e-2)
 
 
+@pytest.mark.slow
+def test_gptq_recipe_builds_with_calibration_text(built, build_cache, tmp_path):
+    recipe = _recipe_copy(tmp_path / "recipes", "tiny-qwen3", precision={"method": "gptq"})
+    plans = plan_builds([str(recipe)], ["cpu-x64"])
+    (result,) = build_all(plans, BuildOptions(tmp_path / "dist", None, build_cache))
+    assert result.status == "built", result.error
+    assert not result.cached  # gptq is a different export from rtn
+    rtn = built[("tiny-qwen3", "int4")].quality
+    # Deterministic seeds: measured 0.117 (gptq) vs 0.199 (rtn) mean KL.
+    assert result.quality["mean_kl"] < rtn["mean_kl"]
+
+
 def test_failing_threshold_exits_1_and_leaves_no_artifact(tmp_path, build_cache, capsys):
     recipe = _recipe_copy(tmp_path / "recipes", "tiny-qwen2", validation={"max_kl": 0.0})
     out = tmp_path / "dist"
