@@ -339,3 +339,26 @@ def test_parallel_jobs_build_every_pair(built, build_cache, tmp_path):
         assert _model_bytes(Path(r.artifact)) == _model_bytes(
             Path(built[(r.recipe, "fp32")].artifact)
         )
+
+
+@pytest.mark.slow
+def test_sigterm_removes_the_temp_folder_on_the_way_out(tmp_path):
+    out = tmp_path / "dist"
+    argv = [sys.executable, "-m", "edgepipe", "build", "tiny-qwen2", "-p", "cpu-x64"]
+    argv += ["-o", str(out), "--no-cache", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(f"{TMP_PREFIX}*")):
+            assert child.poll() is None, "the build ended before its temp folder appeared"
+            assert time.monotonic() < deadline, "no temp folder appeared"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+    finally:
+        child.wait(timeout=60)
+    assert child.returncode == 130  # the CLI's exit code for an interrupted build
+    assert not list(out.glob(f"{TMP_PREFIX}*"))
+    assert not (out / "tiny-qwen2").exists()

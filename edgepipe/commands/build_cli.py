@@ -8,6 +8,7 @@ as directml).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from edgepipe.cli import add_command
@@ -86,12 +87,33 @@ def build_command(args) -> int:
         print("nothing to build (the shard is empty)", file=sys.stderr)
         results = []
     else:
-        results = _run_with_progress(plans, options, args.jobs, quiet=args.json)
+        with _interrupt_on_sigterm():
+            results = _run_with_progress(plans, options, args.jobs, quiet=args.json)
     if args.json:
         print(report_json(results))
     else:
         _print_summary(results)
     return exit_code(results)
+
+
+@contextlib.contextmanager
+def _interrupt_on_sigterm():
+    """Make SIGTERM (CI cancellation, `kill`) unwind like Ctrl-C while building, so the build's
+    temp folder is removed on the way out instead of waiting for the next build's sweep."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_with_progress(plans, options, jobs, *, quiet: bool):
