@@ -137,3 +137,21 @@ def test_list_marks_a_broken_file_invalid_and_keeps_listing(tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert f"broken                       INVALID (run: edgepipe validate {broken})" in out
     assert "tiny-qwen3" in out
+
+
+def test_list_into_a_closed_pipe_exits_quietly():
+    # `edgepipe list | head -1`: the reader has gone before we write; no traceback.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgepipe", "list"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
