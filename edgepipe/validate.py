@@ -159,7 +159,8 @@ def compare_logits(logits: np.ndarray, reference: np.ndarray, ids: list[int]) ->
         stop = min(start + ROW_CHUNK, rows_total)
         a = logits[start:stop, :vocab].astype(np.float64)
         b = reference[start:stop, :vocab].astype(np.float64)
-        max_diff = max(max_diff, float(np.max(np.abs(a - b))))
+        diff = float(np.max(np.abs(a - b)))
+        max_diff = diff if math.isnan(diff) or diff > max_diff else max_diff  # NaN sticks
         dot += float(np.sum(a * b))
         norm_a += float(np.sum(a * a))
         norm_b += float(np.sum(b * b))
@@ -317,9 +318,10 @@ def validate_model(
         progress: called with a short status line.
 
     Returns:
-        The report: `provider` (used), `requested_provider`, `reference` (`transformers` or
-        `unquantized-export`), the metrics of `compare_logits`, `quality` (or None),
-        `thresholds`, `failures` and `passed`.
+        The report: `provider` (used), `requested_provider`, `reference` (`transformers`,
+        `unquantized-fp32-export` or `unquantized-export`), the metrics of `compare_logits`,
+        the `fp16_*` drift metrics (with `fp32_model`), `quality` (or None), `thresholds`,
+        `failures` and `passed`.
     """
     import onnxruntime as ort
 

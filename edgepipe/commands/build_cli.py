@@ -201,6 +201,9 @@ def _print_summary(results) -> None:
             console.print(f"[red]{r.recipe}@{r.profile}[/red]: {r.error}")
         elif r.artifact:
             console.print(f"{r.recipe}@{r.profile} -> {r.artifact}")
+            note = (r.validation or {}).get("provider_note")
+            if note:
+                console.print(f"  [yellow]{note}[/yellow]")
 
 
 def matrix_command(args) -> int:
