@@ -596,13 +596,14 @@ class _DecoderBuilder:
         q_dim = cfg.num_attention_heads * cfg.head_dim
         kv_dim = cfg.num_key_value_heads * cfg.head_dim
         separate = fam.qk_norm or not self.rotary_in_attention or not self.packed_qkv
-        if not self.packed_qkv:
-            q, k, v = (
-                self.linear(f"{p}.attn.{kind}_proj", normed, [n], bias_names and [bias_names[j]])
-                for j, (kind, n) in enumerate(zip("qkv", qkv_names, strict=True))
-            )
-        else:
+        if self.packed_qkv:
             qkv = self.linear(f"{p}.attn.qkv_proj", normed, qkv_names, bias_names)
+        else:  # three projections and no Split (DirectML's GQA takes q, k and v apart)
+            biases = bias_names or [None, None, None]
+            q, k, v = (
+                self.linear(f"{p}.attn.{kind}_proj", normed, [n], b and [b])
+                for kind, n, b in zip("qkv", qkv_names, biases, strict=True)
+            )
         if separate and self.packed_qkv:
             q, k, v = w.op(
                 "Split",
