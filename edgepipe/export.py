@@ -27,6 +27,7 @@ from edgepipe.qwen2 import DecoderConfig, check_weights, expected_shapes, read_c
 from edgepipe.safetensors_io import SafetensorsModel, read_tensor
 
 if TYPE_CHECKING:
+    from edgepipe.fp16guard import Fp16Guard
     from edgepipe.quantize import QuantizedWeight, QuantPlan, QuantSpec
 
 ACTIVATION_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -118,6 +119,9 @@ class _DecoderBuilder:
         context_length: int,
         progress: Progress | None,
         calibration_ids: np.ndarray | None = None,
+        packed_qkv: bool = True,
+        fused_bias: bool = True,
+        fp16_guard: Fp16Guard | None = None,
     ):
         self.cfg = cfg
         self.fam = cfg.family
@@ -131,6 +135,12 @@ class _DecoderBuilder:
         self.context_length = context_length
         self.progress = progress
         self.pack_mlp = PACK_MLP
+        self.packed_qkv = packed_qkv
+        self.fused_bias = fused_bias
+        self.guard = fp16_guard
+        residual32 = fp16_guard is not None and fp16_guard.residual
+        # The residual stream and its norms: float32 under the fp16 guard.
+        self.norm_dtype = np.dtype(np.float32) if residual32 else self.dtype
         self.quantized: dict[str, str] = {}
         self._step = 0
         self._steps = cfg.num_hidden_layers + 2
@@ -167,14 +177,16 @@ class _DecoderBuilder:
         self._layer_cache = {n: self.weights.read(n, np.float32) for n in names}
         self._acts = self._calibrator.advance(self._layer_cache)
 
-    def _float_weight(self, name: str, array: np.ndarray) -> ir.Value:
-        return self.w.weight(name, array.astype(self.dtype, copy=False))
+    def _float_weight(self, name: str, array: np.ndarray, dtype=None) -> ir.Value:
+        return self.w.weight(name, array.astype(dtype or self.dtype, copy=False))
 
     def _spec(self, hf_name: str) -> QuantSpec | None:
         return None if self.quant is None else self.quant.spec_for(hf_name)
 
-    def _quantized_inputs(self, prefix: str, qw: QuantizedWeight) -> list[ir.Value | None]:
-        scales = self.w.weight(f"{prefix}.scales", qw.scales.astype(self.dtype))
+    def _quantized_inputs(
+        self, prefix: str, qw: QuantizedWeight, dtype=None
+    ) -> list[ir.Value | None]:
+        scales = self.w.weight(f"{prefix}.scales", qw.scales.astype(dtype or self.dtype))
         zp = None
         if qw.zero_points is not None:
             zp = self.w.weight(f"{prefix}.zero_points", qw.zero_points)
@@ -187,16 +199,20 @@ class _DecoderBuilder:
         hf_names: list[str],
         bias_names: list[str] | None = None,
         spec_name: str | None = None,
+        dtype=None,
     ) -> ir.Value:
         """y = x @ Wᵀ (+ b) for HF weights `[N, K]`, packed along N when several are given.
 
-        `spec_name` looks the quantization spec up under another name (tied lm_head).
+        `spec_name` looks the quantization spec up under another name (tied lm_head); `dtype`
+        is x's and y's dtype (default: the activation dtype).
         """
         spec = self._spec(spec_name or hf_names[0])
         if spec_name is None and any(self._spec(n) != spec for n in hf_names[1:]):
             # Packing needs one spec; quantize each part on its own and concatenate outputs.
             parts = [
-                self.linear(f"{name}_{k}", x, [n], None if not bias_names else [bias_names[k]])
+                self.linear(
+                    f"{name}_{k}", x, [n], None if not bias_names else [bias_names[k]], None, dtype
+                )
                 for k, n in enumerate(hf_names)
             ]
             return self.w.op("Concat", f"{name}/concat", parts, {"axis": -1})
@@ -204,9 +220,9 @@ class _DecoderBuilder:
         bias = None
         if bias_names:
             b = np.concatenate([self._read(n) for n in bias_names])
-            bias = self._float_weight(f"{name}.bias", b)
+            bias = self._float_weight(f"{name}.bias", b, dtype)
         if spec is None:
-            weight = self._float_weight(f"{name}.weight", w_kn)
+            weight = self._float_weight(f"{name}.weight", w_kn, dtype)
             del w_kn
             y = self.w.op("MatMul", f"{name}/MatMul", [x, weight])
             return y if bias is None else self.w.op("Add", f"{name}/Add", [y, bias])
@@ -220,7 +236,10 @@ class _DecoderBuilder:
         for n in [spec_name] if spec_name else hf_names:
             self.quantized[n] = f"int{spec.bits}/b{spec.block_size}/{spec.method}"
         packed = self.w.weight(f"{name}.qweight", qw.packed)
-        return self._matmul_nbits(name, x, packed, qw, spec, bias)
+        if not self.fused_bias:
+            y = self._matmul_nbits(name, x, packed, qw, spec, None, dtype)
+            return y if bias is None else self.w.op("Add", f"{name}/Add", [y, bias])
+        return self._matmul_nbits(name, x, packed, qw, spec, bias, dtype)
 
     def _matmul_nbits(
         self,
@@ -230,8 +249,9 @@ class _DecoderBuilder:
         qw: QuantizedWeight,
         spec: QuantSpec,
         bias: ir.Value | None,
+        dtype=None,
     ) -> ir.Value:
-        scales, zp = self._quantized_inputs(name, qw)
+        scales, zp = self._quantized_inputs(name, qw, dtype)
         inputs: list[ir.Value | None] = [x, packed, scales, zp]
         if bias is not None:
             inputs += [None, bias]  # g_idx unused
@@ -242,9 +262,19 @@ class _DecoderBuilder:
             "block_size": qw.block_size,
             "accuracy_level": spec.accuracy_level,
         }
-        while inputs and inputs[-1] is None:
+        # DirectML's MatMulNBits (the unfused-bias layout) takes exactly four inputs: keep the
+        # zero-point slot even when it is empty (symmetric weights).
+        keep = 1 if self.fused_bias else 4
+        while len(inputs) > keep and inputs[-1] is None:
             inputs.pop()
         return self.w.op("MatMulNBits", f"{name}/MatMulNBits", inputs, attrs, domain=MS_DOMAIN)
+
+    def _to(self, name: str, x: ir.Value, src: np.dtype, dst: np.dtype) -> ir.Value:
+        """x cast from `src` to `dst` (the fp16 guard's edges); x itself when they agree."""
+        if np.dtype(src) == np.dtype(dst):
+            return x
+        suffix = "to_fp32" if np.dtype(dst) == np.float32 else "to_fp16"
+        return self.w.op("Cast", f"{name}/{suffix}", [x], {"to": ir_dtype(dst)})
 
     def _tick(self, what: str) -> None:
         self._step += 1
@@ -302,12 +332,14 @@ class _DecoderBuilder:
         self.sin = w.weight("rotary.sin_cache", sin)
 
         hidden, embed_q = self._embedding(ids)
+        hidden = self._to("embed_tokens", hidden, self.dtype, self.norm_dtype)
         self._tick("embedding")
         residual = None
         for layer in range(cfg.num_hidden_layers):
             hidden, residual = self._layer(layer, hidden, residual, pasts, presents)
             self._tick(f"layer {layer}")
         normed = self._skip_norm("final_norm", hidden, residual, self.fam.final_norm)[0]
+        normed = self._to("final_norm", normed, self.norm_dtype, self.dtype)
         if not self.all_logits:
             normed = w.op(
                 "Slice",
@@ -490,8 +522,8 @@ class _DecoderBuilder:
     def _skip_norm(
         self, name: str, x: ir.Value, residual: ir.Value | None, gamma_name: str
     ) -> tuple[ir.Value, ir.Value]:
-        """RMSNorm(x + residual); returns (normed, new residual)."""
-        gamma = self._float_weight(f"{name}.weight", self._read(gamma_name))
+        """RMSNorm(x + residual) in the norm dtype; returns (normed, new residual)."""
+        gamma = self._float_weight(f"{name}.weight", self._read(gamma_name), self.norm_dtype)
         eps = self.cfg.rms_norm_eps
         if residual is None:
             out = self.w.op(
@@ -501,13 +533,16 @@ class _DecoderBuilder:
                 {"epsilon": eps, "axis": -1, "stash_type": 1},
             )
             return out, x
+        out_names = [f"{name}/SkipSimplifiedLayerNorm/output_{k}" for k in range(4)]
+        # mean and inv_std_var stay unused: DirectML's kernel refuses the node when they are.
+        out_names[1] = out_names[2] = ""
         outs = self.w.op(
             "SkipSimplifiedLayerNormalization",
             f"{name}/SkipSimplifiedLayerNorm",
             [x, residual, gamma],
             {"epsilon": eps},
             domain=MS_DOMAIN,
-            num_outputs=4,
+            output_names=out_names,
         )
         return outs[0], outs[3]
 
@@ -554,14 +589,22 @@ class _DecoderBuilder:
         p = f"layers.{i}"
         names = {k: t.format(i=i) for k, t in fam.layer.items()}
         normed, residual = self._skip_norm(f"{p}.input_norm", hidden, residual, names["input_norm"])
+        normed = self._to(f"{p}.input_norm", normed, self.norm_dtype, self.dtype)
 
         qkv_names = [names["q"], names["k"], names["v"]]
         bias_names = [fam.bias[k].format(i=i) for k in ("q", "k", "v")] if fam.qkv_bias else None
-        qkv = self.linear(f"{p}.attn.qkv_proj", normed, qkv_names, bias_names)
         q_dim = cfg.num_attention_heads * cfg.head_dim
         kv_dim = cfg.num_key_value_heads * cfg.head_dim
-        separate = fam.qk_norm or not self.rotary_in_attention
-        if separate:
+        separate = fam.qk_norm or not self.rotary_in_attention or not self.packed_qkv
+        if self.packed_qkv:
+            qkv = self.linear(f"{p}.attn.qkv_proj", normed, qkv_names, bias_names)
+        else:  # three projections and no Split (DirectML's GQA takes q, k and v apart)
+            biases = bias_names or [None, None, None]
+            q, k, v = (
+                self.linear(f"{p}.attn.{kind}_proj", normed, [n], b and [b])
+                for kind, n, b in zip("qkv", qkv_names, biases, strict=True)
+            )
+        if separate and self.packed_qkv:
             q, k, v = w.op(
                 "Split",
                 f"{p}.attn.qkv_split",
@@ -569,6 +612,7 @@ class _DecoderBuilder:
                 {"axis": -1},
                 num_outputs=3,
             )
+        if separate:
             if fam.qk_norm:
                 q = self._head_norm(
                     f"{p}.attn.q_norm", q, cfg.num_attention_heads, fam.norms["q_norm"].format(i=i)
@@ -605,21 +649,31 @@ class _DecoderBuilder:
             domain=MS_DOMAIN,
             output_names=[f"{p}.attn/output_0", f"present.{i}.key", f"present.{i}.value"],
         )
-        attn_out = self.linear(f"{p}.attn.o_proj", attn, [names["o"]])
+        # The fp16 guard runs o_proj and the MLP of layers it names in float32.
+        guard, f32 = self.guard, np.dtype(np.float32)
+        o_dtype = f32 if guard and i in guard.fp32_attention else self.dtype
+        attn = self._to(f"{p}.attn", attn, self.dtype, o_dtype)
+        attn_out = self.linear(f"{p}.attn.o_proj", attn, [names["o"]], dtype=o_dtype)
+        attn_out = self._to(f"{p}.attn.o_proj", attn_out, o_dtype, self.norm_dtype)
 
         normed, residual = self._skip_norm(f"{p}.post_norm", attn_out, residual, names["post_norm"])
+        mlp_dtype = f32 if guard and i in guard.fp32_mlp else self.dtype
+        normed = self._to(f"{p}.post_norm", normed, self.norm_dtype, mlp_dtype)
         if self.pack_mlp:
-            gate_up = self.linear(f"{p}.mlp.gate_up_proj", normed, [names["gate"], names["up"]])
+            gate_up = self.linear(
+                f"{p}.mlp.gate_up_proj", normed, [names["gate"], names["up"]], dtype=mlp_dtype
+            )
             size = w.const(f"{p}.mlp.split_sizes", np.array([cfg.intermediate_size] * 2, np.int64))
             gate, up = w.op(
                 "Split", f"{p}.mlp.gate_up_split", [gate_up, size], {"axis": -1}, num_outputs=2
             )
         else:
-            gate = self.linear(f"{p}.mlp.gate_proj", normed, [names["gate"]])
-            up = self.linear(f"{p}.mlp.up_proj", normed, [names["up"]])
+            gate = self.linear(f"{p}.mlp.gate_proj", normed, [names["gate"]], dtype=mlp_dtype)
+            up = self.linear(f"{p}.mlp.up_proj", normed, [names["up"]], dtype=mlp_dtype)
         silu = w.op("Mul", f"{p}.mlp.silu", [gate, w.op("Sigmoid", f"{p}.mlp.sigmoid", [gate])])
         act = w.op("Mul", f"{p}.mlp.act", [silu, up])
-        return self.linear(f"{p}.mlp.down_proj", act, [names["down"]]), residual
+        down = self.linear(f"{p}.mlp.down_proj", act, [names["down"]], dtype=mlp_dtype)
+        return self._to(f"{p}.mlp.down_proj", down, mlp_dtype, self.norm_dtype), residual
 
 
 def genai_config(cfg: DecoderConfig, *, context_length: int) -> dict[str, Any]:
@@ -699,6 +753,9 @@ def build_decoder(
     context_length: int | None = None,
     progress: Progress | None = None,
     calibration_ids: np.ndarray | None = None,
+    packed_qkv: bool = True,
+    fused_bias: bool = True,
+    fp16_guard: Fp16Guard | None = None,
 ) -> ExportResult:
     """Export a Qwen2/Qwen2.5/Qwen3 model folder to an ONNX Runtime decoder, streaming.
 
@@ -716,6 +773,10 @@ def build_decoder(
         calibration_ids: token ids of calibration text, 1-D; required when `quant` uses a
             calibrated method (gptq). Each layer's linears are quantized with the inputs the
             float model gives them on these tokens (see edgepipe.calibrate).
+        packed_qkv: q, k and v as one MatMul (True) or three (False: no Split; DirectML).
+        fused_bias: Qwen2's q/k/v bias as MatMulNBits' bias input (True) or an Add after a
+            four-input MatMulNBits (False: DirectML's kernel takes no bias).
+        fp16_guard: float16 only: which parts stay in float32 (see edgepipe.fp16guard).
 
     Returns:
         ExportResult with paths, a config summary and bytes written.
@@ -756,6 +817,9 @@ def build_decoder(
             context_length=ctx,
             progress=progress,
             calibration_ids=calibration_ids,
+            packed_qkv=packed_qkv,
+            fused_bias=fused_bias,
+            fp16_guard=fp16_guard if activation_dtype == "float16" else None,
         )
         if quant is not None and _needs_calibration(quant):
             if calibration_ids is None:

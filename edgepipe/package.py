@@ -138,7 +138,9 @@ def package_artifact(
         family: tokenizer family, `qwen2` or `qwen3`.
         precision: the weight precision built (`fp32`, `fp16`, `int8`, `int4`).
         source: the source identity (hub id + revision, folder file hashes, preset + seed).
-        reports: `validation`, `optimization`, `quality`, `export` records.
+        reports: `validation`, `optimization`, `quality`, `export`, `provider_check` (which
+            provider and CPU architecture really ran, `edgepipe.static_check`) and `fp16_guard`
+            (float16 builds) records.
         build_seconds: wall time of the build so far.
         eos_token: `<|im_end|>` for chat models, `<|endoftext|>` for base models.
 
@@ -165,6 +167,7 @@ def package_artifact(
             "sha256": content_hash(profile),
             "provider": provider,
             "provider_options": provider_options,
+            "session_config": dict(profile.get("session_config") or {}),
             "graph_variant": profile.get("graph_variant", "dynamic"),
             "package": profile.get("package") or profile.get("onnxruntime_package"),
             "content": profile,
@@ -178,6 +181,8 @@ def package_artifact(
         "quality": reports.get("quality"),
         "optimization": reports.get("optimization"),
         "export": reports.get("export"),
+        "provider_check": reports.get("provider_check"),
+        "fp16_guard": reports.get("fp16_guard"),
         "build_seconds": round(build_seconds, 3),
         "peak_rss_bytes": _peak_rss_bytes(),
     }

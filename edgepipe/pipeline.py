@@ -210,19 +210,27 @@ class BuildPlan:
         return plan if plan.is_quantized else None
 
     def supported_here(self) -> str | None:
-        """Why this build cannot be made yet (None when it can)."""
+        """Why this build cannot be made yet (None when it can).
+
+        A provider that cannot run here (DirectML) is still built: the validate stage checks
+        its graph statically and runs it on CPU (`edgepipe.static_check`).
+        """
         if self.profile.graph_variant != "dynamic":
             return (
                 f"profile {self.profile.name}: graph_variant {self.profile.graph_variant!r} "
                 "(static NPU graphs) is not built by this edgepipe version yet; build a "
                 "dynamic profile such as cpu-x64"
             )
-        if self.profile.provider != "CPUExecutionProvider":
-            return (
-                f"profile {self.profile.name}: provider {self.profile.provider} cannot be "
-                "built and validated by this edgepipe version yet; build cpu-x64 or cpu-arm64"
-            )
         return None
+
+    def layout(self) -> dict:
+        """The profile's decoder layout as `build_decoder` keyword arguments."""
+        d = self.profile.decoder
+        return {
+            "rotary_in_attention": d.rotary == "attention",
+            "packed_qkv": d.qkv == "packed",
+            "fused_bias": d.matmul_bias == "fused",
+        }
 
 
 def _with_precision(recipe, precision: str):
@@ -356,7 +364,9 @@ class _Stages:
         return lambda message: self(stage, message)
 
 
-def _export(plan: BuildPlan, model_dir: Path, out: Path, quant, report) -> dict:
+def _export(
+    plan: BuildPlan, model_dir: Path, out: Path, quant, report, dtype: str, guard=None
+) -> dict:
     """Run the exporter (and the quantizer, as weights stream through it) into `out`."""
     from edgepipe.export import build_decoder
 
@@ -369,10 +379,12 @@ def _export(plan: BuildPlan, model_dir: Path, out: Path, quant, report) -> dict:
     result = build_decoder(
         model_dir,
         out,
-        activation_dtype=plan.activation_dtype,
+        activation_dtype=dtype,
         quant=quant,
         all_logits=False,
         progress=progress,
+        fp16_guard=guard,
+        **plan.layout(),
         **kwargs,
     )
     return {
@@ -403,21 +415,31 @@ def _export_stage(
     work: Path,
     name: str,
     report: Callable[[str], None],
+    *,
+    dtype: str | None = None,
+    guard=None,
 ) -> tuple[Path, bool]:
     """The export folder for `quant` (None = unquantized): from the cache, or exported now.
+
+    Args:
+        dtype: activation dtype (default: the profile's; the fp16 guard's reference is fp32).
+        guard: the `edgepipe.fp16guard.Fp16Guard` of a float16 export.
 
     Returns:
         (folder, came_from_cache).
     """
     from dataclasses import asdict as dc_asdict
 
+    dtype = dtype or plan.activation_dtype
     key = cache.key(
         "export",
         {
             "source": plan.source.identity(),
             "code": build_code_hash(),
-            "activation_dtype": plan.activation_dtype,
+            "activation_dtype": dtype,
             "graph_variant": plan.profile.graph_variant,
+            "layout": plan.layout(),
+            "fp16_guard": guard.to_dict() if guard is not None and guard.active else None,
             "quant": dc_asdict(quant) if quant is not None else None,
             # gptq reads calibration text: its content is part of what the export depends on.
             "calibration": _calibration_hash(plan, quant),
@@ -431,7 +453,7 @@ def _export_stage(
     out = work / name
     model_dir = plan.source.materialize(work, report)
     report("exporting" + (" and quantizing" if quant is not None else ""))
-    _export(plan, model_dir, out, quant, report)
+    _export(plan, model_dir, out, quant, report, dtype, guard)
     stored = cache.store("export", key, out)
     del stored  # a cache that cannot be written only costs a rebuild next time
     return out, False
@@ -510,17 +532,22 @@ def _applicable_thresholds(plan: BuildPlan) -> dict:
         thresholds.pop("max_logit_abs_diff", None)
     if plan.profile.graph_variant != "static":
         thresholds.pop("min_cosine", None)
+    if plan.activation_dtype != "float16":
+        thresholds.pop("max_fp16_kl", None)
     return thresholds
 
 
-def _evaluation_ids(plan: BuildPlan, family: str, vocab_size: int) -> list[int]:
+def _evaluation_ids(plan: BuildPlan, family: str, vocab_size: int, sample=None) -> list[int]:
+    """`sample` (default: the recipe's evaluation text) as token ids, cut to MAX_EVAL_TOKENS."""
     from edgepipe.tokenizer import build_qwen_tokenizer
 
-    text = plan.recipe.evaluation.read()
-    limit = min(plan.recipe.evaluation.max_tokens, MAX_EVAL_TOKENS)
+    field_name = "calibration" if sample is not None else "evaluation"
+    sample = sample or plan.recipe.evaluation
+    text = sample.read()
+    limit = min(sample.max_tokens, MAX_EVAL_TOKENS)
     ids = build_qwen_tokenizer(family).encode(text, add_special_tokens=False).ids[:limit]
     if len(ids) < 2:
-        raise InvalidInput(f"{plan.recipe.name}: evaluation: the text has fewer than 2 tokens")
+        raise InvalidInput(f"{plan.recipe.name}: {field_name}: the text has fewer than 2 tokens")
     # Tiny test models may have a smaller vocabulary than the real tokenizer.
     return [i % vocab_size for i in ids]
 
@@ -563,9 +590,42 @@ def build_one(plan: BuildPlan, options: BuildOptions) -> BuildResult:
     return result
 
 
+def _family_and_vocab(plan: BuildPlan, export_dir: Path) -> tuple[str, int]:
+    genai = json.loads((export_dir / "genai_config.json").read_text(encoding="utf-8"))
+    family = plan.recipe.resolve_family({"model_type": genai["model"].get("type")})
+    return family, int(genai["model"]["vocab_size"])
+
+
+class _Fp16Stage:
+    """The fp16 guard of a float16 build (`edgepipe.fp16guard`): the unquantized float32
+    export, its activation maxima on the calibration text (the evaluation text when the recipe
+    has none), and the `Fp16Guard` the profile's policy makes of them."""
+
+    def __init__(self, plan: BuildPlan, cache: StageCache, work: Path, report):
+        from edgepipe.fp16guard import activation_maxima, plan_guard
+
+        self.policy = plan.profile.decoder.fp16_guard
+        self.fp32_dir, _ = _export_stage(plan, None, cache, work, "fp32", report, dtype="float32")
+        family, vocab = _family_and_vocab(plan, self.fp32_dir)
+        self.ids = _evaluation_ids(plan, family, vocab, plan.recipe.calibration)
+        report("measuring fp32 activation maxima")
+        self.fp32_maxima = activation_maxima(self.fp32_dir / "model.onnx", self.ids)
+        self.guard = plan_guard(self.fp32_maxima, self.policy)
+
+    def record(self, fp16_dir: Path) -> dict:
+        """The manifest record: maxima of the (guarded) unquantized float16 graph next to the
+        float32 ones, on the same tokens."""
+        from edgepipe.fp16guard import activation_maxima, guard_casts, guard_report
+
+        fp16_maxima = activation_maxima(fp16_dir / "model.onnx", self.ids)
+        casts = guard_casts(fp16_dir / "model.onnx")
+        return guard_report(self.fp32_maxima, fp16_maxima, self.guard, self.policy, casts)
+
+
 def _build_into(plan, options, tmp: Path, result: BuildResult, stages, start: float) -> None:
     from edgepipe.optimize import optimize_model
     from edgepipe.package import package_artifact
+    from edgepipe.static_check import check_graph, provider_status
     from edgepipe.validate import validate_model
 
     cache = StageCache(options.cache_dir, enabled=options.use_cache)
@@ -574,16 +634,20 @@ def _build_into(plan, options, tmp: Path, result: BuildResult, stages, start: fl
     stages("source", plan.source.kind)
     quant = plan.quant_plan()
     stages("export")
+    fp16 = None
+    if plan.activation_dtype == "float16":
+        fp16 = _Fp16Stage(plan, cache, work, stages.sub("export"))
+    guard = fp16.guard if fp16 is not None else None
     export_dir, result.cached = _export_stage(
-        plan, quant, cache, work, "export", stages.sub("export")
+        plan, quant, cache, work, "export", stages.sub("export"), guard=guard
     )
     reference_dir = None
     if quant is not None:
-        reference_dir, _ = _export_stage(plan, None, cache, work, "reference", stages.sub("export"))
+        reference_dir, _ = _export_stage(
+            plan, None, cache, work, "reference", stages.sub("export"), guard=guard
+        )
 
-    genai = json.loads((export_dir / "genai_config.json").read_text(encoding="utf-8"))
-    family = plan.recipe.resolve_family({"model_type": genai["model"].get("type")})
-    vocab = int(genai["model"]["vocab_size"])
+    family, vocab = _family_and_vocab(plan, export_dir)
 
     stages("optimize")
     artifact = tmp / "artifact"
@@ -598,6 +662,9 @@ def _build_into(plan, options, tmp: Path, result: BuildResult, stages, start: fl
     )
 
     stages("validate")
+    static = check_graph(artifact / "model.onnx", plan.profile)
+    if not static["passed"]:
+        raise BuildFailed(f"{plan.name}: static check failed: " + "; ".join(static["failures"]))
     ids = _evaluation_ids(plan, family, vocab)
     source_dir = None
     if importlib_available("transformers") and importlib_available("torch"):
@@ -609,10 +676,18 @@ def _build_into(plan, options, tmp: Path, result: BuildResult, stages, start: fl
         provider_options=plan.profile.session_provider_options(),
         reference_dir=source_dir,
         reference_model=(reference_dir or export_dir) / "model.onnx",
+        fp32_model=fp16.fp32_dir / "model.onnx" if fp16 is not None else None,
         thresholds=_applicable_thresholds(plan),
         quality=quant is not None,
         progress=stages.sub("validate"),
     )
+    validation["static_checks"] = static
+    provider = provider_status(plan.profile, validation["provider"])
+    validation["provider_run"], validation["provider_note"] = (
+        provider["provider_run"],
+        provider["note"],
+    )
+    fp16_record = fp16.record(reference_dir or export_dir) if fp16 is not None else None
     result.validation = validation
     result.quality = validation.get("quality") or {
         k: validation[k] for k in ("kl", "top1_agreement", "perplexity_ratio") if k in validation
@@ -639,6 +714,8 @@ def _build_into(plan, options, tmp: Path, result: BuildResult, stages, start: fl
             "quality": validation.get("quality"),
             "optimization": optimization,
             "export": {"cached": result.cached, "resolved_precision": as_plain(plan.resolved)},
+            "provider_check": provider,
+            "fp16_guard": fp16_record,
         },
         build_seconds=time.perf_counter() - start,
     )

@@ -159,7 +159,8 @@ def compare_logits(logits: np.ndarray, reference: np.ndarray, ids: list[int]) ->
         stop = min(start + ROW_CHUNK, rows_total)
         a = logits[start:stop, :vocab].astype(np.float64)
         b = reference[start:stop, :vocab].astype(np.float64)
-        max_diff = max(max_diff, float(np.max(np.abs(a - b))))
+        diff = float(np.max(np.abs(a - b)))
+        max_diff = diff if math.isnan(diff) or diff > max_diff else max_diff  # NaN sticks
         dot += float(np.sum(a * b))
         norm_a += float(np.sum(a * a))
         norm_b += float(np.sum(b * b))
@@ -289,6 +290,7 @@ def validate_model(
     provider_options: Mapping | None = None,
     reference_dir: Path | None = None,
     reference_model: Path | None = None,
+    fp32_model: Path | None = None,
     thresholds: Mapping | None = None,
     quality: bool = False,
     greedy_tokens: int = 16,
@@ -304,6 +306,10 @@ def validate_model(
         reference_dir: the source model folder, for the transformers reference.
         reference_model: the unquantized export's `model.onnx`: the fallback reference, and
             what the quality report is measured against.
+        fp32_model: float16 builds: the unquantized float32 export. It is the reference when
+            transformers is missing, and the baseline of the `fp16_kl`, `fp16_top1_agreement`
+            and `fp16_logit_abs_diff` metrics: how far `reference_model` (the unquantized
+            float16 export) drifts from float32.
         thresholds: `max_<metric>` / `min_<metric>` bounds (already filtered to those that
             apply to this build).
         quality: also compute the quality report against `reference_model` (quantized builds):
@@ -312,9 +318,10 @@ def validate_model(
         progress: called with a short status line.
 
     Returns:
-        The report: `provider` (used), `requested_provider`, `reference` (`transformers` or
-        `unquantized-export`), the metrics of `compare_logits`, `quality` (or None),
-        `thresholds`, `failures` and `passed`.
+        The report: `provider` (used), `requested_provider`, `reference` (`transformers`,
+        `unquantized-fp32-export` or `unquantized-export`), the metrics of `compare_logits`,
+        the `fp16_*` drift metrics (with `fp32_model`), `quality` (or None), `thresholds`,
+        `failures` and `passed`.
     """
     import onnxruntime as ort
 
@@ -330,8 +337,12 @@ def validate_model(
             progress("transformers reference")
         reference = transformers_logits(reference_dir, ids)
         kind = "transformers" if reference is not None else None
-    # The unquantized export runs only when it is the reference or the quality baseline.
-    needed = reference is None or quality
+    if reference is None and fp32_model is not None:
+        reference = DecoderRunner(fp32_model, CPU).teacher_forced(ids)
+        kind = "unquantized-fp32-export"
+    # The unquantized export runs only when it is the reference, the quality baseline or the
+    # float16 graph whose drift from float32 is measured.
+    needed = reference is None or quality or fp32_model is not None
     ref_runner = DecoderRunner(reference_model, CPU) if needed and reference_model else None
     export_logits = ref_runner.teacher_forced(ids) if ref_runner is not None else None
     if reference is None:
@@ -341,6 +352,9 @@ def validate_model(
 
     report = {"requested_provider": provider, "provider": used, "reference": kind}
     report.update(compare_logits(logits, reference, ids))
+    if fp32_model is not None and export_logits is not None:
+        drift = compare_logits(export_logits, reference, ids)
+        report.update({f"fp16_{k}": drift[k] for k in ("kl", "top1_agreement", "logit_abs_diff")})
     report["quality"] = None
     if quality and ref_runner is not None:
         if progress:

@@ -157,6 +157,36 @@ def test_rotary_embedding_nodes_variant_matches_transformers(tiny_qwen3_dir, tmp
     assert_parity(tiny_qwen3_dir, tmp_path, PROMPT, 32)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_directml_layout_matches_transformers(family, tiny_qwen2_dir, tiny_qwen3_dir, tmp_path):
+    # Rotary nodes, three q/k/v projections (no Split), bias as an Add: directml.yaml's layout.
+    model_dir = {"qwen2": tiny_qwen2_dir, "qwen3": tiny_qwen3_dir}[family]
+    build_decoder(
+        model_dir, tmp_path, rotary_in_attention=False, packed_qkv=False, fused_bias=False,
+        context_length=256,
+    )  # fmt: skip
+    ops = op_types(tmp_path / "model.onnx")
+    assert "Split" not in ops and ops.count("RotaryEmbedding") == 4
+    assert_parity(model_dir, tmp_path, PROMPT, 16)
+
+
+def test_unfused_bias_gives_the_fused_int4_logits(tiny_qwen2_dir, tmp_path):
+    from edgepipe.quantize import QuantPlan
+
+    plan = QuantPlan.from_precision("int4", block_size=32, symmetric=True, lm_head="int4")
+    for fused in (True, False):
+        build_decoder(
+            tiny_qwen2_dir, tmp_path / str(fused), quant=plan, packed_qkv=False,
+            fused_bias=fused, context_length=256,
+        )  # fmt: skip
+    graph = onnx.load(str(tmp_path / "False" / "model.onnx"), load_external_data=False).graph
+    q_proj = next(n for n in graph.node if n.name == "layers.0.attn.q_proj/MatMulNBits")
+    assert list(q_proj.input)[3] == ""  # symmetric: an empty zero-point slot, four inputs
+    fused, unfused = (ort_greedy(tmp_path / f / "model.onnx", PROMPT, 4) for f in ("True", "False"))
+    assert fused[1] == unfused[1]
+    np.testing.assert_allclose(fused[0], unfused[0], atol=1e-4)
+
+
 def test_all_logits_returns_every_prompt_position(tiny_qwen2_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

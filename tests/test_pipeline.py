@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import onnx
 import pytest
 import yaml
 
@@ -260,11 +261,149 @@ def test_static_npu_profile_is_refused_with_exit_2(tmp_path, capsys):
     assert not (tmp_path / "tiny-qwen2").exists()
 
 
-def test_directml_profile_is_refused_with_exit_2(tmp_path, capsys):
-    code = main(["build", "tiny-qwen2", "-p", "directml", "-o", str(tmp_path), "--json"])
-    assert code == 2
+# ------------------------------------------------- providers that cannot run here (issue 8)
+
+
+@pytest.fixture(scope="session")
+def cannot_run_here(tmp_path_factory, build_cache) -> dict:
+    """`edgepipe build recipes/tiny-qwen2.yaml -p directml -p cpu-arm64`, from the CLI."""
+    out = tmp_path_factory.mktemp("dist-dml-arm")
+    argv = ["build", str(REPO / "recipes" / "tiny-qwen2.yaml"), "-p", "directml", "-p"]
+    argv += ["cpu-arm64", "-o", str(out), "--cache-dir", str(build_cache), "--json"]
+    code = main(argv)
+    return {"code": code, "out": out}
+
+
+def _manifest(folder: Path) -> dict:
+    return load_artifact(folder, verify=True).manifest
+
+
+def _graph(folder: Path) -> onnx.GraphProto:
+    return onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+
+
+@pytest.mark.parametrize("profile", ["directml", "cpu-arm64"])
+def test_profiles_that_cannot_run_here_build_and_say_so(cannot_run_here, profile, capsys):
+    assert cannot_run_here["code"] == 0
+    manifest = _manifest(cannot_run_here["out"] / "tiny-qwen2" / profile)
+    validation = manifest["validation"]
+    assert validation["passed"] and validation["static_checks"]["passed"]
+    assert validation["provider"] == "CPUExecutionProvider"
+    assert manifest["provider_check"]["provider_run"] is validation["provider_run"] is False
+    assert "NOT run" in manifest["provider_check"]["note"]
+    assert validation["reference"] == "transformers"
+
+
+def test_directml_graph_on_cpu_matches_fp32_within_the_recipe_threshold(cannot_run_here):
+    folder = cannot_run_here["out"] / "tiny-qwen2" / "directml"
+    manifest = _manifest(folder)
+    validation, recipe = manifest["validation"], manifest["recipe"]["content"]["validation"]
+    # The unquantized fp16 graph against fp32 transformers; the int4 artifact against it too.
+    assert validation["fp16_kl"] <= recipe["max_fp16_kl"] == 0.001
+    assert validation["fp16_top1_agreement"] >= 0.95
+    assert validation["kl"] <= recipe["max_kl"]
+    guard = manifest["fp16_guard"]
+    assert guard["policy"] == "auto" and guard["fp16_finite"] and guard["casts_added"] == 0
+    assert manifest["profile"]["package"] == "onnxruntime-directml"
+    assert manifest["profile"]["session_config"] == {"ep.dml.enable_graph_capture": "1"}
+    genai = json.loads((folder / "genai_config.json").read_text())
+    options = genai["model"]["decoder"]["session_options"]["provider_options"]
+    assert options == [
+        {"dml": {"device_filter": "gpu", "performance_preference": "high_performance"}}
+    ]
+
+
+def test_directml_graph_has_the_layout_its_kernels_need(cannot_run_here):
+    graph = _graph(cannot_run_here["out"] / "tiny-qwen2" / "directml")
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("RotaryEmbedding") == 4  # q and k of 2 layers
+    assert "GatherBlockQuantized" not in ops and "Split" not in ops
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "GroupQueryAttention":
+            assert attrs["do_rotary"] == 0 and all(node.input[:3]) and len(node.input) == 7
+        if node.op_type == "MatMulNBits":
+            assert len(node.input) == 4 and attrs["bits"] == 4 and attrs["block_size"] == 32
+        if node.op_type == "SkipSimplifiedLayerNormalization":
+            assert list(node.output[1:3]) == ["", ""]
+    projections = [n.name for n in graph.node if n.op_type == "MatMulNBits"]
+    assert {f"layers.0.attn.{k}_proj/MatMulNBits" for k in "qkv"} <= set(projections)
+    assert {i.name for i in graph.input} == {"input_ids", "attention_mask"} | {
+        f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")
+    }
+
+
+def test_arm64_graph_uses_block_128_and_accuracy_level_4(cannot_run_here):
+    graph = _graph(cannot_run_here["out"] / "tiny-qwen2" / "cpu-arm64")
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert nbits
+    for node in nbits:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert (attrs["block_size"], attrs["accuracy_level"]) == (128, 4), node.name
+
+
+def test_graph_with_an_op_outside_the_profile_fails_the_build(
+    cannot_run_here, build_cache, tmp_path, capsys
+):
+    data = yaml.safe_load(resources.resolve_profile("directml").read_text(encoding="utf-8"))
+    data["ops"] = [op for op in data["ops"] if op != "com.microsoft::RotaryEmbedding"]
+    data["name"] = "dml-no-rotary"
+    profile = tmp_path / "dml-no-rotary.yaml"
+    profile.write_text(yaml.safe_dump(data), encoding="utf-8")
+    out = tmp_path / "dist"
+    argv = ["build", "tiny-qwen2", "-p", str(profile), "-o", str(out)]
+    assert main([*argv, "--cache-dir", str(build_cache), "--json"]) == 1
     (build,) = json.loads(capsys.readouterr().out)["builds"]
-    assert "DmlExecutionProvider" in build["error"]
+    assert "static check failed: op com.microsoft::RotaryEmbedding" in build["error"]
+    assert "layers.0.attn.q_rotary/RotaryEmbedding" in build["error"]
+    assert not (out / "tiny-qwen2").exists()
+
+
+def _overflow_build(model_dir: Path, folder: Path, guard: str, cache: Path):
+    """Build `model_dir` (a tiny model engineered to overflow fp16) for a directml copy whose
+    fp16_guard is `guard`, with short calibration and evaluation texts."""
+    data = yaml.safe_load(resources.resolve_profile("directml").read_text(encoding="utf-8"))
+    data["decoder"]["fp16_guard"] = guard
+    data["name"] = "dml"
+    (folder / "dml.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    recipe = yaml.safe_load(resources.resolve_recipe("tiny-qwen2").read_text(encoding="utf-8"))
+    text = {"builtin": "mixed", "max_tokens": 64}
+    recipe.update(
+        name="overflow",
+        source={"path": str(model_dir)},
+        targets=["dml.yaml"],
+        calibration=text,
+        evaluation=text,
+    )
+    path = folder / "overflow.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    plans = plan_builds([str(path)])
+    (result,) = build_all(plans, BuildOptions(folder / "dist", None, cache))
+    return result
+
+
+@pytest.mark.slow
+def test_fp16_guard_lets_a_model_that_overflows_fp16_build(
+    overflow_model_dir, build_cache, tmp_path
+):
+    result = _overflow_build(overflow_model_dir("mlp"), tmp_path, "auto", build_cache)
+    assert result.status == "built", result.error
+    manifest = _manifest(Path(result.artifact))
+    guard = manifest["fp16_guard"]
+    assert guard["guard"] == {"residual": True, "fp32_attention": [], "fp32_mlp": [0]}
+    assert guard["layers"][0]["fp32"]["mlp"] > 65504 and guard["fp16_finite"]
+    assert guard["casts_added"] > 0
+    assert manifest["validation"]["fp16_kl"] <= 0.001
+
+
+@pytest.mark.slow
+def test_validation_fails_a_fp16_build_whose_logits_drift(
+    overflow_model_dir, build_cache, tmp_path
+):
+    result = _overflow_build(overflow_model_dir("mlp"), tmp_path, "off", build_cache)
+    assert result.status == "failed"
+    assert "fp16_kl = nan, required <= 0.001" in result.error
+    assert not (tmp_path / "dist" / "overflow").exists()
 
 
 def test_unknown_recipe_exits_2_before_building(tmp_path, capsys):

@@ -130,6 +130,20 @@ def test_shipped_profiles_match_their_devices():
         assert profile.accepts_op("SimplifiedLayerNormalization")
 
 
+def test_directml_profile_carries_the_layout_its_kernels_need():
+    dml = schema.load_profile("directml")
+    assert (dml.decoder.rotary, dml.decoder.qkv, dml.decoder.matmul_bias) == (
+        "node", "separate", "add",
+    )  # fmt: skip
+    assert dml.decoder.fp16_guard == "auto"
+    assert dml.session_config == {"ep.dml.enable_graph_capture": "1"}
+    assert not dml.accepts_op("GatherBlockQuantized", "com.microsoft")
+    x64, arm = schema.load_profile("cpu-x64"), schema.load_profile("cpu-arm64")
+    assert x64.decoder == arm.decoder == schema.DecoderLayout()  # the CPU's fused layout
+    assert (arm.architecture, arm.default_block_size) == ("arm64", 128)
+    assert x64.architecture == "x86_64" and dml.architecture == "any"
+
+
 def test_qnn_session_options_carry_the_typed_knobs_as_strings():
     options = schema.load_profile("qnn-htp").session_provider_options()
     assert options["soc_model"] == "60" and options["htp_arch"] == "73"
@@ -438,6 +452,18 @@ BAD_PROFILES = {
     "accuracy level out of range": (
         {"accuracy_level: 0": "accuracy_level: 7"},
         "mine.yaml: accuracy_level: Input should be less than or equal to 4; got 7",
+    ),
+    "decoder layout on a static graph": (
+        {"ops:\n": "decoder: {rotary: node}\nops:\n"},
+        "mine.yaml: decoder: only for graph_variant dynamic; remove it",
+    ),
+    "fp16 guard on a float32 graph": (
+        {"ops:\n": "decoder: {fp16_guard: auto}\nops:\n"},
+        "mine.yaml: decoder.fp16_guard: only for activation_dtype float16; set it to off",
+    ),
+    "rotary placement not in the set": (
+        {"ops:\n": "decoder: {rotary: gqa}\nops:\n"},
+        "mine.yaml: decoder.rotary: must be one of 'attention' or 'node'; got 'gqa'",
     ),
 }  # fmt: skip
 

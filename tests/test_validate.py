@@ -148,3 +148,42 @@ def test_chunked_metrics_equal_a_direct_computation():
     assert got["logit_abs_diff"] == pytest.approx(np.max(np.abs(logits - reference)))
     cosine = np.sum(logits * reference) / np.linalg.norm(logits) / np.linalg.norm(reference)
     assert got["cosine"] == pytest.approx(cosine, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fp16_pair(tmp_path_factory):
+    """The tiny-qwen2 preset exported in float32 and in float16."""
+    from edgepipe.export import build_decoder
+    from edgepipe.presets import write_preset
+
+    root = tmp_path_factory.mktemp("fp16-pair")
+    src = write_preset("tiny-qwen2", 0, root / "src", "float32", tokenizer=False)
+    for dtype in ("float32", "float16"):
+        build_decoder(src, root / dtype, activation_dtype=dtype, context_length=64)
+    return root / "float32" / "model.onnx", root / "float16" / "model.onnx"
+
+
+@pytest.mark.parametrize("bound", [1e-3, 1e-9])
+def test_fp16_drift_is_measured_against_the_fp32_export_and_gated(fp16_pair, bound):
+    fp32, fp16 = fp16_pair
+    report = validate_model(
+        fp16, IDS, provider="CPUExecutionProvider", reference_model=fp16, fp32_model=fp32,
+        thresholds={"max_fp16_kl": bound},
+    )  # fmt: skip
+    assert report["reference"] == "unquantized-fp32-export"
+    assert 0 < report["fp16_kl"] < 1e-4 and report["fp16_top1_agreement"] >= 0.9
+    assert report["fp16_kl"] == pytest.approx(report["kl"])  # the artifact is that fp16 graph
+    failures = [] if bound == 1e-3 else [f"fp16_kl = {report['fp16_kl']:.6g}, required <= 1e-09"]
+    assert report["failures"] == failures
+    assert report["passed"] == (not failures)
+
+
+def test_nan_logits_never_pass_as_a_small_difference():
+    reference = np.zeros((4, 10), np.float32)
+    broken = reference.copy()
+    broken[1, 3] = np.nan
+    metrics = compare_logits(broken, reference, [1, 2, 3, 4])
+    assert np.isnan(metrics["logit_abs_diff"]) and np.isnan(metrics["kl"])
+    assert check_thresholds(metrics, {"max_logit_abs_diff": 1e-3}) == [
+        "logit_abs_diff = nan, required <= 0.001"
+    ]

@@ -2,8 +2,8 @@
 
 Exit codes of `build`: 0 every artifact built; 1 a stage or a validation threshold failed;
 2 invalid input (a bad recipe or profile, an unknown name, or a profile this version cannot
-build yet: static-graph NPU profiles such as qnn-htp, and providers that cannot run here such
-as directml).
+build yet: static-graph NPU profiles such as qnn-htp). Providers that cannot run here (directml)
+are built, checked statically and run on CPU; the manifest says the provider was not run.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def build_command(args) -> int:
     Stages: source -> export+quantize -> optimize -> validate -> package. Each artifact is
     written to a temporary folder and renamed into place only when every stage passed.
     Exit codes: 0 built; 1 a build or validation failed; 2 invalid input (including
-    profiles this version cannot build yet: static-graph NPU profiles and DirectML).
+    profiles this version cannot build yet: static-graph NPU profiles).
     """
     from pathlib import Path
 
@@ -201,6 +201,9 @@ def _print_summary(results) -> None:
             console.print(f"[red]{r.recipe}@{r.profile}[/red]: {r.error}")
         elif r.artifact:
             console.print(f"{r.recipe}@{r.profile} -> {r.artifact}")
+            note = (r.validation or {}).get("provider_note")
+            if note:
+                console.print(f"  [yellow]{note}[/yellow]")
 
 
 def matrix_command(args) -> int:

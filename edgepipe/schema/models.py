@@ -306,6 +306,9 @@ class Thresholds(Strict):
     max_perplexity_ratio: float = Field(1.15, ge=1)
     min_cosine: float = Field(0.99, ge=-1, le=1, description="static graphs: logits cosine")
     max_logit_abs_diff: float = Field(1e-3, ge=0, description="fp32 builds vs transformers")
+    max_fp16_kl: float = Field(
+        0.01, ge=0, description="float16 builds: the unquantized fp16 graph vs the fp32 one"
+    )
 
 
 class Sampling(Strict):
@@ -572,6 +575,32 @@ class QnnOptions(Strict):
     )
 
 
+class DecoderLayout(Strict):
+    """How the dynamic decoder graph is laid out for one execution provider.
+
+    The defaults are the CPU provider's fastest layout; an EP whose kernels need another form
+    (DirectML) says so here instead of `if provider == ...` in the exporter.
+    """
+
+    rotary: Literal["attention", "node"] = Field(
+        "attention",
+        description="attention: inside GroupQueryAttention (cos/sin inputs); node: "
+        "com.microsoft.RotaryEmbedding on q and k before it",
+    )
+    qkv: Literal["packed", "separate"] = Field(
+        "packed", description="packed: one q/k/v MatMul; separate: three, no Split"
+    )
+    matmul_bias: Literal["fused", "add"] = Field(
+        "fused", description="fused: MatMulNBits' bias input; add: an Add after it"
+    )
+    fp16_guard: Literal["off", "auto", "always"] = Field(
+        "off",
+        description="float16 graphs: keep the residual stream, its norms and the sublayers "
+        "that would overflow in float32; auto: where fp32 activations measured on "
+        "calibration text come near the fp16 range, always: the residual stream always",
+    )
+
+
 class DeviceProfile(Strict):
     """Where an artifact runs: see device_profiles/*.yaml for commented examples."""
 
@@ -596,11 +625,26 @@ class DeviceProfile(Strict):
     ops: list[Annotated[str, AfterValidator(_check_op)]] = Field(min_length=1)
     tensor_dtypes: list[TensorDtype] = Field(min_length=1)
     qnn: QnnOptions | None = None
+    decoder: DecoderLayout = Field(default_factory=DecoderLayout)
+    session_config: dict[str, str] = Field(
+        default_factory=dict,
+        description="SessionOptions config entries (add_session_config_entry), e.g. "
+        "ep.dml.enable_graph_capture",
+    )
+    architecture: Literal["any", "x86_64", "arm64"] = Field(
+        "any", description="the CPU architecture the profile targets (any: not tied to one)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DeviceProfile:
         problems: list[tuple[str, str]] = []
         static = self.graph_variant == "static"
+        if static and "decoder" in self.model_fields_set:
+            problems.append(("decoder", "only for graph_variant dynamic; remove it"))
+        if self.decoder.fp16_guard != "off" and self.activation_dtype != "float16":
+            problems.append(
+                ("decoder.fp16_guard", "only for activation_dtype float16; set it to off")
+            )
         for field in ("prefill_chunk", "kv_capacity"):
             if static and getattr(self, field) is None:
                 problems.append((field, "required for graph_variant static"))
