@@ -127,6 +127,7 @@ def package_artifact(
     reports: Mapping,
     build_seconds: float,
     eos_token: str = "<|im_end|>",
+    static: Mapping | None = None,
 ) -> dict:
     """Complete the artifact in `folder` (which holds the optimized model) and write its manifest.
 
@@ -141,6 +142,8 @@ def package_artifact(
         reports: `validation`, `optimization`, `quality`, `export` records.
         build_seconds: wall time of the build so far.
         eos_token: `<|im_end|>` for chat models, `<|endoftext|>` for base models.
+        static: static (NPU) artifacts: the manifest's `static` section (chunk, kv_capacity,
+            graphs, quantization, `ep_context`); see docs/contracts.md.
 
     Returns:
         The manifest.
@@ -181,6 +184,8 @@ def package_artifact(
         "build_seconds": round(build_seconds, 3),
         "peak_rss_bytes": _peak_rss_bytes(),
     }
+    if static is not None:
+        manifest["static"] = dict(static)
     write_json(folder / MANIFEST, manifest)
     _readable_by_all(folder)
     return manifest

@@ -516,6 +516,22 @@ def _resolve_precision(
                 f"only MatMulNBits takes; use rtn or gptq for {profile.name}",
             )
         )
+    if not dynamic and resolved.method == "gptq":
+        problems.append(
+            (
+                f"{key}.method",
+                f"static QDQ weights of {profile.name} are rounded to nearest (rtn); the "
+                "calibration text tunes the activation scales",
+            )
+        )
+    if not dynamic and resolved.exclude:
+        problems.append(
+            (
+                f"{key}.exclude",
+                f"{profile.name} runs quantized weights only (the HTP has no float MatMul in a "
+                "QDQ graph); use an override with int8 instead",
+            )
+        )
     if recipe.calibration is None and (resolved.method == "gptq" or not dynamic):
         why = "method gptq" if dynamic else f"the static QDQ graph of {profile.name}"
         problems.append(
