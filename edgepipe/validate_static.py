@@ -156,8 +156,8 @@ def validate_static(
     """
     context_dir = Path(context_dir or qdq_dir)
     say = progress or (lambda message: None)
-    chunk_pipeline = _pipeline(_cpu_sessions(qdq_dir, files), num_layers, pad_token_id)
-    prefill_tokens, decode_steps = evaluation_schedule(len(ids), chunk_pipeline.chunk)
+    cpu_qdq = _pipeline(_cpu_sessions(qdq_dir, files), num_layers, pad_token_id)
+    prefill_tokens, decode_steps = evaluation_schedule(len(ids), cpu_qdq.chunk)
     seconds = {}
 
     say("compiling both graphs for the HTP (CPU fallback disabled)")
@@ -170,7 +170,7 @@ def validate_static(
     start = time.perf_counter()
     htp_logits, positions = run_schedule(htp, ids, prefill_tokens, decode_steps)
     seconds["htp_run"] = round(time.perf_counter() - start, 3)
-    cpu_logits, _ = run_schedule(chunk_pipeline, ids, prefill_tokens, decode_steps)
+    cpu_logits, _ = run_schedule(cpu_qdq, ids, prefill_tokens, decode_steps)
     reference = _pipeline(_cpu_sessions(reference_dir, files), num_layers, pad_token_id)
     ref_logits, _ = run_schedule(reference, ids, prefill_tokens, decode_steps)
     row_ids = _row_ids(ids, positions)
@@ -192,7 +192,7 @@ def validate_static(
         "prefill_tokens": prefill_tokens,
         "decode_steps": decode_steps,
         "rows": len(positions),
-        "chunk": chunk_pipeline.chunk,
+        "chunk": cpu_qdq.chunk,
     }
 
     say("loading the EPContext graphs")
