@@ -736,6 +736,17 @@ def genai_config(cfg: DecoderConfig, *, context_length: int) -> dict[str, Any]:
     }
 
 
+def copy_side_files(model_dir: Path, out_dir: Path) -> list[Path]:
+    """Copy the tokenizer files and generation_config.json of `model_dir` that exist."""
+    copied = []
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        src = model_dir / name
+        if src.is_file() and src.resolve() != (out_dir / name).resolve():
+            shutil.copyfile(src, out_dir / name)
+            copied.append(out_dir / name)
+    return copied
+
+
 def _needs_calibration(quant: QuantPlan) -> bool:
     from edgepipe.quantize import gptq_needs_calibration
 
@@ -836,11 +847,7 @@ def build_decoder(
     gc = genai_config(cfg, context_length=ctx)
     gc_path.write_text(json.dumps(gc, indent=4) + "\n")
     files = [out_dir / MODEL_FILE, out_dir / DATA_FILE, gc_path]
-    for extra in (*TOKENIZER_FILES, "generation_config.json"):
-        src = model_dir / extra
-        if src.is_file() and src.resolve() != (out_dir / extra).resolve():
-            shutil.copyfile(src, out_dir / extra)
-            files.append(out_dir / extra)
+    files += copy_side_files(model_dir, out_dir)
     return ExportResult(
         out_dir=out_dir,
         model_path=out_dir / MODEL_FILE,

@@ -48,6 +48,24 @@ class GraphWriter:
         self.initializers: list[ir.Value] = []
         self._names: set[str] = set()
 
+    @classmethod
+    def sibling(cls, owner: GraphWriter) -> GraphWriter:
+        """A writer for a second graph over `owner`'s data file. It stores no bytes itself: its
+        weights are `alias`es of the owner's, so the two graphs share every stored tensor."""
+        view = cls.__new__(cls)
+        view.data_path, view.location = owner.data_path, owner.location
+        view._file, view._offset = None, 0
+        view.nodes, view.initializers, view._names = [], [], set()
+        return view
+
+    def _pad(self) -> None:
+        if self._file is None:
+            raise TypeError("a sibling GraphWriter stores no weights: alias its owner's")
+        pad = -self._offset % ALIGNMENT
+        if pad:
+            self._file.write(b"\0" * pad)
+            self._offset += pad
+
     @property
     def bytes_written(self) -> int:
         """Bytes in the external data file so far."""
@@ -55,16 +73,13 @@ class GraphWriter:
 
     def close(self) -> None:
         """Flush and close the external data file."""
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
 
     def weight(self, name: str, array: np.ndarray) -> ir.Value:
         """Append `array` to the data file and return an initializer value referring to it."""
         array = np.ascontiguousarray(array)
-        pad = -self._offset % ALIGNMENT
-        if pad:
-            self._file.write(b"\0" * pad)
-            self._offset += pad
+        self._pad()
         # Write the array's own buffer: `tobytes()` would hold a second copy of a large table.
         self._file.write(memoryview(array.reshape(-1)).cast("B"))
         tensor = ir.ExternalTensor(
@@ -79,6 +94,25 @@ class GraphWriter:
         self._offset += array.nbytes
         return self._register(name, tensor)
 
+    def packed_weight(
+        self, name: str, packed: np.ndarray, dtype: ir.DataType, shape: Sequence[int]
+    ) -> ir.Value:
+        """Append already packed bytes as a `dtype` tensor of `shape` (INT4: two per byte)."""
+        packed = np.ascontiguousarray(packed, dtype=np.uint8)
+        self._pad()
+        self._file.write(memoryview(packed.reshape(-1)).cast("B"))
+        tensor = ir.ExternalTensor(
+            self.location,
+            self._offset,
+            packed.nbytes,
+            dtype,
+            shape=ir.Shape(shape),
+            name=name,
+            base_dir=self.data_path.parent,
+        )
+        self._offset += packed.nbytes
+        return self._register(name, tensor)
+
     def stream_weight(
         self,
         name: str,
@@ -90,10 +124,7 @@ class GraphWriter:
 
         Keeps large tables (a 151936-row embedding) from ever being whole in memory.
         """
-        pad = -self._offset % ALIGNMENT
-        if pad:
-            self._file.write(b"\0" * pad)
-            self._offset += pad
+        self._pad()
         start = self._offset
         for chunk in chunks:
             chunk = np.ascontiguousarray(chunk, dtype=dtype)
@@ -193,15 +224,18 @@ class GraphWriter:
         opset: int = 21,
         ir_version: int = 10,
         producer: str = "edgepipe",
+        contrib_ops: bool = True,
+        name: str = "decoder",
     ) -> ir.Model:
-        """Assemble the model (ORT contrib ops come from the com.microsoft domain)."""
+        """Assemble the model. ORT contrib ops come from the com.microsoft domain; a standard-ops
+        graph (`contrib_ops=False`) does not import it."""
         graph = ir.Graph(
             inputs,
             outputs,
             nodes=self.nodes,
             initializers=self.initializers,
-            opset_imports={"": opset, MS_DOMAIN: 1},
-            name="decoder",
+            opset_imports={"": opset, MS_DOMAIN: 1} if contrib_ops else {"": opset},
+            name=name,
         )
         return ir.Model(graph, ir_version=ir_version, producer_name=producer)
 

@@ -127,6 +127,7 @@ def package_artifact(
     reports: Mapping,
     build_seconds: float,
     eos_token: str = "<|im_end|>",
+    static: Mapping | None = None,
 ) -> dict:
     """Complete the artifact in `folder` (which holds the optimized model) and write its manifest.
 
@@ -143,6 +144,8 @@ def package_artifact(
             (float16 builds) records.
         build_seconds: wall time of the build so far.
         eos_token: `<|im_end|>` for chat models, `<|endoftext|>` for base models.
+        static: static (NPU) artifacts: the manifest's `static` section (chunk, kv_capacity,
+            graphs, quantization, `ep_context`); see docs/contracts.md.
 
     Returns:
         The manifest.
@@ -186,6 +189,8 @@ def package_artifact(
         "build_seconds": round(build_seconds, 3),
         "peak_rss_bytes": _peak_rss_bytes(),
     }
+    if static is not None:
+        manifest["static"] = dict(static)
     write_json(folder / MANIFEST, manifest)
     _readable_by_all(folder)
     return manifest

@@ -213,14 +213,13 @@ class BuildPlan:
         """Why this build cannot be made yet (None when it can).
 
         A provider that cannot run here (DirectML) is still built: the validate stage checks
-        its graph statically and runs it on CPU (`edgepipe.static_check`).
+        its graph statically and runs it on CPU (`edgepipe.static_check`). Static NPU graphs
+        need onnxruntime-qnn to be validated (`edgepipe.pipeline_static`).
         """
-        if self.profile.graph_variant != "dynamic":
-            return (
-                f"profile {self.profile.name}: graph_variant {self.profile.graph_variant!r} "
-                "(static NPU graphs) is not built by this edgepipe version yet; build a "
-                "dynamic profile such as cpu-x64"
-            )
+        if self.profile.graph_variant == "static":
+            from edgepipe.pipeline_static import static_supported_here
+
+            return static_supported_here(self.profile)
         return None
 
     def layout(self) -> dict:
@@ -464,14 +463,14 @@ def _export_stage(
 EXPORT_ROOTS = ("edgepipe.export", "edgepipe.presets")
 
 
-def export_modules() -> list[Path]:
-    """Source files of `EXPORT_ROOTS` and of every edgepipe module they import, transitively
+def export_modules(roots: tuple[str, ...] = EXPORT_ROOTS) -> list[Path]:
+    """Source files of `roots` and of every edgepipe module they import, transitively
     (read from the import statements, so adding a module needs no list to be kept)."""
     import ast
     import importlib.util
 
     seen: dict[str, Path] = {}
-    todo = list(EXPORT_ROOTS)
+    todo = list(roots)
     while todo:
         name = todo.pop()
         if name in seen:
@@ -497,9 +496,9 @@ def export_modules() -> list[Path]:
 
 
 @functools.cache
-def build_code_hash() -> str:
-    """sha256 of the export-side source code (`export_modules`), once per process: the code a
-    process runs is what it imported, even if the files are edited while it runs.
+def build_code_hash(roots: tuple[str, ...] = EXPORT_ROOTS) -> str:
+    """sha256 of the export-side source code (`export_modules(roots)`), once per process: the
+    code a process runs is what it imported, even if the files are edited while it runs.
 
     Part of the export cache key: the version number does not change while the code does (a
     checkout between releases, a local edit), and a stale export served from the cache would
@@ -507,7 +506,7 @@ def build_code_hash() -> str:
     """
     package = Path(__file__).resolve().parent
     return content_hash(
-        {path.relative_to(package).as_posix(): sha256_file(path) for path in export_modules()}
+        {path.relative_to(package).as_posix(): sha256_file(path) for path in export_modules(roots)}
     )
 
 
@@ -628,6 +627,10 @@ def _build_into(plan, options, tmp: Path, result: BuildResult, stages, start: fl
     from edgepipe.static_check import check_graph, provider_status
     from edgepipe.validate import validate_model
 
+    if plan.profile.graph_variant == "static":
+        from edgepipe.pipeline_static import build_static_into
+
+        return build_static_into(plan, options, tmp, result, stages, start)
     cache = StageCache(options.cache_dir, enabled=options.use_cache)
     work = tmp / "work"
     work.mkdir()

@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.tokenizer",
     "tests.fixtures.models",
+    "tests.fixtures.static",
 ]

@@ -252,18 +252,6 @@ def test_killed_build_leaves_previous_artifact_and_next_build_succeeds(built, tm
     assert load_artifact(final, verify=True).manifest["precision"] == "fp32"
 
 
-def test_static_npu_profile_is_refused_with_exit_2(tmp_path, capsys):
-    code = main(["build", "tiny-qwen2", "-p", "qnn-htp", "-o", str(tmp_path), "--json"])
-    assert code == 2
-    (build,) = json.loads(capsys.readouterr().out)["builds"]
-    assert build["status"] == "invalid"
-    assert "static" in build["error"] and "qnn-htp" in build["error"]
-    assert not (tmp_path / "tiny-qwen2").exists()
-
-
-# ------------------------------------------------- providers that cannot run here (issue 8)
-
-
 @pytest.fixture(scope="session")
 def cannot_run_here(tmp_path_factory, build_cache) -> dict:
     """`edgepipe build recipes/tiny-qwen2.yaml -p directml -p cpu-arm64`, from the CLI."""

@@ -92,12 +92,23 @@ def test_an_explicit_provider_overrides_the_profile(toy):
     assert Generator(toy, provider="CPUExecutionProvider").provider == "CPUExecutionProvider"
 
 
-def test_the_static_npu_variant_is_refused_with_a_reason(toy):
+def test_a_static_manifest_without_a_graph_pipeline_names_what_is_missing(toy):
     write_manifest(toy)
     manifest = json.loads((toy / "manifest.json").read_text())
     manifest["profile"]["graph_variant"] = "static"
     (toy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(Exception, match="graph_variant 'static' is not supported"):
+    with pytest.raises(ArtifactError, match=r"decoder\.pipeline has no \['prefill', 'decode'\]"):
+        Generator(toy)
+
+
+def test_an_unknown_graph_variant_is_refused_with_the_known_ones(toy):
+    write_manifest(toy)
+    manifest = json.loads((toy / "manifest.json").read_text())
+    manifest["profile"]["graph_variant"] = "tiled"
+    (toy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        Exception, match="graph_variant 'tiled' is not supported .* dynamic, static"
+    ):
         Generator(toy)
 
 

@@ -172,6 +172,18 @@ def test_precision_merges_profile_entry_over_recipe_over_profile_default(tmp_pat
     assert (arm.block_size, arm.accuracy_level) == (128, 0)
     qnn = recipe.precision_for("qnn-htp")
     assert qnn.weights == "int4" and qnn.block_size is None, "static keeps per-channel scales"
+    # The static token table has one scale: int4 "same" would lose it, so it stays int8.
+    assert (qnn.embedding, x64.embedding) == ("int8", "int4")
+
+
+def test_recipe_wide_gptq_is_rtn_on_a_static_target_and_refused_in_its_own_entry(tmp_path):
+    text = recipe_text(**{"+": "precision: {method: gptq}\n"})
+    recipe = schema.load_recipe(write(tmp_path, "mine.yaml", text))
+    assert recipe.precision_for("cpu-x64").method == "gptq"
+    assert recipe.precision_for("qnn-htp").method == "rtn"
+    text = recipe_text(**{"+": "precision: {profiles: {qnn-htp: {method: gptq}}}\n"})
+    with pytest.raises(InvalidInput, match="precision.profiles.qnn-htp.method: static QDQ"):
+        schema.load_recipe(write(tmp_path, "mine.yaml", text))
 
 
 def test_same_embedding_falls_back_to_activation_dtype_without_a_quantized_gather(tmp_path):
@@ -439,7 +451,7 @@ BAD_PROFILES = {
     ),
     "op that is not an op name": (
         {"  - Where": "  - where clause"},
-        "mine.yaml: ops[26]: must be 'OpType' or 'domain::OpType'",
+        "mine.yaml: ops[29]: must be 'OpType' or 'domain::OpType'",
     ),
     "htp arch not in the set": (
         {"htp_arch: 73": "htp_arch: 70"},

@@ -2,7 +2,9 @@
 
 An artifact (see docs/contracts.md, "Artifact folder") holds `model.onnx` (+ `model.onnx.data`),
 `genai_config.json`, the tokenizer files, `generation_config.json` and `manifest.json`. A bare
-export folder (no manifest) is accepted too: it runs on the CPU provider, without checksums.
+export folder (no manifest) is accepted too: it runs on the CPU provider, without checksums. A
+static (NPU) artifact has a prefill and a decode graph instead of `model.onnx`, listed in
+genai_config.json's `decoder.pipeline`, and its manifest may name compiled EPContext graphs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class Artifact:
         input_names: decoder input names from genai config (`input_ids`, `attention_mask`,
             `past_key_names`, `past_value_names`, optional `position_ids`).
         output_names: decoder output names (`logits`, `present_key_names`, `present_value_names`).
+        pipeline: static artifacts: stage name (`prefill`, `decode`) -> graph file.
+        ep_context: static artifacts: stage name -> compiled EPContext graph (from the manifest's
+            `static.ep_context`), empty when none was compiled.
     """
 
     path: Path
@@ -60,6 +65,8 @@ class Artifact:
     manifest: dict | None = None
     input_names: dict = field(default_factory=dict)
     output_names: dict = field(default_factory=dict)
+    pipeline: dict = field(default_factory=dict)
+    ep_context: dict = field(default_factory=dict)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -151,7 +158,8 @@ def load_artifact(folder, *, verify: bool = False) -> Artifact:
     try:
         model = genai["model"]
         decoder = model["decoder"]
-        model_path = path / decoder.get("filename", "model.onnx")
+        pipeline = _pipeline_files(path, decoder.get("pipeline"))
+        model_path = next(iter(pipeline.values()), path / decoder.get("filename", "model.onnx"))
         num_layers = int(decoder["num_hidden_layers"])
         num_kv_heads = int(decoder["num_key_value_heads"])
         head_dim = int(decoder["head_size"])
@@ -161,8 +169,9 @@ def load_artifact(folder, *, verify: bool = False) -> Artifact:
         raise ArtifactError(
             path / "genai_config.json", f"missing or invalid model field {exc}; the file is corrupt"
         ) from exc
-    if not model_path.is_file():
-        raise ArtifactError(model_path, "decoder model file is missing from the artifact folder")
+    for graph in pipeline.values() or [model_path]:
+        if not graph.is_file():
+            raise ArtifactError(graph, "decoder model file is missing from the artifact folder")
 
     eos = _id_list(model.get("eos_token_id")) + _id_list(generation.get("eos_token_id"))
     eos_ids = tuple(dict.fromkeys(eos))
@@ -172,6 +181,8 @@ def load_artifact(folder, *, verify: bool = False) -> Artifact:
     pad_id = int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0)
 
     profile = (manifest or {}).get("profile") or {}
+    compiled = ((manifest or {}).get("static") or {}).get("ep_context") or {}
+    ep_context = {stage: path / name for stage, name in (compiled.get("graphs") or {}).items()}
     if manifest is not None and verify:
         files = manifest.get("files")
         if not isinstance(files, dict):
@@ -191,9 +202,26 @@ def load_artifact(folder, *, verify: bool = False) -> Artifact:
         provider=profile.get("provider") or CPU_PROVIDER,
         provider_options=dict(profile.get("provider_options") or {}),
         package=profile.get("package") or "onnxruntime",
-        graph_variant=profile.get("graph_variant") or "dynamic",
+        graph_variant=profile.get("graph_variant") or ("static" if pipeline else "dynamic"),
         generation_config=generation,
         manifest=manifest,
         input_names=dict(decoder.get("inputs") or {}),
         output_names=dict(decoder.get("outputs") or {}),
+        pipeline=pipeline,
+        ep_context=ep_context,
     )
+
+
+def _pipeline_files(folder: Path, pipeline) -> dict[str, Path]:
+    """`decoder.pipeline` of genai_config.json (a list of `{stage: {"filename": ...}}`)."""
+    if not pipeline:
+        return {}
+    try:
+        return {
+            name: folder / spec["filename"] for entry in pipeline for name, spec in entry.items()
+        }
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise ArtifactError(
+            folder / "genai_config.json",
+            f"decoder.pipeline is malformed ({exc}); the file is corrupt",
+        ) from exc

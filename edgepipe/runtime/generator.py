@@ -9,6 +9,10 @@ positions and attention (measured: left-padded rows differ from the same prompt 
 padded rows match it bit for bit). Prompts of different lengths are prefilled row by row, each
 into its own row of the batch buffer (the graph returns only the last position's logits, which a
 right-padded row would not have); decoding then runs the whole batch in one call per token.
+
+The model calls go through an engine (`_DynamicEngine` here; `edgepipe.runtime.static.StaticEngine`
+for static NPU artifacts, whose fixed-shape graphs need their own cache and padding), so sampling,
+stop handling, streaming, chat and metrics are the same code for both graph variants.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ PROVIDER_PACKAGES = {
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 TRUNCATE_MODES = ("error", "left")
+# dynamic: one decoder with contrib ops (this module); static: NPU prefill + decode graphs
+# (edgepipe.runtime.static).
+GRAPH_VARIANTS = ("dynamic", "static")
 
 
 @dataclass
@@ -177,15 +184,14 @@ class Generator:
         provider_options: Mapping | None = None,
         prefill_chunk: int | None = 512,
     ):
-        import onnxruntime as ort
         import tokenizers
 
         self.artifact: Artifact = load_artifact(artifact_dir, verify=verify_checksums)
         art = self.artifact
-        if art.graph_variant != "dynamic":
+        if art.graph_variant not in GRAPH_VARIANTS:
             raise GeneratorError(
                 f"{art.path}: graph_variant {art.graph_variant!r} is not supported by "
-                "edgepipe.runtime (it runs the 'dynamic' variant only)"
+                f"edgepipe.runtime (it runs {', '.join(GRAPH_VARIANTS)})"
             )
         if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
             raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
@@ -193,6 +199,37 @@ class Generator:
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be an int >= 1 or None, got {prefill_chunk!r}")
         self.prefill_chunk = prefill_chunk
+
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(art.tokenizer_path))
+        try:
+            self._token_bytes = TokenBytes(self.tokenizer)
+        except (ValueError, KeyError):
+            self._token_bytes = None
+        self.defaults: SamplingParams = params_from_generation_config(art.generation_config)
+        # No lock: every call owns its KV buffers and IOBinding, and onnxruntime's Run is
+        # thread-safe, so concurrent calls (threads, or interleaved streams) do not interfere.
+        self._template: ChatTemplate | None = None
+        if art.graph_variant == "static":
+            from edgepipe.runtime.static import StaticEngine
+
+            self._engine = StaticEngine.open(
+                art,
+                provider=provider,
+                session_options=session_options,
+                intra_op_num_threads=intra_op_num_threads,
+                provider_options=provider_options,
+                max_length=max_length,
+            )
+            self.provider = self._engine.provider
+        else:
+            self._open_dynamic(provider, session_options, intra_op_num_threads, provider_options)
+            self._engine = _DynamicEngine(self)
+
+    def _open_dynamic(self, provider, session_options, intra_op_num_threads, provider_options):
+        """The session over the dynamic decoder, and its input/output names."""
+        import onnxruntime as ort
+
+        art = self.artifact
         self.provider = provider or art.provider
         if self.provider not in ort.get_available_providers():
             package = art.package if provider is None else PROVIDER_PACKAGES.get(self.provider)
@@ -237,16 +274,6 @@ class Generator:
             raise ArtifactError(art.model_path, f"decoder has no input(s) {missing}")
         self._uses_position_ids = self._position_ids in inputs
         self.kv_dtype = _ORT_DTYPES.get(inputs[self._kv_names[0][0]].type, np.float32)
-
-        self.tokenizer = tokenizers.Tokenizer.from_file(str(art.tokenizer_path))
-        try:
-            self._token_bytes = TokenBytes(self.tokenizer)
-        except (ValueError, KeyError):
-            self._token_bytes = None
-        self.defaults: SamplingParams = params_from_generation_config(art.generation_config)
-        # No lock: every call owns its KV buffers and IOBinding, and onnxruntime's Run is
-        # thread-safe, so concurrent calls (threads, or interleaved streams) do not interfere.
-        self._template: ChatTemplate | None = None
 
     # Tokens ------------------------------------------------------------------------------------
 
@@ -516,43 +543,12 @@ class Generator:
         t_start = time.perf_counter()
         batch = len(rows)
         lengths = np.array([len(r.prompt) for r in rows], dtype=np.int64)
-        limit = self.limit
-        needed = int(lengths.max()) + p.max_new_tokens
-        reuse = 0
-        if chat_session is not None and batch == 1:
-            cache, reuse = chat_session.take_cache(rows[0].prompt)
-            if cache is not None:
-                cache.ensure(min(needed, limit), used=reuse, limit=limit)
-        else:
-            cache = None
-        if cache is None:
-            capacity = plan_capacity(
-                needed, context_length=self.context_length, max_length=self.max_length
-            )
-            cache = KVCache(
-                self.artifact.num_layers,
-                self.artifact.num_kv_heads,
-                self.artifact.head_dim,
-                batch=batch,
-                capacity=capacity,
-                dtype=self.kv_dtype,
-            )
+        request = self._engine.begin([r.prompt for r in rows], p.max_new_tokens, chat_session)
         # Every row stops at the cache's capacity: a generated token needs a slot for the next.
-        max_steps = min(p.max_new_tokens, cache.capacity - int(lengths.max()) + 1)
-
-        # Prefill: equal lengths in one call, otherwise row by row into row views of the cache.
-        if batch == 1 or len(set(lengths.tolist())) == 1:
-            prompt = np.array([r.prompt for r in rows], dtype=np.int64)
-            logits = self._prefill(prompt, reuse, cache.ortvalues())
-        else:
-            parts = [
-                self._prefill(np.array([r.prompt], dtype=np.int64), 0, cache.ortvalues(i))
-                for i, r in enumerate(rows)
-            ]
-            logits = np.concatenate(parts, axis=0)
-        prompt_tokens = int(lengths.sum()) - reuse
+        max_steps = min(p.max_new_tokens, request.capacity - int(lengths.max()) + 1)
+        logits = request.prefill()
+        prompt_tokens = int(lengths.sum()) - request.reuse
         t_first = None
-        kv = cache.ortvalues()
         for step in range(max_steps):
             for i, row in enumerate(rows):
                 if row.done:
@@ -570,13 +566,13 @@ class Generator:
                 dtype=np.int64,
             )
             lengths = lengths + 1
-            logits = self._step(feed, lengths, kv)
+            logits = request.step(feed, lengths)
         t_end = time.perf_counter()
         if t_first is None:
             t_first = t_end
         if chat_session is not None and batch == 1:
             # The last sampled token was never fed: the cache holds prompt + out[:-1].
-            chat_session.keep_cache(cache, rows[0].prompt + rows[0].out[:-1])
+            chat_session.keep_cache(request.cache, rows[0].prompt + rows[0].out[:-1])
 
         generated = sum(len(r.out) for r in rows)
         decode_tokens = generated - sum(1 for r in rows if r.out)
@@ -589,8 +585,8 @@ class Generator:
             prefill_tokens_per_s=prompt_tokens / prefill_s,
             decode_tokens_per_s=decode_tokens / decode_s if decode_tokens else 0.0,
             total_s=t_end - t_start,
-            kv_bytes=cache.nbytes,
-            kv_capacity=cache.capacity,
+            kv_bytes=request.nbytes,
+            kv_capacity=request.capacity,
         )
         return [
             GenerationResult(
@@ -681,3 +677,66 @@ class Generator:
         self.session.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()
         return np.asarray(logits[:, -1, :], dtype=np.float32)
+
+
+class _DynamicEngine:
+    """Opens requests on the dynamic decoder: a KV buffer shared by past and present, sized for
+    the request (or reused from a chat session), fed through `Generator._prefill` / `_step`."""
+
+    def __init__(self, gen: Generator):
+        self.gen = gen
+
+    def begin(self, prompts: list[list[int]], max_new_tokens: int, chat_session) -> _DynamicRequest:
+        return _DynamicRequest(self.gen, prompts, max_new_tokens, chat_session)
+
+
+class _DynamicRequest:
+    """One generate call's KV cache and model calls (the engine interface `_decode_loop` uses:
+    `capacity`, `nbytes`, `reuse`, `cache`, `prefill()`, `step(feed, lengths)`)."""
+
+    def __init__(self, gen: Generator, prompts, max_new_tokens: int, chat_session):
+        self.gen, self.prompts = gen, prompts
+        batch = len(prompts)
+        lengths = [len(ids) for ids in prompts]
+        limit = gen.limit
+        needed = max(lengths) + max_new_tokens
+        self.reuse = 0
+        cache = None
+        if chat_session is not None and batch == 1:
+            cache, self.reuse = chat_session.take_cache(prompts[0])
+            if cache is not None:
+                cache.ensure(min(needed, limit), used=self.reuse, limit=limit)
+        if cache is None:
+            capacity = plan_capacity(
+                needed, context_length=gen.context_length, max_length=gen.max_length
+            )
+            art = gen.artifact
+            cache = KVCache(
+                art.num_layers,
+                art.num_kv_heads,
+                art.head_dim,
+                batch=batch,
+                capacity=capacity,
+                dtype=gen.kv_dtype,
+            )
+        self.cache = cache
+        self.capacity, self.nbytes = cache.capacity, cache.nbytes
+        self._kv = None
+
+    def prefill(self) -> np.ndarray:
+        """Equal lengths in one call, otherwise row by row into row views of the cache."""
+        gen, prompts = self.gen, self.prompts
+        if len(prompts) == 1 or len({len(ids) for ids in prompts}) == 1:
+            return gen._prefill(
+                np.array(prompts, dtype=np.int64), self.reuse, self.cache.ortvalues()
+            )
+        parts = [
+            gen._prefill(np.array([ids], dtype=np.int64), 0, self.cache.ortvalues(i))
+            for i, ids in enumerate(prompts)
+        ]
+        return np.concatenate(parts, axis=0)
+
+    def step(self, feed: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        if self._kv is None:
+            self._kv = self.cache.ortvalues()
+        return self.gen._step(feed, lengths, self._kv)

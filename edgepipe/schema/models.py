@@ -219,7 +219,9 @@ class PrecisionPlan(PartialPrecision):
 
     `profiles` maps a target name to fields that replace these for that target (lists are
     replaced, not extended). `block_size` here applies to dynamic (MatMulNBits) targets only;
-    a static target keeps its profile's per-channel scales unless its own entry sets one.
+    a static target keeps its profile's per-channel scales unless its own entry sets one, and
+    a recipe-wide `method: gptq` means rtn on a static target (its calibration text tunes the
+    activation scales instead).
     """
 
     method: Method = "rtn"
@@ -475,6 +477,11 @@ def _resolve_precision(
         value = pick(field, "same")
         if value != "same":
             return value
+        if not dynamic and field == "embedding" and weights == "int4":
+            # A static graph's token table has one scale (Gather keeps its input's scale), and
+            # 4-bit codes with one scale for the whole table lose it (tiny-qwen2 w4a16: logits
+            # cosine 0.52 with an int4 table, see benchmarks/static_htp.py): "same" is int8.
+            return "int8"
         if weights in QUANTIZED and (not dynamic or profile.accepts_op(kernel)):
             return weights
         return "fp16" if profile.activation_dtype == "float16" else "fp32"
@@ -482,7 +489,10 @@ def _resolve_precision(
     resolved = ResolvedPrecision(
         profile=profile.name,
         weights=weights,
-        method=pick("method", "rtn"),
+        # A recipe-wide gptq tunes MatMulNBits weights; a static target rounds to nearest (its
+        # calibration text tunes the activation scales) unless its own entry says otherwise.
+        method=part.method
+        or ("rtn" if not dynamic and plan.method == "gptq" else pick("method", "rtn")),
         # A static graph keeps its profile's scales (per-channel) unless its own entry says
         # otherwise: the recipe-wide block_size is a MatMulNBits setting.
         block_size=part.block_size
@@ -517,6 +527,22 @@ def _resolve_precision(
                 f"{key}.method",
                 "hqq makes int4 weights with float zero points, which "
                 f"only MatMulNBits takes; use rtn or gptq for {profile.name}",
+            )
+        )
+    if not dynamic and resolved.method == "gptq":
+        problems.append(
+            (
+                f"{key}.method",
+                f"static QDQ weights of {profile.name} are rounded to nearest (rtn); the "
+                "calibration text tunes the activation scales",
+            )
+        )  # only a profile entry can ask for it: a recipe-wide gptq resolves to rtn here
+    if not dynamic and resolved.exclude:
+        problems.append(
+            (
+                f"{key}.exclude",
+                f"{profile.name} runs quantized weights only (the HTP has no float MatMul in a "
+                "QDQ graph); use an override with int8 instead",
             )
         )
     if recipe.calibration is None and (resolved.method == "gptq" or not dynamic):

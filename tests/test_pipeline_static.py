@@ -1,0 +1,105 @@
+"""`edgepipe build` for static profiles: the shipped tiny recipe for qnn-htp from the command
+line (real vocabulary, simulated HTP), rebuilds from the stage cache, and refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgepipe.cache import sha256_file
+from edgepipe.cli import main
+from edgepipe.pipeline import BuildOptions, build_all, plan_builds
+from edgepipe.runtime import Generator
+from edgepipe.runtime.artifact import load_artifact
+from tests.fixtures.static import QNN_MISSING, QNN_SKIP
+
+REPO = Path(__file__).resolve().parents[1]
+needs_qnn = pytest.mark.skipif(QNN_MISSING, reason=QNN_SKIP)
+STATIC_FILES = ("prefill.onnx", "decode.onnx", "model.onnx.data")
+
+
+def cli_build(recipe: str, tmp_path: Path) -> tuple[dict, Path]:
+    """`edgepipe build <recipe> -p qnn-htp --json` in a fresh process, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "EDGEPIPE_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "dist"
+    command = [sys.executable, "-m", "edgepipe", "build", recipe, "-p", "qnn-htp"]
+    done = subprocess.run(
+        [*command, "-o", str(out), "--json"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout), out  # stdout is the JSON report and nothing else
+
+
+def check_artifact(report: dict, recipe: str) -> None:
+    (build,) = report["builds"]
+    assert build["status"] == "built" and build["precision"] == "int8"
+    folder = Path(build["artifact"])
+    assert folder.parts[-2:] == (recipe, "qnn-htp")
+    artifact = load_artifact(folder, verify=True)  # every sha256 of the manifest holds
+    manifest = artifact.manifest
+    validation = manifest["validation"]
+    assert validation["passed"] and validation["provider"] == "QNNExecutionProvider"
+    assert validation["cosine"] >= manifest["recipe"]["content"]["validation"]["min_cosine"]
+    assert validation["htp_vs_cpu"]["cosine"] > 0.9999
+    assert manifest["static"]["kv_capacity"] == 1024 and manifest["static"]["chunk"] == 64
+    assert manifest["profile"]["graph_variant"] == "static"
+    assert set(artifact.ep_context) == {"prefill", "decode"}
+    for name in STATIC_FILES:
+        assert (folder / name).is_file()
+    # The artifact runs on the QNN provider from its compiled EPContext graphs.
+    gen = Generator(folder)
+    assert gen.provider == "QNNExecutionProvider"
+    assert {p.name for p in gen._engine.files.values()} == {"prefill_ctx.onnx", "decode_ctx.onnx"}
+    result = gen.generate("Hello", max_new_tokens=2, stop_token_ids=[])
+    assert len(result.token_ids) == 2
+
+
+@needs_qnn
+def test_tiny_qwen3_builds_for_qnn_htp_from_the_command_line(tmp_path):
+    report, _ = cli_build("recipes/tiny-qwen3.yaml", tmp_path)
+    check_artifact(report, "tiny-qwen3")
+
+
+@needs_qnn
+@pytest.mark.slow
+def test_tiny_qwen2_builds_for_qnn_htp_from_the_command_line(tmp_path):
+    report, _ = cli_build("recipes/tiny-qwen2.yaml", tmp_path)
+    check_artifact(report, "tiny-qwen2")
+
+
+@needs_qnn
+def test_a_rebuild_reuses_the_cached_exports_and_gives_the_same_graphs(
+    small_static_build, tmp_path
+):
+    first = small_static_build("qwen2", "int8")
+    recipe = small_static_build.recipes[("qwen2", "int8")]
+    plans = plan_builds([str(recipe)], None, "int8")
+    (again,) = build_all(plans, BuildOptions(tmp_path, "int8", small_static_build.cache_dir))
+    assert again.status == "built" and again.cached
+    assert again.stage_seconds["export"] < first.stage_seconds["export"]
+    for name in STATIC_FILES:
+        assert sha256_file(Path(again.artifact) / name) == sha256_file(Path(first.artifact) / name)
+
+
+def test_without_onnxruntime_qnn_a_static_build_is_refused_with_exit_2(
+    tmp_path, capsys, monkeypatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnxruntime_qnn" else real(name, *a),
+    )
+    code = main(["build", "tiny-qwen2", "-p", "qnn-htp", "-o", str(tmp_path), "--json"])
+    assert code == 2
+    (build,) = json.loads(capsys.readouterr().out)["builds"]
+    assert build["status"] == "invalid"
+    assert "pip install onnxruntime-qnn" in build["error"]
+    assert not (tmp_path / "tiny-qwen2").exists()

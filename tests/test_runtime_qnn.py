@@ -1,0 +1,73 @@
+"""QNN sessions from onnxruntime-qnn's plug-in library: placement with CPU fallback disabled,
+the missing-package error, and a clean stdout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import edgepipe.runtime.qnn as qnn
+from edgepipe.runtime.errors import ProviderUnavailable
+from tests.fixtures.static import QNN_MISSING, QNN_SKIP
+
+needs_qnn = pytest.mark.skipif(QNN_MISSING, reason=QNN_SKIP)
+HTP = {"backend_type": "htp", "soc_model": "60", "htp_arch": "73"}
+
+
+def one_op_graph(path, op: str, **attrs):
+    node = helper.make_node(op, ["x"], ["y"], **attrs)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+@needs_qnn
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_both_static_graphs_place_every_node_on_the_htp(small_static_build, family):
+    artifact = Path(small_static_build(family, "int8").artifact)
+    for name in ("prefill.onnx", "decode.onnx"):
+        session = qnn.qnn_session(artifact / name, HTP)  # CPU fallback disabled
+        assert session.get_providers()[0] == "QNNExecutionProvider"
+
+
+@needs_qnn
+def test_a_node_the_htp_refuses_fails_only_with_fallback_disabled(tmp_path):
+    path = one_op_graph(tmp_path / "einsum.onnx", "Einsum", equation="ij->ji")
+    with pytest.raises(Exception, match="fallback to CPU EP has been explicitly disabled"):
+        qnn.qnn_session(path, HTP)
+    session = qnn.qnn_session(path, HTP, cpu_fallback=True)
+    x = np.arange(16, dtype=np.float32).reshape(4, 4)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], x.T)
+
+
+def test_a_missing_onnxruntime_qnn_names_its_pip_package(monkeypatch):
+    monkeypatch.setattr(qnn, "_registered", False)
+    monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)  # import fails
+    assert qnn.qnn_available() is False
+    with pytest.raises(ProviderUnavailable, match="pip install onnxruntime-qnn"):
+        qnn.qnn_session_options({"backend_type": "htp"})
+
+
+@needs_qnn
+def test_the_htp_library_banner_stays_off_stdout(tmp_path):
+    path = one_op_graph(tmp_path / "relu.onnx", "Relu")
+    code = (
+        "import edgepipe.runtime.qnn as q\n"
+        f"q.qnn_session({str(path)!r}, {HTP!r})\n"
+        "print('only this')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == "only this\n"

@@ -1,0 +1,100 @@
+"""The static validate stage: the schedule, the report of a small build on the simulated HTP,
+thresholds, and refusals (a node the HTP cannot run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgepipe.errors import BuildFailed
+from edgepipe.export_static import build_static_decoder
+from edgepipe.validate_static import compile_on_htp, evaluation_schedule, validate_static
+from tests.fixtures.static import QNN_MISSING, QNN_SKIP, SMALL_CAPACITY, SMALL_CHUNK, SMALL_VOCAB
+from tests.test_runtime_qnn import HTP, one_op_graph
+
+needs_qnn = pytest.mark.skipif(QNN_MISSING, reason=QNN_SKIP)
+FILES = ("prefill.onnx", "decode.onnx")
+
+
+@pytest.mark.parametrize(
+    ("n_ids", "chunk", "expected"),
+    [(256, 64, (96, 8)), (20, 8, (12, 7)), (5, 8, (3, 1)), (2, 8, (1, 0))],
+)
+def test_the_schedule_feeds_a_full_and_a_padded_chunk_then_decodes(n_ids, chunk, expected):
+    prefill, decode = evaluation_schedule(n_ids, chunk)
+    assert (prefill, decode) == expected
+    assert prefill + decode <= n_ids - 1, "every row has a next token to score"
+
+
+@needs_qnn
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_a_small_build_reports_placement_accuracy_and_a_loading_ep_context(
+    small_static_build, family
+):
+    result = small_static_build(family, "int8")
+    report = result.validation
+    assert report["passed"] and report["failures"] == []
+    assert report["provider"] == "QNNExecutionProvider"
+    assert report["placement"]["cpu_fallback"].startswith("disabled")
+    assert report["reference"] == "fp32-static-cpu"
+    assert report["schedule"] == {"prefill_tokens": 12, "decode_steps": 8, "rows": 10, "chunk": 8}
+    assert report["cosine"] >= 0.99 and report["top1_agreement"] >= 0.5  # measured 0.998, 1.0
+    assert report["htp_vs_cpu"]["cosine"] > 0.99999, "the HTP computes what the QDQ graph says"
+    ctx = report["ep_context"]
+    assert ctx["loads"] and ctx["max_abs_diff_vs_compile_session"] <= 1e-4
+    assert ctx["rows_compared"] == 3
+    manifest = json.loads((Path(result.artifact) / "manifest.json").read_text())
+    static = manifest["static"]
+    assert (static["chunk"], static["kv_capacity"]) == (SMALL_CHUNK, SMALL_CAPACITY)
+    assert static["ep_context"]["graphs"] == {
+        "prefill": "prefill_ctx.onnx",
+        "decode": "decode_ctx.onnx",
+    }
+    assert (static["ep_context"]["soc_model"], static["ep_context"]["htp_arch"]) == (60, 73)
+    for name in static["ep_context"]["binaries"] + list(static["ep_context"]["graphs"].values()):
+        assert name in manifest["files"], "compiled graphs are hashed like every other file"
+    assert static["weights"] == {
+        "body": "int8/pc",
+        "embedding": "int8/tensor",
+        "lm_head": "int8/pc",
+    }
+    assert static["activations"]["activation_type"] == "uint16"
+
+
+@needs_qnn
+def test_thresholds_the_quantized_graphs_miss_are_failures(
+    small_static_build, make_tiny_model, qwen3_tokenizer_dir, tmp_path
+):
+    artifact = Path(small_static_build("qwen3", "int8").artifact)
+    model = make_tiny_model("qwen3", vocab_size=SMALL_VOCAB, tokenizer_dir=qwen3_tokenizer_dir)
+    reference = build_static_decoder(
+        model, tmp_path / "fp32", chunk=SMALL_CHUNK, kv_capacity=SMALL_CAPACITY
+    )
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, SMALL_VOCAB, 40)]
+    report = validate_static(
+        artifact,
+        reference.out_dir,
+        ids,
+        files=FILES,
+        num_layers=2,
+        pad_token_id=0,
+        provider_options=HTP,
+        thresholds={"min_cosine": 0.999999, "max_kl": 1.0},
+        context_dir=tmp_path,
+    )
+    assert not report["passed"]
+    assert report["failures"] == [f"cosine = {report['cosine']:.6g}, required >= 0.999999"]
+    assert (tmp_path / "prefill_ctx.onnx").is_file() and (tmp_path / "decode_ctx.onnx").is_file()
+
+
+@needs_qnn
+def test_a_graph_with_a_node_the_htp_refuses_fails_the_compile(tmp_path):
+    for name in FILES:
+        one_op_graph(tmp_path / name, "Einsum", equation="ij->ji")
+    with pytest.raises(
+        BuildFailed, match="does not compile for the HTP with CPU fallback disabled"
+    ):
+        compile_on_htp(tmp_path, tmp_path, FILES, HTP)
