@@ -31,6 +31,7 @@ from edgepipe.export_static import DECODE_FILE, PREFILL_FILE
 from edgepipe.source import as_plain
 
 FILES = (PREFILL_FILE, DECODE_FILE)
+QNN = "QNNExecutionProvider"
 # The modules whose code decides the static export's and the QDQ stage's bytes (and what they
 # import from edgepipe, found by `edgepipe.pipeline.export_modules`).
 STATIC_EXPORT_ROOTS = (
@@ -159,6 +160,7 @@ def build_static_into(plan, options, tmp: Path, result, stages, start: float) ->
     """`edgepipe.pipeline._build_into` for a static profile (same stages, same result fields)."""
     from edgepipe.package import package_artifact
     from edgepipe.pipeline import _applicable_thresholds, _evaluation_ids
+    from edgepipe.static_check import check_graph
     from edgepipe.validate_static import validate_static
 
     cache = StageCache(options.cache_dir, enabled=options.use_cache)
@@ -190,6 +192,12 @@ def build_static_into(plan, options, tmp: Path, result, stages, start: float) ->
     }
 
     stages("validate")
+    # The profile's op set and dtypes first: cheap, and names an op the HTP compile would
+    # only report as a failed partition.
+    checks = {name: check_graph(artifact / name, plan.profile) for name in FILES}
+    static_failures = [f"{name}: {f}" for name, c in checks.items() for f in c["failures"]]
+    if static_failures:
+        raise BuildFailed(f"{plan.name}: static check failed: " + "; ".join(static_failures))
     validation = validate_static(
         artifact,
         reference_dir,
@@ -201,6 +209,21 @@ def build_static_into(plan, options, tmp: Path, result, stages, start: float) ->
         thresholds=_applicable_thresholds(plan),
         progress=stages.sub("validate"),
     )
+    validation["static_checks"] = {"passed": True, "graphs": checks}
+    provider_check = {
+        "provider": plan.profile.provider,
+        "architecture": plan.profile.architecture,
+        "ran_on": {"provider": f"{QNN} ({plan.profile.qnn.backend_type}, simulated)"},
+        "provider_run": True,
+        "note": (
+            f"{plan.profile.provider} ran here with its {plan.profile.qnn.backend_type} backend "
+            "in simulation (onnxruntime-qnn on x86-64): every node was placed on the HTP with "
+            "CPU fallback disabled and its logits were checked. No Snapdragon device ran, so "
+            "the build records no device timings."
+        ),
+    }
+    validation["provider_run"] = True
+    validation["provider_note"] = provider_check["note"]
     result.validation = validation
     result.quality = {
         k: validation[k] for k in ("kl", "top1_agreement", "perplexity_ratio", "cosine")
@@ -247,6 +270,7 @@ def build_static_into(plan, options, tmp: Path, result, stages, start: float) ->
             "quality": result.quality,
             "optimization": optimization,
             "export": {"cached": result.cached, "resolved_precision": as_plain(plan.resolved)},
+            "provider_check": provider_check,
         },
         build_seconds=time.perf_counter() - start,
         static=static,

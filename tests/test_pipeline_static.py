@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from edgepipe.cache import sha256_file
 from edgepipe.cli import main
@@ -49,6 +50,10 @@ def check_artifact(report: dict, recipe: str) -> None:
     assert manifest["static"]["kv_capacity"] == 1024 and manifest["static"]["chunk"] == 64
     assert manifest["profile"]["graph_variant"] == "static"
     assert set(artifact.ep_context) == {"prefill", "decode"}
+    assert validation["static_checks"]["passed"]
+    assert set(validation["static_checks"]["graphs"]) == {"prefill.onnx", "decode.onnx"}
+    assert manifest["provider_check"]["provider_run"] is True
+    assert "simulation" in manifest["provider_check"]["note"]
     for name in STATIC_FILES:
         assert (folder / name).is_file()
     # The artifact runs on the QNN provider from its compiled EPContext graphs.
@@ -103,3 +108,23 @@ def test_without_onnxruntime_qnn_a_static_build_is_refused_with_exit_2(
     assert build["status"] == "invalid"
     assert "pip install onnxruntime-qnn" in build["error"]
     assert not (tmp_path / "tiny-qwen2").exists()
+
+
+@needs_qnn
+def test_an_op_outside_the_profile_fails_the_static_build_naming_it(
+    small_static_build, tmp_path, capsys
+):
+    small_static_build("qwen2", "int8")  # the model folder and the cached exports
+    recipe = yaml.safe_load(small_static_build.recipes[("qwen2", "int8")].read_text())
+    profile_path = small_static_build.recipes[("qwen2", "int8")].parent / "qnn-small.yaml"
+    profile = yaml.safe_load(profile_path.read_text())
+    profile.update(name="qnn-no-softmax", ops=[op for op in profile["ops"] if op != "Softmax"])
+    (tmp_path / "qnn-no-softmax.yaml").write_text(yaml.safe_dump(profile))
+    recipe.update(name="no-softmax", targets=["qnn-no-softmax.yaml"])
+    (tmp_path / "no-softmax.yaml").write_text(yaml.safe_dump(recipe))
+    argv = ["build", str(tmp_path / "no-softmax.yaml"), "-o", str(tmp_path / "dist"), "--json"]
+    assert main([*argv, "--cache-dir", str(small_static_build.cache_dir)]) == 1
+    (build,) = json.loads(capsys.readouterr().out)["builds"]
+    assert "static check failed: prefill.onnx: op Softmax" in build["error"]
+    assert "decode.onnx: op Softmax" in build["error"]
+    assert not (tmp_path / "dist" / "no-softmax").exists()

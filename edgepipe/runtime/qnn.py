@@ -77,7 +77,12 @@ def qnn_session_options(
     import onnxruntime as ort
 
     _register()
-    options = session_options if session_options is not None else ort.SessionOptions()
+    options = session_options
+    if options is None:
+        options = ort.SessionOptions()
+        # ERROR and above: the plug-in warns on every session about features that only exist
+        # on Windows on Arm (file-mapped weights, EPContext encryption), which is noise here.
+        options.log_severity_level = 3
     if not cpu_fallback:
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     for key, value in (config or {}).items():
