@@ -225,9 +225,7 @@ def build_static_into(plan, options, tmp: Path, result, stages, start: float) ->
     validation["provider_run"] = True
     validation["provider_note"] = provider_check["note"]
     result.validation = validation
-    result.quality = {
-        k: validation[k] for k in ("kl", "top1_agreement", "perplexity_ratio", "cosine")
-    }
+    result.quality = validation["quality"]
     if not validation["passed"]:
         raise BuildFailed(
             f"{plan.name}: validation failed on the simulated HTP against the fp32 reference: "

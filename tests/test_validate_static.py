@@ -11,8 +11,15 @@ import pytest
 
 from edgepipe.errors import BuildFailed
 from edgepipe.export_static import build_static_decoder
-from edgepipe.validate_static import compile_on_htp, evaluation_schedule, validate_static
+from edgepipe.validate_static import (
+    compile_on_htp,
+    evaluation_schedule,
+    greedy,
+    teacher_forced,
+    validate_static,
+)
 from tests.fixtures.static import QNN_MISSING, QNN_SKIP, SMALL_CAPACITY, SMALL_CHUNK, SMALL_VOCAB
+from tests.test_export_static import cpu_pipeline, transformers_logits
 from tests.test_runtime_qnn import HTP, one_op_graph
 
 needs_qnn = pytest.mark.skipif(QNN_MISSING, reason=QNN_SKIP)
@@ -43,6 +50,11 @@ def test_a_small_build_reports_placement_accuracy_and_a_loading_ep_context(
     assert report["schedule"] == {"prefill_tokens": 12, "decode_steps": 8, "rows": 10, "chunk": 8}
     assert report["cosine"] >= 0.99 and report["top1_agreement"] >= 0.5  # measured 0.998, 1.0
     assert report["htp_vs_cpu"]["cosine"] > 0.99999, "the HTP computes what the QDQ graph says"
+    quality = report["quality"]
+    assert quality["tokens"] == SMALL_CAPACITY, "every evaluation token the cache holds"
+    assert quality["reference"] == "fp32-static-cpu" and quality["kl"] >= 0
+    assert 0.5 <= quality["top1_agreement"] <= 1 and quality["cosine"] >= 0.99
+    assert 0 <= quality["greedy_agreement"] <= 1 and quality["greedy_steps"] == 16
     ctx = report["ep_context"]
     assert ctx["loads"] and ctx["max_abs_diff_vs_compile_session"] <= 1e-4
     assert ctx["rows_compared"] == 3
@@ -86,7 +98,11 @@ def test_thresholds_the_quantized_graphs_miss_are_failures(
         context_dir=tmp_path,
     )
     assert not report["passed"]
-    assert report["failures"] == [f"cosine = {report['cosine']:.6g}, required >= 0.999999"]
+    assert report["failures"] == [
+        f"cosine = {report['cosine']:.6g}, required >= 0.999999",
+        f"evaluation text (40 tokens, QDQ graphs on CPU): cosine = "
+        f"{report['quality']['cosine']:.6g}, required >= 0.999999",
+    ]
     assert (tmp_path / "prefill_ctx.onnx").is_file() and (tmp_path / "decode_ctx.onnx").is_file()
 
 
@@ -98,3 +114,22 @@ def test_a_graph_with_a_node_the_htp_refuses_fails_the_compile(tmp_path):
         BuildFailed, match="does not compile for the HTP with CPU fallback disabled"
     ):
         compile_on_htp(tmp_path, tmp_path, FILES, HTP)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_teacher_forced_rows_and_greedy_follow_transformers(make_tiny_model, tmp_path, family):
+    # The whole-text quality report rests on these two loops over the static graphs.
+    model = make_tiny_model(family, vocab_size=SMALL_VOCAB)
+    export = build_static_decoder(model, tmp_path, chunk=SMALL_CHUNK, kv_capacity=SMALL_CAPACITY)
+    pipeline = cpu_pipeline(export.out_dir)
+    ids = [int(i) for i in np.random.default_rng(5).integers(0, SMALL_VOCAB, SMALL_CAPACITY + 6)]
+    rows = teacher_forced(pipeline, ids)
+    assert rows.shape == (SMALL_CAPACITY, SMALL_VOCAB), "cut at the KV capacity"
+    reference = transformers_logits(model, ids[:SMALL_CAPACITY])
+    np.testing.assert_allclose(rows, reference, atol=1e-4)
+    out = greedy(pipeline, ids[:5], 12)
+    expected, context = [], list(ids[:5])
+    for _ in range(12):
+        expected.append(int(np.argmax(transformers_logits(model, context)[-1])))
+        context.append(expected[-1])
+    assert out == expected and len(set(out)) > 1
