@@ -59,18 +59,12 @@ class EdgepipeContender:
     """edgepipe.runtime.Generator at its defaults unless options say otherwise."""
 
     def __init__(self, artifact: str, max_length=None, threads=None, session_config=()):
-        import onnxruntime as ort
-
         from edgepipe.runtime import Generator
 
-        options = None
-        if session_config or threads:
-            options = ort.SessionOptions()
-            if threads:
-                options.intra_op_num_threads = threads
-            for key, value in session_config:
-                options.add_session_config_entry(key, value)
-        self.gen = Generator(artifact, max_length=max_length, session_options=options)
+        options = {"session_config": dict(session_config)} if session_config else {}
+        self.gen = Generator(
+            artifact, max_length=max_length, intra_op_num_threads=threads, **options
+        )
 
     def request(self, prompt: list[int], gen_len: int) -> dict:
         result = self.gen.generate(
