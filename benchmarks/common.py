@@ -191,6 +191,23 @@ def git_revision() -> str | None:
     return (sha + ("+dirty" if dirty else "")) or None
 
 
+# Fused int4 projections onnxruntime defines as contrib ops; they are worth an export switch
+# only where the CPU provider has kernels for them.
+FUSED_OPS = ("MatMulNBits", "MatMulNBitsMlp", "MatMulNBitsQkv")
+
+
+def cpu_kernels(ops=FUSED_OPS) -> dict[str, bool]:
+    """Which of `ops` (com.microsoft) this onnxruntime registers CPU kernels for."""
+    from onnxruntime.capi import _pybind_state as C
+
+    registered = {
+        k.op_name
+        for k in C.get_all_opkernel_def()
+        if k.provider == "CPUExecutionProvider" and k.domain == "com.microsoft"
+    }
+    return {op: op in registered for op in ops}
+
+
 def machine_facts() -> dict:
     """CPU, cores, memory, load and library versions, for the results file."""
     flags = ""
@@ -209,6 +226,7 @@ def machine_facts() -> dict:
             for name in ("onnxruntime", "onnxruntime-genai", "onnx", "numpy", "edgepipe")
         },
         "edgepipe_git": git_revision(),
+        "cpu_kernels": cpu_kernels(),
     }
 
 

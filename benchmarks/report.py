@@ -182,9 +182,9 @@ def _model_table(doc: dict, m: dict) -> list[str]:
             0,
         )
     builds = {c: b for c, b in m.get("builds", {}).items() if c in contenders}
-    row("artifact MiB", {c: b["artifact_bytes"] / MIB for c, b in builds.items()}, 0)
-    row("build wall s", {c: b["wall_s"] for c, b in builds.items()})
-    row("build peak RSS MiB", {c: b["peak_rss_mib"] for c, b in builds.items()}, 0)
+    row("artifact MiB", {c: b.get("artifact_bytes", 0) / MIB or None for c, b in builds.items()}, 0)
+    row("build wall s", {c: b.get("wall_s") for c, b in builds.items()})
+    row("build peak RSS MiB", {c: b.get("peak_rss_mib") for c, b in builds.items()}, 0)
     loads = [
         r["load"][0]
         for c in contenders
@@ -217,6 +217,10 @@ def markdown(doc: dict) -> str:
         f"Load at start {f['load']}.",
         "",
     ]
+    kernels = f.get("cpu_kernels") or {}
+    if kernels:
+        listed = ", ".join(f"{op} {'yes' if ok else 'no'}" for op, ok in kernels.items())
+        lines += [f"CPU kernels registered in this onnxruntime (com.microsoft): {listed}.", ""]
     for m in doc["models"]:
         lines += _model_table(doc, m)
     lines += ["## Goals", "", "| goal | model | value | target | met |", "|---|---|---:|---:|---|"]
