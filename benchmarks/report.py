@@ -298,9 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args[0])
     doc = json.loads(path.read_text())
     doc["goals"] = goals(doc)
-    path.with_suffix(".md").write_text(markdown(doc))
-    chart(doc, path.with_suffix(".png"))
-    print(path.with_suffix(".md").read_text())
+    stem = str(path)[: -len(".json")] if path.name.endswith(".json") else str(path)
+    Path(f"{stem}.md").write_text(markdown(doc))
+    chart(doc, Path(f"{stem}.png"))
+    print(Path(f"{stem}.md").read_text())
     return 0
 
 

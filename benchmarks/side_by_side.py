@@ -252,19 +252,23 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth": bandwidth,
         "models": [],
     }
-    stem = "side_by_side" + (f"-{args.tag}" if args.tag else "")
+    stem = args.out / ("side_by_side" + (f"-{args.tag}" if args.tag else ""))
     for name in args.models:
         print(f"== {name}", flush=True)
         doc["models"].append(bench_model(name, args, bandwidth["best_bytes_per_s"]))
-        write_json(args.out / f"{stem}.json", doc)
-    again = measure_bandwidth(cache=args.cache)
-    doc["bandwidth_after"] = again
-    doc["goals"] = report.goals(doc)
-    write_json(args.out / f"{stem}.json", doc)
-    (args.out / f"{stem}.md").write_text(report.markdown(doc))
-    report.chart(doc, args.out / f"{stem}.png")
-    print((args.out / f"{stem}.md").read_text())
+        _write(doc, stem)  # after every model: a long run that is stopped keeps what it measured
+    doc["bandwidth_after"] = measure_bandwidth(cache=args.cache)
+    _write(doc, stem)
+    print(Path(f"{stem}.md").read_text())
     return 0
+
+
+def _write(doc: dict, stem: Path) -> None:
+    doc["goals"] = report.goals(doc)
+    # Not with_suffix: a tag such as "qwen2.5-0.5b" has a dot of its own.
+    write_json(Path(f"{stem}.json"), doc)
+    Path(f"{stem}.md").write_text(report.markdown(doc))
+    report.chart(doc, Path(f"{stem}.png"))
 
 
 if __name__ == "__main__":
