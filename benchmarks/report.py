@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 MIB = 2**20
-# (goal, which models, target, direction) — the goals, ratios from one run.
+# The goals name these shapes for the decode and runtime-memory ratios.
 DECODE_GOAL_MODELS = ("qwen2.5-0.5b", "qwen3-0.6b")
 RSS_GOAL_MODELS = ("qwen3-0.6b",)
 
@@ -60,62 +60,35 @@ def goals(doc: dict) -> list[dict]:
         met = None if value is None else (value >= target if at_least else value <= target)
         rows.append({"goal": goal, "model": model, "value": value, "target": target, "met": met})
 
+    def vs(m, other, prompt_len, metric):
+        ours, theirs = (_median(m, c, prompt_len, metric) for c in ("edgepipe", other))
+        return _ratio(ours, theirs)
+
+    decode, prefill = "decode_tokens_per_s", "prefill_tokens_per_s"
     for m in doc["models"]:
         name = m["model"]
         if name in DECODE_GOAL_MODELS:
-            add(
-                "decode tok/s, edgepipe / genai",
-                name,
-                _ratio(
-                    _median(m, "edgepipe", short, "decode_tokens_per_s"),
-                    _median(m, "genai", short, "decode_tokens_per_s"),
-                ),
-                1.10,
-            )
-        add(
-            f"prefill tok/s at {long}, edgepipe / genai",
-            name,
-            _ratio(
-                _median(m, "edgepipe", long, "prefill_tokens_per_s"),
-                _median(m, "genai", long, "prefill_tokens_per_s"),
-            ),
-            1.3,
-        )
+            add("decode tok/s, edgepipe / genai", name, vs(m, "genai", short, decode), 1.10)
+        add(f"prefill tok/s at {long}, edgepipe / genai", name, vs(m, "genai", long, prefill), 1.3)
         add("decode / bandwidth roofline", name, roofline_fraction(doc, m), 0.85)
         if name in RSS_GOAL_MODELS:
-            add(
-                "runtime peak RSS at defaults, edgepipe / genai",
-                name,
-                _ratio(_peak(m, "edgepipe/default"), _peak(m, "genai/default")),
-                0.25,
-                at_least=False,
-            )
+            rss = _ratio(_peak(m, "edgepipe/default"), _peak(m, "genai/default"))
+            add("runtime peak RSS at defaults, edgepipe / genai", name, rss, 0.25, at_least=False)
         builds = m.get("builds", {})
         if "genai" in builds:
-            add(
-                "build peak RSS, edgepipe / genai builder",
-                name,
-                _ratio(builds["edgepipe"]["peak_rss_mib"], builds["genai"]["peak_rss_mib"]),
-                0.4,
-                at_least=False,
-            )
+            rss = _ratio(builds["edgepipe"]["peak_rss_mib"], builds["genai"]["peak_rss_mib"])
+            add("build peak RSS, edgepipe / genai builder", name, rss, 0.4, at_least=False)
         if "llama.cpp" in m.get("speed", {}):
             add(
                 "stretch: decode tok/s, edgepipe / llama.cpp",
                 name,
-                _ratio(
-                    _median(m, "edgepipe", short, "decode_tokens_per_s"),
-                    _median(m, "llama.cpp", short, "decode_tokens_per_s"),
-                ),
+                vs(m, "llama.cpp", short, decode),
                 1.0,
             )
             add(
                 f"stretch: prefill tok/s at {long}, edgepipe / llama.cpp",
                 name,
-                _ratio(
-                    _median(m, "edgepipe", long, "prefill_tokens_per_s"),
-                    _median(m, "llama.cpp", long, "prefill_tokens_per_s"),
-                ),
+                vs(m, "llama.cpp", long, prefill),
                 1.0,
             )
     return rows
