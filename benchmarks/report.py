@@ -154,6 +154,14 @@ def _model_table(doc: dict, m: dict) -> list[str]:
             {c: _peak(m, f"{c}/{key}") for c in contenders},
             0,
         )
+    workers = m.get("workers", {})
+    if any("busy_threads" in w for w in workers.values()):
+        row(
+            "busy threads (CPU time > 10% of the busiest)",
+            {c: workers.get(c, {}).get("busy_threads") for c in contenders},
+            0,
+            ratio=False,
+        )
     builds = {c: b for c, b in m.get("builds", {}).items() if c in contenders}
     row("artifact MiB", {c: b.get("artifact_bytes", 0) / MIB or None for c, b in builds.items()}, 0)
     row("build wall s", {c: b.get("wall_s") for c, b in builds.items()})

@@ -123,6 +123,23 @@ class GenaiContender:
 CONTENDERS = {"edgepipe": EdgepipeContender, "genai": GenaiContender}
 
 
+def busy_threads() -> int | None:
+    """Threads of this process that did real work: CPU time above 10% of the busiest thread's.
+
+    onnxruntime-genai 0.18 runs its decoder on one thread while edgepipe's session uses one per
+    core; on a loaded machine that decides who suffers from stragglers, so it is recorded.
+    """
+    try:
+        ticks = [
+            sum(int(x) for x in (task / "stat").read_text().rsplit(")", 1)[1].split()[11:13])
+            for task in Path("/proc/self/task").iterdir()
+        ]
+    except OSError:
+        return None
+    top = max(ticks, default=0)
+    return sum(1 for t in ticks if top and t > 0.1 * top)
+
+
 def _answer(contender, prompt_len: int, gen_len: int, seed: int) -> dict:
     prompt = prompt_ids(prompt_len, seed)
     started = time.perf_counter()
@@ -148,7 +165,8 @@ def _serve(kind: str, artifact: str, **options) -> None:
             break
         row = _answer(contender, request["prompt_len"], request["gen_len"], request.get("seed", 0))
         print(json.dumps(row), flush=True)
-    print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}), flush=True)
+    print(json.dumps({"peak_rss_bytes": peak_rss_bytes(), "busy_threads": busy_threads()}))
+    sys.stdout.flush()
 
 
 def _child_env(src: Path | None) -> dict[str, str]:
