@@ -39,6 +39,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import folder_bytes as common_folder_bytes  # noqa: E402
+from common import genai_builder_cmd  # noqa: E402
+
 # (embedding, symmetric, activation dtype). onnxruntime-genai's `-p int4 -e cpu` build is
 # symmetric int4 block 32, float32 scales, one int4 table shared by embedding and lm_head, so the
 # first row is the like-for-like comparison.
@@ -52,7 +56,7 @@ VARIANTS = (
 
 def folder_bytes(folder: Path) -> int:
     """Bytes of the ONNX graph and its external data in `folder`."""
-    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+    return common_folder_bytes(folder, "model.onnx")
 
 
 def theoretical_bytes(
@@ -111,23 +115,8 @@ def edgepipe_build(
 
 
 def genai_build(model_dir: Path, out: Path, cache: Path) -> tuple[int, float]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "onnxruntime_genai.models.builder",
-        "-i",
-        str(model_dir),
-        "-o",
-        str(out),
-        "-p",
-        "int4",
-        "-e",
-        "cpu",
-        "-c",
-        str(cache),
-    ]
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    subprocess.run(genai_builder_cmd(model_dir, out, cache), check=True, capture_output=True)
     return folder_bytes(out), time.perf_counter() - t
 
 

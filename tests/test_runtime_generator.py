@@ -71,6 +71,34 @@ def test_greedy_with_the_kv_cache_equals_recomputing_from_scratch(gen):
     assert len(set(result.token_ids)) > 5  # the toy must not be a constant model
 
 
+def test_steps_on_one_reused_binding_give_the_logits_of_a_fresh_binding_each(gen):
+    # The decode loop binds the KV buffers once and rebinds only ids, mask and logits per step.
+    ids = gen.encode(PROMPTS[2])
+    caches = [KVCache(LAYERS, KV_HEADS, HEAD_DIM, batch=1, capacity=len(ids) + 8) for _ in "ab"]
+    kv_reused, kv_fresh = (c.ortvalues() for c in caches)
+    io = gen._bind_kv(kv_reused)
+    lengths = np.array([len(ids)])
+    reused = gen._step(np.array([ids]), lengths, kv_reused, io)
+    fresh = gen._step(np.array([ids]), lengths, kv_fresh)
+    for _ in range(6):
+        np.testing.assert_array_equal(reused, fresh)
+        token = np.array([[int(np.argmax(fresh[0]))]])
+        lengths = lengths + 1
+        previous = reused.copy()
+        reused = gen._step(token, lengths, kv_reused, io)
+        fresh = gen._step(token, lengths, kv_fresh)
+        assert not np.array_equal(reused, previous)  # a new step, not the last logits again
+    np.testing.assert_array_equal(reused, fresh)
+
+
+def test_sessions_do_not_spin_unless_session_config_turns_it_on(toy_dir):
+    key = "session.intra_op.allow_spinning"
+    default = Generator(toy_dir).session.get_session_options()
+    assert default.get_session_config_entry(key) == "0"
+    spinning = Generator(toy_dir, session_config={key: "1"}).session.get_session_options()
+    assert spinning.get_session_config_entry(key) == "1"
+
+
 def test_batch_of_different_lengths_gives_each_row_what_it_gives_alone(gen):
     batch = gen.generate(PROMPTS, max_new_tokens=20, stop_token_ids=[])
     for prompt, row in zip(PROMPTS, batch, strict=True):

@@ -33,6 +33,7 @@ from edgepipe.runtime.errors import (
     ProviderUnavailable,
 )
 from edgepipe.runtime.kv import KVCache, plan_capacity
+from edgepipe.runtime.options import session_options as new_session_options
 from edgepipe.runtime.sampling import (
     Sampler,
     SamplingParams,
@@ -163,6 +164,8 @@ class Generator:
             Memory is always sized per request; this only bounds it.
         session_options: an `onnxruntime.SessionOptions` to use as is.
         intra_op_num_threads: threads for onnxruntime (ignored when session_options is given).
+        session_config: onnxruntime session config entries over `SESSION_CONFIG` (ignored
+            when session_options is given), e.g. `{"session.intra_op.allow_spinning": "1"}`.
         provider_options: override the profile's provider options.
         prefill_chunk: feed long prompts this many tokens at a time (None: all at once); bounds
             prefill memory, same tokens.
@@ -181,6 +184,7 @@ class Generator:
         max_length: int | None = None,
         session_options=None,
         intra_op_num_threads: int | None = None,
+        session_config: Mapping[str, str] | None = None,
         provider_options: Mapping | None = None,
         prefill_chunk: int | None = 512,
     ):
@@ -217,15 +221,18 @@ class Generator:
                 provider=provider,
                 session_options=session_options,
                 intra_op_num_threads=intra_op_num_threads,
+                session_config=session_config,
                 provider_options=provider_options,
                 max_length=max_length,
             )
             self.provider = self._engine.provider
         else:
-            self._open_dynamic(provider, session_options, intra_op_num_threads, provider_options)
+            if session_options is None:
+                session_options = new_session_options(intra_op_num_threads, session_config)
+            self._open_dynamic(provider, session_options, provider_options)
             self._engine = _DynamicEngine(self)
 
-    def _open_dynamic(self, provider, session_options, intra_op_num_threads, provider_options):
+    def _open_dynamic(self, provider, session_options, provider_options):
         """The session over the dynamic decoder, and its input/output names."""
         import onnxruntime as ort
 
@@ -239,10 +246,6 @@ class Generator:
                 f"(available: {ort.get_available_providers()}); install it with: "
                 f"pip install {package}"
             )
-        if session_options is None:
-            session_options = ort.SessionOptions()
-            if intra_op_num_threads:
-                session_options.intra_op_num_threads = int(intra_op_num_threads)
         options = dict(art.provider_options if provider_options is None else provider_options)
         providers = [(self.provider, options)]
         if self.provider != CPU_PROVIDER:
@@ -647,24 +650,25 @@ class Generator:
         total = ids.shape[1]
         chunk = self.prefill_chunk or total
         logits = None
+        io = self._bind_kv(kv)
         for begin in range(start, total, chunk):
             end = min(begin + chunk, total)
             lengths = np.full(ids.shape[0], end, dtype=np.int64)
-            logits = self._step(ids[:, begin:end], lengths, kv)
+            logits = self._step(ids[:, begin:end], lengths, kv, io)
         return logits
 
-    def _step(self, input_ids: np.ndarray, lengths: np.ndarray, kv) -> np.ndarray:
-        """One decoder call; returns last-position logits [batch, vocab] as float32."""
-        width = int(lengths.max())
-        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    def _bind_kv(self, kv):
+        """An IOBinding with the KV buffers bound as past and present, reused across steps.
+
+        The buffers do not change between the steps of a request, so only input_ids, the mask
+        and the logits are rebound each step. Measured with a 28-layer, hidden-128 int4 model
+        (Python overhead dominates), 1 thread, 10 alternating rounds of 256 tokens: 2.02 vs
+        2.40 ms per decoded token with a new binding per step, i.e. ~0.4 ms (2-3%) per token at
+        the Qwen3-0.6B shape's 28 layers.
+        """
         io = self.session.io_binding()
-        io.bind_cpu_input(self._input_ids, np.ascontiguousarray(input_ids))
-        io.bind_cpu_input(self._mask, mask)
-        if self._uses_position_ids:
-            seq = input_ids.shape[1]
-            positions = lengths[:, None] - seq + np.arange(seq)[None, :]
-            io.bind_cpu_input(self._position_ids, np.maximum(positions, 0).astype(np.int64))
-        # Bound first: get_outputs() lists outputs in binding order.
+        # Logits first: get_outputs() lists outputs in the order of their first binding, and
+        # rebinding a name keeps its place, so the logits stay at index 0.
         io.bind_output(self._logits)
         keys, values = kv
         for (past_k, past_v, pres_k, pres_v), k, v in zip(
@@ -674,6 +678,24 @@ class Generator:
             io.bind_ortvalue_input(past_v, v)
             io.bind_ortvalue_output(pres_k, k)
             io.bind_ortvalue_output(pres_v, v)
+        return io
+
+    def _step(self, input_ids: np.ndarray, lengths: np.ndarray, kv, io=None) -> np.ndarray:
+        """One decoder call; returns last-position logits [batch, vocab] as float32.
+
+        `io`: a `_bind_kv(kv)` binding to reuse (made here when None).
+        """
+        if io is None:
+            io = self._bind_kv(kv)
+        width = int(lengths.max())
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        io.bind_cpu_input(self._input_ids, np.ascontiguousarray(input_ids))
+        io.bind_cpu_input(self._mask, mask)
+        if self._uses_position_ids:
+            seq = input_ids.shape[1]
+            positions = lengths[:, None] - seq + np.arange(seq)[None, :]
+            io.bind_cpu_input(self._position_ids, np.maximum(positions, 0).astype(np.int64))
+        io.bind_output(self._logits)  # a fresh buffer: the previous step's logits stay valid
         self.session.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()
         return np.asarray(logits[:, -1, :], dtype=np.float32)
@@ -721,7 +743,7 @@ class _DynamicRequest:
             )
         self.cache = cache
         self.capacity, self.nbytes = cache.capacity, cache.nbytes
-        self._kv = None
+        self._kv = self._io = None
 
     def prefill(self) -> np.ndarray:
         """Equal lengths in one call, otherwise row by row into row views of the cache."""
@@ -737,6 +759,7 @@ class _DynamicRequest:
         return np.concatenate(parts, axis=0)
 
     def step(self, feed: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        if self._kv is None:
+        if self._kv is None:  # one binding of the whole batch's KV for every decode step
             self._kv = self.cache.ortvalues()
-        return self.gen._step(feed, lengths, self._kv)
+            self._io = self.gen._bind_kv(self._kv)
+        return self.gen._step(feed, lengths, self._kv, self._io)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgepipe.runtime.errors import ArtifactError, GeneratorError, ProviderUnavailable
+from edgepipe.runtime.options import QUIET
+from edgepipe.runtime.options import session_options as new_session_options
 
 CPU = "CPUExecutionProvider"
 
@@ -179,7 +181,7 @@ class StaticPipeline:
         return np.asarray(outputs[0][0, -1], dtype=np.float32)
 
 
-def _sessions(artifact, provider, session_options, intra_op_num_threads, provider_options):
+def _sessions(artifact, provider, session_options, threads, session_config, provider_options):
     """(prefill, decode) sessions and the provider they run on; see `StaticEngine.open`."""
     import onnxruntime as ort
 
@@ -201,10 +203,8 @@ def _sessions(artifact, provider, session_options, intra_op_num_threads, provide
         )
 
     def fresh_options():
-        options = ort.SessionOptions()
-        if intra_op_num_threads:
-            options.intra_op_num_threads = int(intra_op_num_threads)
-        return options
+        quiet = QUIET if wanted == QNN_PROVIDER else None
+        return new_session_options(threads, session_config, log_severity_level=quiet)
 
     sessions, used = [], {}
     for stage in stages:
@@ -257,6 +257,7 @@ class StaticEngine:
         provider: str | None = None,
         session_options=None,
         intra_op_num_threads: int | None = None,
+        session_config=None,
         provider_options=None,
         max_length: int | None = None,
     ) -> StaticEngine:
@@ -268,7 +269,12 @@ class StaticEngine:
             ArtifactError: a graph is missing or does not load.
         """
         (prefill, decode), used, files = _sessions(
-            artifact, provider, session_options, intra_op_num_threads, provider_options
+            artifact,
+            provider,
+            session_options,
+            intra_op_num_threads,
+            session_config,
+            provider_options,
         )
         pipeline = StaticPipeline(
             prefill,

@@ -1,0 +1,43 @@
+"""The onnxruntime `SessionOptions` every session of `edgepipe.runtime` starts from."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# Session config entries of every session the Generator creates (`session_config=` adds or
+# overrides). Spinning off: idle intra-op threads sleep instead of busy-waiting, so they never
+# steal a core from the other thread or from other processes. Measured on a shared 2-core
+# AVX-512 VM (load 5-8 from other jobs), shape-exact Qwen2.5-0.5B int4, 8 alternating rounds
+# (benchmarks/side_by_side.py --variant): decode 17.5 vs 11.1 tok/s with spinning, prefill of
+# 128 tokens 89.5 vs 79.1 tok/s; onnxruntime-genai on its own build: 16.6 decode.
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+# onnxruntime's log level for the sessions created here: warnings (1) and above by default;
+# the QNN plug-in warns on every session about Windows-on-Arm-only features, so its sessions
+# log errors (3) only.
+QUIET = 3
+
+
+def session_options(
+    intra_op_num_threads: int | None = None,
+    session_config: Mapping[str, str] | None = None,
+    *,
+    log_severity_level: int | None = None,
+):
+    """New `onnxruntime.SessionOptions` with `SESSION_CONFIG` and the caller's entries over it.
+
+    Args:
+        intra_op_num_threads: threads per session (None or 0: onnxruntime's default, one per
+            physical core).
+        session_config: config entries added over `SESSION_CONFIG`.
+        log_severity_level: onnxruntime's log level (None: its default).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if intra_op_num_threads:
+        options.intra_op_num_threads = int(intra_op_num_threads)
+    if log_severity_level is not None:
+        options.log_severity_level = int(log_severity_level)
+    for key, value in {**SESSION_CONFIG, **(session_config or {})}.items():
+        options.add_session_config_entry(key, str(value))
+    return options
