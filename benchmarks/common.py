@@ -313,7 +313,7 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
     if record_path.is_file() and out.is_dir() and not rebuild:
         record = json.loads(record_path.read_text())
         if record.get("code_hash") == code_hash and record.get("rc") == 0:
-            return record
+            return {**record, "artifact": str(out)}  # the cache may have moved since
     shutil.rmtree(out, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     if kind == "edgepipe":
