@@ -22,6 +22,8 @@ import numpy as np
 import onnx_ir as ir
 
 from edgepipe.errors import InvalidInput
+from edgepipe.genai_config import FILE as GENAI_CONFIG
+from edgepipe.genai_config import genai_config
 from edgepipe.graph_ops import MS_DOMAIN, GraphWriter, ir_dtype, save_model, tensor_input
 from edgepipe.qwen2 import DecoderConfig, check_weights, expected_shapes, read_config
 from edgepipe.safetensors_io import SafetensorsModel, read_tensor
@@ -33,7 +35,6 @@ if TYPE_CHECKING:
 ACTIVATION_DTYPES = {"float32": np.float32, "float16": np.float16}
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-GENAI_CONFIG = "genai_config.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -43,10 +44,6 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
-# Qwen's end tokens: <|im_end|> ends a chat turn, <|endoftext|> ends a document.
-QWEN_EOS = [151645, 151643]
-QWEN_BOS = 151643
-QWEN_PAD = 151643
 
 # gate_proj and up_proj as one MatMul + Split (True) or two MatMuls (False). Measured on a
 # shape-exact Qwen2.5-0.5B, fp32, 1 ORT thread, best of 4 (shared 2-core box): prefill of 128
@@ -676,66 +673,6 @@ class _DecoderBuilder:
         act = w.op("Mul", f"{p}.mlp.act", [silu, up])
         down = self.linear(f"{p}.mlp.down_proj", act, [names["down"]], dtype=mlp_dtype)
         return self._to(f"{p}.mlp.down_proj", down, mlp_dtype, self.norm_dtype), residual
-
-
-def genai_config(cfg: DecoderConfig, *, context_length: int) -> dict[str, Any]:
-    """The genai_config.json onnxruntime-genai 0.18 reads for this decoder."""
-    extra = [t for t in cfg.eos_token_id if t not in QWEN_EOS]
-    eos = [*QWEN_EOS, *extra]
-    bos = cfg.bos_token_id if cfg.bos_token_id is not None else QWEN_BOS
-    pad = QWEN_PAD
-    vocab = cfg.vocab_size
-    if max(eos + [bos, pad]) >= vocab:
-        # genai refuses special ids outside the vocabulary; only test models with a reduced
-        # vocabulary get here: keep the ids that exist, else stop on the last id.
-        eos = [t for t in eos if t < vocab] or [vocab - 1]
-        bos, pad = (t if t < vocab else 0 for t in (bos, pad))
-    return {
-        "model": {
-            "type": cfg.family.name,
-            "bos_token_id": bos,
-            "context_length": context_length,
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": MODEL_FILE,
-                "head_size": cfg.head_dim,
-                "hidden_size": cfg.hidden_size,
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
-                "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
-                },
-                "num_attention_heads": cfg.num_attention_heads,
-                "num_hidden_layers": cfg.num_hidden_layers,
-                "num_key_value_heads": cfg.num_key_value_heads,
-            },
-            "eos_token_id": eos,
-            "pad_token_id": pad,
-            "vocab_size": cfg.vocab_size,
-        },
-        "search": {
-            "diversity_penalty": 0.0,
-            "do_sample": False,
-            "early_stopping": True,
-            "length_penalty": 1.0,
-            "max_length": context_length,
-            "min_length": 0,
-            "no_repeat_ngram_size": 0,
-            "num_beams": 1,
-            "num_return_sequences": 1,
-            "past_present_share_buffer": True,
-            "repetition_penalty": 1.0,
-            "temperature": 1.0,
-            "top_k": 1,
-            "top_p": 1.0,
-        },
-    }
 
 
 def copy_side_files(model_dir: Path, out_dir: Path) -> list[Path]:

@@ -45,6 +45,8 @@ import onnx_ir as ir
 from edgepipe import export
 from edgepipe.errors import InvalidInput
 from edgepipe.export import TABLE_CHUNK_ROWS, rotary_caches
+from edgepipe.genai_config import FILE as GENAI_CONFIG
+from edgepipe.genai_config import static_genai_config
 from edgepipe.graph_ops import GraphWriter, save_model, tensor_input
 from edgepipe.qdq import StaticQuant, quantize_linear, quantize_rows, quantize_table
 from edgepipe.qwen2 import DecoderConfig, check_weights, expected_shapes, read_config
@@ -53,7 +55,6 @@ from edgepipe.safetensors_io import SafetensorsModel
 PREFILL_FILE = "prefill.onnx"
 DECODE_FILE = "decode.onnx"
 DATA_FILE = "model.onnx.data"
-GENAI_CONFIG = "genai_config.json"
 # The additive mask is (mask - 1) * MASK_PENALTY: masked scores drop by this many logits. Big
 # enough that a masked position's softmax weight is below 1e-40 even when its raw score beats
 # the best attended one by 60, small enough that the 16-bit quantized score range stays fine
@@ -451,65 +452,6 @@ class _StaticBuilder:
         return out
 
 
-def static_genai_config(
-    cfg: DecoderConfig,
-    *,
-    chunk: int,
-    kv_capacity: int,
-    files: tuple[str, str] = (PREFILL_FILE, DECODE_FILE),
-) -> dict[str, Any]:
-    """genai_config.json for the two-graph pipeline, in onnxruntime-genai's `decoder-pipeline`
-    schema (it parses with `onnxruntime_genai.Config`; edgepipe.runtime drives the graphs)."""
-    base = export.genai_config(cfg, context_length=kv_capacity)
-    decoder = base["model"]["decoder"]
-    del decoder["filename"]
-    decoder["inputs"]["position_ids"] = "position_ids"
-    io_names = [
-        "input_ids",
-        "position_ids",
-        "attention_mask",
-        *[
-            f"past_key_values.{i}.{k}"
-            for i in range(cfg.num_hidden_layers)
-            for k in ("key", "value")
-        ],
-    ]
-    out_names = [
-        "logits",
-        *[f"present.{i}.{k}" for i in range(cfg.num_hidden_layers) for k in ("key", "value")],
-    ]
-    decoder["sliding_window"] = {
-        "window_size": chunk,
-        "pad_value": base["model"]["pad_token_id"],
-        "alignment": "left",
-        "slide_key_value_cache": False,
-        "slide_inputs": True,
-    }
-    decoder["pipeline"] = [
-        {
-            "prefill": {
-                "filename": files[0],
-                "inputs": io_names,
-                "outputs": out_names,
-                "run_on_prompt": True,
-                "run_on_token_gen": False,
-            }
-        },
-        {
-            "decode": {
-                "filename": files[1],
-                "inputs": io_names,
-                "outputs": out_names,
-                "run_on_prompt": False,
-                "run_on_token_gen": True,
-            }
-        },
-    ]
-    base["model"]["type"] = "decoder-pipeline"
-    base["search"]["past_present_share_buffer"] = False
-    return base
-
-
 def build_static_decoder(
     model_dir: Path | str,
     out_dir: Path | str,
@@ -572,7 +514,9 @@ def build_static_decoder(
         decode, out_dir / DECODE_FILE
     )
     gc_path = out_dir / GENAI_CONFIG
-    config = static_genai_config(cfg, chunk=chunk, kv_capacity=kv_capacity)
+    config = static_genai_config(
+        cfg, chunk=chunk, kv_capacity=kv_capacity, files=(PREFILL_FILE, DECODE_FILE)
+    )
     gc_path.write_text(json.dumps(config, indent=4) + "\n")
     files = [out_dir / PREFILL_FILE, out_dir / DECODE_FILE, out_dir / DATA_FILE, gc_path]
     files += export.copy_side_files(model_dir, out_dir)

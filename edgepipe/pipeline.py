@@ -1,11 +1,8 @@
 """`edgepipe build`: source → export+quantize → optimize → validate → package, atomically.
 
-Each build (one recipe for one profile) runs in a temporary folder inside OUT,
-`OUT/.tmp-<recipe>-<profile>-<pid>-<random>/`, and its artifact is renamed to
-`OUT/<recipe>/<profile>/` only when every stage passed. An existing artifact is replaced in
-two renames (old aside, new in) and then deleted, so a reader sees the old or the new folder,
-never a mix. A killed build leaves only its temp folder, which the next build in the same OUT
-sweeps (it checks that the owning process is gone first, so parallel builds are safe).
+Each build (one recipe for one profile) runs in a temporary folder inside OUT and its artifact
+is renamed to `OUT/<recipe>/<profile>/` only when every stage passed (`edgepipe.publish`): a
+failed or killed build leaves the previous artifact untouched.
 
 The export result is cached (`edgepipe.cache`): an unchanged recipe re-validates and
 re-packages, but does not re-export.
@@ -15,13 +12,10 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import re
 import shutil
 import sys
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,11 +23,9 @@ from pathlib import Path
 from edgepipe.cache import ENTRY_FILE, StageCache, content_hash, sha256_file
 from edgepipe.errors import BuildFailed, EdgepipeError, InvalidInput
 from edgepipe.matrix import MatrixEntry, build_matrix, shard_slice
+from edgepipe.publish import TMP_PREFIX, publish, sweep, tag
 from edgepipe.source import Source, as_plain, source_from_recipe
 
-TMP_PREFIX = ".tmp-"
-OLD_PREFIX = ".old-"
-_OWNED = re.compile(r"-(\d+)-[0-9a-f]{8}$")
 # Evaluation text is cut to this many tokens unless the recipe asks for fewer: validation runs
 # the artifact token by token, and 256 tokens already separate a good build from a broken one.
 MAX_EVAL_TOKENS = 256
@@ -85,81 +77,6 @@ class BuildOptions:
     cache_dir: Path | None = None
     use_cache: bool = True
     progress: Callable[[str, str, str], None] | None = field(default=None, repr=False)
-
-
-# ----------------------------------------------------------------------------- temp folders
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        import psutil
-
-        return psutil.pid_exists(pid)
-    except ImportError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-
-def _owner_gone(path: Path) -> bool:
-    match = _OWNED.search(path.name)
-    return bool(match) and not _pid_alive(int(match.group(1)))
-
-
-def sweep(out_dir: Path) -> list[Path]:
-    """Remove temp folders of dead builds in `out_dir`; put back an artifact a killed build had
-    set aside but not yet replaced.
-
-    Returns:
-        The folders removed.
-    """
-    removed: list[Path] = []
-    if not out_dir.is_dir():
-        return removed
-    for path in sorted(out_dir.glob(f"{TMP_PREFIX}*")):
-        if path.is_dir() and _owner_gone(path):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    for path in sorted(out_dir.glob(f"*/{OLD_PREFIX}*")):
-        if not (path.is_dir() and _owner_gone(path)):
-            continue
-        profile = _OWNED.sub("", path.name[len(OLD_PREFIX) :])
-        final = path.parent / profile
-        if not final.exists():
-            # Killed between its two renames: the aside folder is the last good artifact.
-            os.replace(path, final)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def _tag() -> str:
-    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def publish(built: Path, final: Path) -> None:
-    """Move the finished artifact `built` to `final`, replacing an existing one atomically
-    (old renamed aside, new renamed in, old deleted)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    aside = None
-    if final.exists():
-        aside = final.parent / f"{OLD_PREFIX}{final.name}-{_tag()}"
-        os.replace(final, aside)
-    try:
-        os.replace(built, final)
-    except OSError:
-        if aside is not None:
-            os.replace(aside, final)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -561,7 +478,7 @@ def build_one(plan: BuildPlan, options: BuildOptions) -> BuildResult:
     result = BuildResult(plan.recipe.name, plan.profile.name, precision=plan.precision)
     stages = _Stages(plan, options.progress)
     out_dir = Path(options.out_dir)
-    tmp = out_dir / f"{TMP_PREFIX}{plan.recipe.name}-{plan.profile.name}-{_tag()}"
+    tmp = out_dir / f"{TMP_PREFIX}{plan.recipe.name}-{plan.profile.name}-{tag()}"
     try:
         unsupported = plan.supported_here()
         if unsupported:

@@ -257,6 +257,30 @@ def test_chat_session_reuses_the_cache_and_matches_a_fresh_chat(gen):
     assert session.cached_tokens == 0
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'DmlExecutionProvider':UserWarning")
+def test_a_one_call_prefill_provider_never_continues_a_cache_with_several_tokens(
+    gen, toy_dir, monkeypatch
+):
+    # DirectML's attention takes any multi-token call as the first of a sequence. Its provider
+    # cannot run here: "install" it by name, and onnxruntime places the graph on CPU instead.
+    import onnxruntime as ort
+
+    real = ort.get_available_providers
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [*real(), "DmlExecutionProvider"])
+    dml = Generator(toy_dir, provider="DmlExecutionProvider", prefill_chunk=4)
+    assert dml.provider == "DmlExecutionProvider"
+    assert not dml.continues_prefill and dml.prefill_chunk is None
+    assert gen.continues_prefill
+    session = ChatSession(dml, system="Be terse.", enable_thinking=False, max_new_tokens=12)
+    session.send("Tell me something", stop_token_ids=[])
+    second = session.send("And then?", stop_token_ids=[])
+    assert second.metrics.prompt_tokens == len(second.prompt_token_ids), "the whole conversation"
+    fresh = gen.chat(
+        session.messages[:-1], enable_thinking=False, max_new_tokens=12, stop_token_ids=[]
+    )
+    assert second.token_ids == fresh.token_ids
+
+
 @pytest.fixture(scope="session")
 def thinking_dir(toy_dir, tmp_path_factory):
     # A template whose generation prompt opens the thinking block, so the toy "thinks" from

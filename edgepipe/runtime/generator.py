@@ -52,6 +52,12 @@ PROVIDER_PACKAGES = {
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 TRUNCATE_MODES = ("error", "left")
+# Providers whose GroupQueryAttention cannot append several tokens after cached ones: DirectML's
+# kernel binds the past length only for one-token calls and takes any longer call as the first
+# of a sequence (its past length is forced to 0; onnxruntime's DmlOperatorGroupQueryAttention).
+# On them a prompt is prefilled in one call (no chunks) and a chat turn re-feeds the whole
+# conversation instead of continuing the previous turn's cache.
+ONE_CALL_PREFILL = frozenset({"DmlExecutionProvider"})
 # dynamic: one decoder with contrib ops (this module); static: NPU prefill + decode graphs
 # (edgepipe.runtime.static).
 GRAPH_VARIANTS = ("dynamic", "static")
@@ -168,7 +174,8 @@ class Generator:
             when session_options is given), e.g. `{"session.intra_op.allow_spinning": "1"}`.
         provider_options: override the profile's provider options.
         prefill_chunk: feed long prompts this many tokens at a time (None: all at once); bounds
-            prefill memory, same tokens.
+            prefill memory, same tokens. Not used on providers that prefill in one call
+            (`ONE_CALL_PREFILL`: DirectML).
 
     Raises:
         ArtifactError: a file is missing, corrupt, or fails its checksum (named in the message).
@@ -231,6 +238,11 @@ class Generator:
                 session_options = new_session_options(intra_op_num_threads, session_config)
             self._open_dynamic(provider, session_options, provider_options)
             self._engine = _DynamicEngine(self)
+        # Whether a call may append several tokens after cached ones (chunked prefill, a chat
+        # turn continuing the previous turn's cache).
+        self.continues_prefill = self.provider not in ONE_CALL_PREFILL
+        if not self.continues_prefill:
+            self.prefill_chunk = None
 
     def _open_dynamic(self, provider, session_options, provider_options):
         """The session over the dynamic decoder, and its input/output names."""
@@ -724,7 +736,7 @@ class _DynamicRequest:
         needed = max(lengths) + max_new_tokens
         self.reuse = 0
         cache = None
-        if chat_session is not None and batch == 1:
+        if chat_session is not None and batch == 1 and gen.continues_prefill:
             cache, self.reuse = chat_session.take_cache(prompts[0])
             if cache is not None:
                 cache.ensure(min(needed, limit), used=self.reuse, limit=limit)
