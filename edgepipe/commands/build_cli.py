@@ -1,9 +1,9 @@
 """`edgepipe build` and `edgepipe matrix`.
 
 Exit codes of `build`: 0 every artifact built; 1 a stage or a validation threshold failed;
-2 invalid input (a bad recipe or profile, an unknown name, or a profile this version cannot
-build yet: static-graph NPU profiles such as qnn-htp). Providers that cannot run here (directml)
-are built, checked statically and run on CPU; the manifest says the provider was not run.
+2 invalid input (a bad recipe or profile, an unknown name, a missing dependency such as
+onnxruntime-qnn for qnn-htp). Providers that cannot run here (directml) are built, checked
+statically and run on CPU; the manifest says the provider was not run.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def build_command(args) -> int:
 
     Stages: source -> export+quantize -> optimize -> validate -> package. Each artifact is
     written to a temporary folder and renamed into place only when every stage passed.
-    Exit codes: 0 built; 1 a build or validation failed; 2 invalid input (including
-    profiles this version cannot build yet: static-graph NPU profiles).
+    Exit codes: 0 built; 1 a build or validation failed; 2 invalid input (a bad recipe,
+    profile or name, or a missing dependency: the message names the pip install).
     """
     from pathlib import Path
 
