@@ -613,9 +613,12 @@ def _build_into(plan, options, tmp: Path, result: BuildResult, stages, start: fl
         k: validation[k] for k in ("kl", "top1_agreement", "perplexity_ratio") if k in validation
     }
     if not validation["passed"]:
+        # Say where a reused export lives: a stale entry is then one `--no-cache` away.
+        origin = f" (export reused from the stage cache: {export_dir})" if result.cached else ""
         raise BuildFailed(
             f"{plan.name}: validation failed against the {validation['reference']} reference: "
             + "; ".join(validation["failures"])
+            + origin
         )
 
     stages("package")

@@ -205,6 +205,15 @@ def test_failing_threshold_exits_1_and_leaves_no_artifact(tmp_path, build_cache,
     assert not list(out.glob(f"{TMP_PREFIX}*"))
 
 
+def test_failing_build_on_a_cached_export_says_where_the_entry_is(built, build_cache, tmp_path):
+    recipe = _recipe_copy(tmp_path / "recipes", "tiny-qwen2", validation={"max_kl": 0.0})
+    plans = plan_builds([str(recipe)], ["cpu-x64"], "fp32")
+    (result,) = build_all(plans, BuildOptions(tmp_path / "dist", "fp32", build_cache))
+    assert result.status == "failed" and result.cached
+    assert "kl = " in result.error
+    assert f"export reused from the stage cache: {build_cache / 'export'}" in result.error
+
+
 @pytest.mark.slow
 def test_killed_build_leaves_previous_artifact_and_next_build_succeeds(built, tmp_path):
     out = tmp_path / "dist"
