@@ -112,7 +112,9 @@ class Source:
         Raises:
             BuildFailed: the hub download failed (message says how to fix offline mode).
         """
-        if self._dir is not None:
+        # A preset lives in one build's temp folder, gone when that build ends: a plan built
+        # again (a library caller's second build_all) writes it again into the new work_dir.
+        if self._dir is not None and (self._dir / "config.json").is_file():
             return self._dir
         if self.kind == "path":
             self.identity()  # checks config.json

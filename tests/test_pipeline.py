@@ -205,13 +205,17 @@ def test_failing_threshold_exits_1_and_leaves_no_artifact(tmp_path, build_cache,
     assert not list(out.glob(f"{TMP_PREFIX}*"))
 
 
-def test_failing_build_on_a_cached_export_says_where_the_entry_is(built, build_cache, tmp_path):
+def test_failing_build_on_a_cached_export_says_where_the_entry_is(tmp_path):
     recipe = _recipe_copy(tmp_path / "recipes", "tiny-qwen2", validation={"max_kl": 0.0})
     plans = plan_builds([str(recipe)], ["cpu-x64"], "fp32")
-    (result,) = build_all(plans, BuildOptions(tmp_path / "dist", "fp32", build_cache))
-    assert result.status == "failed" and result.cached
-    assert "kl = " in result.error
-    assert f"export reused from the stage cache: {build_cache / 'export'}" in result.error
+    cache = tmp_path / "cache"
+    first, second = (
+        build_all(plans, BuildOptions(tmp_path / f"dist{i}", "fp32", cache))[0] for i in (1, 2)
+    )
+    assert first.status == second.status == "failed"
+    assert "kl = " in first.error and "stage cache" not in first.error  # exported, then stored
+    assert second.cached
+    assert f"export reused from the stage cache: {cache / 'export'}" in second.error
 
 
 @pytest.mark.slow
