@@ -538,9 +538,35 @@ class _Fp16Stage:
         return guard_report(self.fp32_maxima, fp16_maxima, self.guard, self.policy, casts)
 
 
+def package_build(
+    plan, artifact: Path, family: str, result: BuildResult, start: float, reports: dict, **extra
+) -> dict:
+    """`edgepipe.package.package_artifact` with what every build variant records the same way:
+    recipe, profile (with its session provider options), source identity, the export record
+    and the wall time since `start`; `reports` and `extra` hold the variant's own parts."""
+    from edgepipe.package import package_artifact
+
+    return package_artifact(
+        artifact,
+        recipe=as_plain(plan.recipe),
+        profile={
+            **as_plain(plan.profile),
+            "provider_options": plan.profile.session_provider_options(),
+        },
+        family=family,
+        precision=plan.precision,
+        source={"kind": plan.source.kind, **plan.source.identity()},
+        reports={
+            **reports,
+            "export": {"cached": result.cached, "resolved_precision": as_plain(plan.resolved)},
+        },
+        build_seconds=time.perf_counter() - start,
+        **extra,
+    )
+
+
 def _build_into(plan, options, tmp: Path, result: BuildResult, stages, start: float) -> None:
     from edgepipe.optimize import optimize_model
-    from edgepipe.package import package_artifact
     from edgepipe.static_check import check_graph, provider_status
     from edgepipe.validate import validate_model
 
@@ -622,25 +648,19 @@ def _build_into(plan, options, tmp: Path, result: BuildResult, stages, start: fl
         )
 
     stages("package")
-    manifest = package_artifact(
+    manifest = package_build(
+        plan,
         artifact,
-        recipe=as_plain(plan.recipe),
-        profile={
-            **as_plain(plan.profile),
-            "provider_options": plan.profile.session_provider_options(),
-        },
-        family=family,
-        precision=plan.precision,
-        source={"kind": plan.source.kind, **plan.source.identity()},
-        reports={
+        family,
+        result,
+        start,
+        {
             "validation": validation,
             "quality": validation.get("quality"),
             "optimization": optimization,
-            "export": {"cached": result.cached, "resolved_precision": as_plain(plan.resolved)},
             "provider_check": provider,
             "fp16_guard": fp16_record,
         },
-        build_seconds=time.perf_counter() - start,
     )
     result.size_bytes = manifest["size_bytes"]
 

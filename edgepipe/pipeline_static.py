@@ -21,14 +21,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from edgepipe.cache import ENTRY_FILE, StageCache, content_hash
 from edgepipe.errors import BuildFailed
 from edgepipe.export_static import DECODE_FILE, PREFILL_FILE
-from edgepipe.source import as_plain
 
 FILES = (PREFILL_FILE, DECODE_FILE)
 QNN = "QNNExecutionProvider"
@@ -158,8 +156,7 @@ def _assemble(export_dir: Path, qdq_dir: Path, artifact: Path) -> None:
 
 def build_static_into(plan, options, tmp: Path, result, stages, start: float) -> None:
     """`edgepipe.pipeline._build_into` for a static profile (same stages, same result fields)."""
-    from edgepipe.package import package_artifact
-    from edgepipe.pipeline import _applicable_thresholds, _evaluation_ids
+    from edgepipe.pipeline import _applicable_thresholds, _evaluation_ids, package_build
     from edgepipe.static_check import check_graph
     from edgepipe.validate_static import validate_static
 
@@ -253,24 +250,18 @@ def build_static_into(plan, options, tmp: Path, result, stages, start: float) ->
             "weight_sharing": "onnx (one model.onnx.data); one context binary per graph",
         },
     }
-    manifest = package_artifact(
+    manifest = package_build(
+        plan,
         artifact,
-        recipe=as_plain(plan.recipe),
-        profile={
-            **as_plain(plan.profile),
-            "provider_options": plan.profile.session_provider_options(),
-        },
-        family=family,
-        precision=plan.precision,
-        source={"kind": plan.source.kind, **plan.source.identity()},
-        reports={
+        family,
+        result,
+        start,
+        {
             "validation": validation,
             "quality": result.quality,
             "optimization": optimization,
-            "export": {"cached": result.cached, "resolved_precision": as_plain(plan.resolved)},
             "provider_check": provider_check,
         },
-        build_seconds=time.perf_counter() - start,
         static=static,
     )
     result.size_bytes = manifest["size_bytes"]
