@@ -51,12 +51,15 @@ def reference_greedy(gen: Generator, ids: list[int], steps: int) -> list[int]:
     return out
 
 
-def test_import_loads_no_heavy_or_build_side_module():
+@pytest.mark.parametrize(
+    "modules", ["edgepipe.runtime", "edgepipe.runtime.static, edgepipe.runtime.qnn"]
+)
+def test_import_loads_no_heavy_or_build_side_module(modules):
     code = (
-        "import sys, edgepipe.runtime\n"
+        f"import sys, {modules}\n"
         "heavy = ('torch', 'transformers', 'onnx', 'onnx_ir', 'onnxscript', 'pydantic', 'yaml')\n"
-        "build = ('edgepipe.export', 'edgepipe.quantize', 'edgepipe.tokenizer', 'edgepipe.errors',"
-        " 'edgepipe.schema', 'edgepipe.pipeline')\n"
+        "build = ('edgepipe.export', 'edgepipe.quantize', 'edgepipe.qdq', 'edgepipe.tokenizer',"
+        " 'edgepipe.errors', 'edgepipe.schema', 'edgepipe.pipeline')\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(build)]\n"
         "print(bad)\n"
     )
