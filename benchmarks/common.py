@@ -1,6 +1,6 @@
 """Helpers the benchmark scripts share: cached model folders, measured child processes, facts.
 
-* `source_model(name)`: a shape-exact random-weight bf16 model folder (`edgepipe.presets`),
+* `source_model(name)`: a shape-exact random-weight bf16 model folder (`edgepipe.arch.presets`),
   written once into `benchmarks/.cache/models/` and reused (a `.complete` marker is written
   last, so an interrupted write is redone, never half-used).
 * `run_measured(cmd)`: run a child process and return its wall time and peak RSS (GNU time's
@@ -42,7 +42,7 @@ def source_model(name: str, cache: Path = CACHE, dtype: str = "bfloat16") -> Pat
     """The cached random-weight folder of preset `name` (written on first use).
 
     Args:
-        name: an `edgepipe.presets.PRESETS` key, e.g. "qwen3-0.6b".
+        name: an `edgepipe.arch.presets.PRESETS` key, e.g. "qwen3-0.6b".
         cache: the benchmark cache folder.
         dtype: safetensors dtype; bfloat16 like the real checkpoints.
 
@@ -59,7 +59,7 @@ def source_model(name: str, cache: Path = CACHE, dtype: str = "bfloat16") -> Pat
     started = time.perf_counter()
     # In a child: the draw peaks near the largest tensor in float32, and a parent that grew
     # would lend that peak to every child it starts (see `run_measured`).
-    code = "import sys; from edgepipe.presets import write_preset; "
+    code = "import sys; from edgepipe.arch.presets import write_preset; "
     code += "write_preset(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])"
     subprocess.run([sys.executable, "-c", code, name, str(SEED), str(partial), dtype], check=True)
     (partial / ".complete").write_text(json.dumps({"preset": name, "seed": SEED, "dtype": dtype}))
@@ -239,11 +239,11 @@ def write_json(path: Path, data) -> None:
 
 
 # `edgepipe build`'s export + quantize stage for one profile, in a child process: the recipe
-# is resolved by edgepipe.pipeline exactly as `edgepipe build RECIPE -p PROFILE` resolves it.
+# is resolved by edgepipe.build.run exactly as `edgepipe build RECIPE -p PROFILE` resolves it.
 _EDGEPIPE_BUILD_CHILD = """
 import json, sys
-from edgepipe.export import build_decoder
-from edgepipe.pipeline import build_code_hash, plan_builds
+from edgepipe.stages.export.dynamic import build_decoder
+from edgepipe.build.run import build_code_hash, plan_builds
 (plan,) = plan_builds([sys.argv[1]], [sys.argv[2]])
 quant = plan.quant_plan()
 result = build_decoder(sys.argv[3], sys.argv[4], activation_dtype=plan.activation_dtype,
@@ -297,7 +297,7 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
         model_dir: the source folder (`source_model`).
         cache: the benchmark cache; artifacts go to `builds/NAME/KIND/`, records beside.
         rebuild: build even when a record exists. An edgepipe record is also stale when the
-            export code changed (`edgepipe.pipeline.build_code_hash`).
+            export code changed (`edgepipe.build.run.build_code_hash`).
 
     Returns:
         `artifact`, `artifact_bytes` (model.onnx + data), `wall_s`, `peak_rss_mib`, load.
@@ -307,7 +307,7 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
     record_path = folder / f"{kind}.json"
     code_hash = None
     if kind == "edgepipe":
-        from edgepipe.pipeline import build_code_hash
+        from edgepipe.build.run import build_code_hash
 
         code_hash = build_code_hash()
     if record_path.is_file() and out.is_dir() and not rebuild:

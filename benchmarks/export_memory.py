@@ -26,7 +26,7 @@ sys.path.insert(0, str(BENCH_DIR))
 from common import folder_bytes, genai_builder_cmd, run_measured, source_model  # noqa: E402
 
 EDGEPIPE_CHILD = (
-    "import sys; from edgepipe.export import build_decoder; "
+    "import sys; from edgepipe.stages.export.dynamic import build_decoder; "
     "r = build_decoder(sys.argv[1], sys.argv[2], activation_dtype=sys.argv[3]); "
     "print('bytes_written', r.bytes_written)"
 )

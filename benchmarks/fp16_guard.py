@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepipe.export import build_decoder
-from edgepipe.fp16guard import Fp16Guard, activation_maxima, guard_casts, plan_guard
-from edgepipe.quantize import QuantPlan
-from edgepipe.validate import DecoderRunner, compare_logits
+from edgepipe.stages.export.dynamic import build_decoder
+from edgepipe.stages.export.fp16guard import Fp16Guard, activation_maxima, guard_casts, plan_guard
+from edgepipe.stages.quantize.plan import QuantPlan
+from edgepipe.stages.validate.dynamic import DecoderRunner, compare_logits
 
 DML = {"rotary_in_attention": False, "packed_qkv": False, "fused_bias": False}
 INT4 = QuantPlan.from_precision(
@@ -97,7 +97,7 @@ def timings(model: Path, prompt: int, decode: int) -> tuple[float, float]:
 
 
 def speed(work: Path, rounds: int) -> dict:
-    from edgepipe.presets import write_preset
+    from edgepipe.arch.presets import write_preset
 
     src = work / "qwen2.5-0.5b"
     if not (src / "config.json").is_file():
@@ -126,7 +126,7 @@ def speed(work: Path, rounds: int) -> dict:
 
 
 def main() -> None:
-    from edgepipe.presets import write_preset
+    from edgepipe.arch.presets import write_preset
     from tests.fixtures.models import write_overflow_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

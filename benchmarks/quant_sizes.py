@@ -103,8 +103,8 @@ def theoretical_bytes(
 def edgepipe_build(
     model_dir: Path, out: Path, embedding: str, symmetric: bool, dtype: str
 ) -> tuple[int, float]:
-    from edgepipe.export import build_decoder
-    from edgepipe.quantize import QuantPlan
+    from edgepipe.stages.export.dynamic import build_decoder
+    from edgepipe.stages.quantize.plan import QuantPlan
 
     plan = QuantPlan.from_precision(
         "int4", block_size=32, symmetric=symmetric, embedding=embedding, lm_head=embedding
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    from edgepipe.presets import write_preset
+    from edgepipe.arch.presets import write_preset
 
     results: dict = {"preset": args.preset}
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
 For each model shape (default: Qwen2.5-0.5B, Qwen3-0.6B, Qwen2.5-1.5B, Qwen3-1.7B):
 
-1. a random-weight bf16 folder (`edgepipe.presets`, cached in benchmarks/.cache/models/);
+1. a random-weight bf16 folder (`edgepipe.arch.presets`, cached in benchmarks/.cache/models/);
 2. builds from that folder, each in a child process measured for wall time and peak RSS:
    edgepipe's export + quantize stage for the `cpu-x64` profile (int4 block 32,
    accuracy_level 4, asymmetric; one int4 table for the embedding and the tied lm_head) and

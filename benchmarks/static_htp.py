@@ -39,8 +39,8 @@ from pathlib import Path
 
 import yaml
 
-from edgepipe import resources
-from edgepipe.pipeline import BuildOptions, build_all, plan_builds
+from edgepipe.build.run import BuildOptions, build_all, plan_builds
+from edgepipe.schema import shipped as resources
 
 PRECISIONS = {"w8a16": ("int8", None), "w4a16-pc": ("int4", None), "w4a16-b64": ("int4", 64)}
 OPEN = {"min_cosine": -1.0, "min_top1_agreement": 0.0, "max_kl": 1e9, "max_perplexity_ratio": 1e9}
@@ -71,8 +71,8 @@ def time_artifact(folder: Path, repeat: int) -> dict:
     import onnxruntime as ort
 
     from edgepipe.runtime.artifact import load_artifact
+    from edgepipe.runtime.engines.static import StaticPipeline
     from edgepipe.runtime.qnn import qnn_session
-    from edgepipe.runtime.static import StaticPipeline
 
     art = load_artifact(folder)
     options = art.provider_options

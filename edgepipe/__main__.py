@@ -1,3 +1,3 @@
-from edgepipe.cli import main
+from edgepipe.cli.main import main
 
 raise SystemExit(main())

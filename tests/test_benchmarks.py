@@ -23,9 +23,9 @@ import roofline  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny_int4(tmp_path_factory) -> Path:
-    from edgepipe.export import build_decoder
-    from edgepipe.presets import write_preset
-    from edgepipe.quantize import QuantPlan
+    from edgepipe.arch.presets import write_preset
+    from edgepipe.stages.export.dynamic import build_decoder
+    from edgepipe.stages.quantize.plan import QuantPlan
 
     tmp = tmp_path_factory.mktemp("bench")
     source = write_preset("tiny-qwen2", 0, tmp / "source", tokenizer=False)

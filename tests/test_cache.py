@@ -1,4 +1,4 @@
-"""Tests for edgepipe.cache: keys, verified reuse, corruption detection, atomic stores."""
+"""Tests for edgepipe.build.cache: keys, verified reuse, corruption detection, atomic stores."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from edgepipe.cache import ENTRY_FILE, StageCache, content_hash, default_cache_root, hash_tree
+from edgepipe.build.cache import ENTRY_FILE, StageCache, content_hash, default_cache_root, hash_tree
 
 
 @pytest.fixture

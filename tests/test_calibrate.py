@@ -1,12 +1,17 @@
-"""Tests for edgepipe.calibrate: the numpy layer forward against transformers' decoder layers."""
+"""Tests for edgepipe.stages.quantize.gptq_inputs: the numpy layer forward against transformers' decoder layers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgepipe.calibrate import LayerCalibrator, LayerConfig, layer_forward, rms_norm
 from edgepipe.errors import InvalidInput
+from edgepipe.stages.quantize.gptq_inputs import (
+    LayerCalibrator,
+    LayerConfig,
+    layer_forward,
+    rms_norm,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -112,7 +117,7 @@ def test_layer_by_layer_streaming_reproduces_transformers_hidden_states(make_tin
 
     from transformers import AutoModelForCausalLM
 
-    from edgepipe.safetensors_io import SafetensorsModel
+    from edgepipe.formats.safetensors import SafetensorsModel
 
     folder = make_tiny_model(family)
     config = json.loads((folder / "config.json").read_text())

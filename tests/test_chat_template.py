@@ -1,4 +1,4 @@
-"""Tests for the chat templates in edgepipe/templates (via edgepipe.tokenizer.chat_template).
+"""Tests for the chat templates in edgepipe/templates (via edgepipe.arch.tokenizer.chat_template).
 
 Two kinds of check: hand-written strings of the official Qwen2.5-Instruct and Qwen3 formats (so a
 wrong template cannot pass), and plain jinja2 (what the runtime uses) rendering exactly what
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgepipe.tokenizer import chat_template
+from edgepipe.arch.tokenizer import chat_template
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgepipe import resources
-from edgepipe.cli import main
+from edgepipe.cli.main import main
+from edgepipe.schema import shipped as resources
 
 TINY = resources.recipe_files()["tiny-qwen2"].read_text(encoding="utf-8")
 

@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from edgepipe.arch.spec import expected_shapes, read_config
 from edgepipe.errors import InvalidInput
-from edgepipe.export import build_decoder, rotary_caches
-from edgepipe.qwen2 import expected_shapes, read_config
-from edgepipe.safetensors_io import write_safetensors
+from edgepipe.formats.safetensors import write_safetensors
+from edgepipe.stages.export.dynamic import build_decoder, rotary_caches
 
 PROMPT = [151644, 872, 198, 9707, 11, 1246, 525, 498, 30, 151645, 198]
 SMALL_PROMPT = [1, 17, 993, 40, 5, 123, 7]  # for the vocab-1000 extra shapes
@@ -171,7 +171,7 @@ def test_directml_layout_matches_transformers(family, tiny_qwen2_dir, tiny_qwen3
 
 
 def test_unfused_bias_gives_the_fused_int4_logits(tiny_qwen2_dir, tmp_path):
-    from edgepipe.quantize import QuantPlan
+    from edgepipe.stages.quantize.plan import QuantPlan
 
     plan = QuantPlan.from_precision("int4", block_size=32, symmetric=True, lm_head="int4")
     for fused in (True, False):
@@ -309,8 +309,8 @@ def test_float16_export_tracks_float32(tiny_qwen3_dir, qwen3_export, tmp_path):
 
 def _dequantized_reference(model_dir: Path, plan, out_dir: Path) -> Path:
     """A float copy of `model_dir` whose weights are what the quantized graph computes with."""
-    from edgepipe.quantize import quantize_embedding, quantize_weight
-    from edgepipe.safetensors_io import SafetensorsModel
+    from edgepipe.formats.safetensors import SafetensorsModel
+    from edgepipe.stages.quantize.plan import quantize_embedding, quantize_weight
 
     shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
     weights = SafetensorsModel(model_dir)
@@ -331,10 +331,10 @@ def _dequantized_reference(model_dir: Path, plan, out_dir: Path) -> Path:
 def test_quantized_export_matches_dequantized_reference(
     bits, make_tiny_model, tmp_path, monkeypatch
 ):
-    from edgepipe.quantize import QuantPlan, QuantSpec
+    from edgepipe.stages.quantize.plan import QuantPlan, QuantSpec
 
     # Stream the 1000-row embedding in uneven chunks: chunked quantization must equal whole.
-    monkeypatch.setattr("edgepipe.export.TABLE_CHUNK_ROWS", 300)
+    monkeypatch.setattr("edgepipe.stages.export.dynamic.TABLE_CHUNK_ROWS", 300)
 
     model_dir = make_tiny_model("qwen3", hidden_size=128, head_dim=32)
     plan = QuantPlan(
@@ -354,7 +354,7 @@ def test_quantized_export_matches_dequantized_reference(
 
 
 def test_tied_quantized_embedding_is_stored_once(make_tiny_model, tmp_path):
-    from edgepipe.quantize import QuantPlan, QuantSpec
+    from edgepipe.stages.quantize.plan import QuantPlan, QuantSpec
 
     model_dir = make_tiny_model("qwen2")
     plan = QuantPlan(default=None, embedding=QuantSpec(4, 32, False, "rtn", 0))
@@ -449,7 +449,7 @@ def test_truncated_weights_name_the_file(model_copy, tmp_path):
 
 
 def _rewrite_weights(folder: Path, edit) -> None:
-    from edgepipe.safetensors_io import SafetensorsModel
+    from edgepipe.formats.safetensors import SafetensorsModel
 
     weights = SafetensorsModel(folder)
     tensors = {name: weights.read(name) for name in weights.names()}
@@ -532,7 +532,7 @@ def test_expected_shapes_follow_config_head_dim(tiny_qwen3_dir):
 
 
 def test_gptq_quantizes_with_calibration_activations(make_tiny_model, tmp_path):
-    from edgepipe.quantize import QuantPlan, QuantSpec
+    from edgepipe.stages.quantize.plan import QuantPlan, QuantSpec
 
     model_dir = make_tiny_model("qwen3", hidden_size=128, head_dim=32)
     ids = np.random.default_rng(0).integers(0, 1000, 96)
@@ -555,7 +555,7 @@ def test_gptq_quantizes_with_calibration_activations(make_tiny_model, tmp_path):
 
 
 def test_gptq_without_calibration_ids_says_what_to_pass(make_tiny_model, tmp_path):
-    from edgepipe.quantize import QuantPlan, QuantSpec
+    from edgepipe.stages.quantize.plan import QuantPlan, QuantSpec
 
     plan = QuantPlan(default=QuantSpec(4, 32, False, "gptq", 0))
     with pytest.raises(InvalidInput, match="calibration_ids"):
@@ -563,7 +563,7 @@ def test_gptq_without_calibration_ids_says_what_to_pass(make_tiny_model, tmp_pat
 
 
 def test_packed_gate_up_variant_matches_transformers(make_tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr("edgepipe.export.PACK_MLP", True)
+    monkeypatch.setattr("edgepipe.stages.export.dynamic.PACK_MLP", True)
     model_dir = make_tiny_model("qwen3")
     build_decoder(model_dir, tmp_path, context_length=256)
     ops = op_types(tmp_path / "model.onnx")
@@ -572,7 +572,7 @@ def test_packed_gate_up_variant_matches_transformers(make_tiny_model, tmp_path, 
 
 
 def test_bf16_preset_exports_and_matches_transformers(tmp_path):
-    from edgepipe.presets import write_preset
+    from edgepipe.arch.presets import write_preset
 
     model_dir = write_preset("tiny-qwen2", 3, tmp_path / "preset", tokenizer=False)
     result = build_decoder(model_dir, tmp_path / "onnx", context_length=256)

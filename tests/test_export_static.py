@@ -12,14 +12,14 @@ import pytest
 
 from edgepipe import schema
 from edgepipe.errors import InvalidInput
-from edgepipe.export_static import (
+from edgepipe.runtime.engines.static import StaticPipeline
+from edgepipe.stages.export.static import (
     DATA_FILE,
     DECODE_FILE,
     PREFILL_FILE,
     build_static_decoder,
 )
-from edgepipe.qdq import StaticQuant, WeightQuant
-from edgepipe.runtime.static import StaticPipeline
+from edgepipe.stages.quantize.qdq import StaticQuant, WeightQuant
 
 CHUNK, CAPACITY, VOCAB = 8, 64, 1000
 

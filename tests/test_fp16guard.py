@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepipe.calibrate import LayerCalibrator
 from edgepipe.errors import InvalidInput
-from edgepipe.export import build_decoder
-from edgepipe.fp16guard import (
+from edgepipe.formats.safetensors import SafetensorsModel
+from edgepipe.stages.export.dynamic import build_decoder
+from edgepipe.stages.export.fp16guard import (
     FP16_MAX,
     Fp16Guard,
     activation_maxima,
@@ -20,9 +20,9 @@ from edgepipe.fp16guard import (
     guard_report,
     plan_guard,
 )
-from edgepipe.quantize import QuantPlan
-from edgepipe.safetensors_io import SafetensorsModel
-from edgepipe.validate import DecoderRunner, compare_logits
+from edgepipe.stages.quantize.gptq_inputs import LayerCalibrator
+from edgepipe.stages.quantize.plan import QuantPlan
+from edgepipe.stages.validate.dynamic import DecoderRunner, compare_logits
 
 IDS = [9707, 11, 1246, 525, 498, 30, 151645, 198, 40, 1079, 264, 1661, 13, 785, 3974, 17] * 3
 # The DirectML layout (device_profiles/directml.yaml), int4 like the profile's default.
@@ -46,7 +46,7 @@ def logits(model: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
-    from edgepipe.presets import write_preset
+    from edgepipe.arch.presets import write_preset
 
     work = tmp_path_factory.mktemp("guard-tiny")
     src = write_preset("tiny-qwen2", 0, work / "src", "float32", tokenizer=False)
@@ -154,7 +154,7 @@ def test_unknown_policy_is_refused():
 
 
 def test_nan_maxima_count_as_overflow():
-    from edgepipe.fp16guard import LayerMaxima
+    from edgepipe.stages.export.fp16guard import LayerMaxima
 
     guard = plan_guard([LayerMaxima(0, attention=1.0, mlp_act=1.0, mlp=float("nan"))], "auto")
     assert guard == Fp16Guard(residual=True, fp32_mlp=(0,))

@@ -1,12 +1,12 @@
-"""Tests for edgepipe.gptq: exact packing, lower output error than rtn, Hessian factor."""
+"""Tests for edgepipe.stages.quantize.gptq: exact packing, lower output error than rtn, Hessian factor."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgepipe.gptq import _inverse_cholesky_upper, hessian
-from edgepipe.quantize import QuantSpec, quantize_weight
+from edgepipe.stages.quantize.gptq import _inverse_cholesky_upper, hessian
+from edgepipe.stages.quantize.plan import QuantSpec, quantize_weight
 from tests.test_hqq import correlated_inputs, output_error
 from tests.test_quantize import matmul_nbits_session
 

@@ -1,4 +1,4 @@
-"""Tests for edgepipe.hqq: exact MatMulNBits packing and lower error than rtn."""
+"""Tests for edgepipe.stages.quantize.hqq: exact MatMulNBits packing and lower error than rtn."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from edgepipe.errors import InvalidInput
-from edgepipe.hqq import quantize_hqq, shrink_lp
-from edgepipe.quantize import QuantSpec, quantize_weight
+from edgepipe.stages.quantize.hqq import quantize_hqq, shrink_lp
+from edgepipe.stages.quantize.plan import QuantSpec, quantize_weight
 from tests.test_quantize import matmul_nbits_session
 
 

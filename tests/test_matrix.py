@@ -1,4 +1,4 @@
-"""Tests for edgepipe.matrix: the build matrix, its shards, and `edgepipe matrix` output."""
+"""Tests for edgepipe.build.matrix: the build matrix, its shards, and `edgepipe matrix` output."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgepipe import resources
-from edgepipe.cli import main
-from edgepipe.errors import InvalidInput
-from edgepipe.matrix import (
+from edgepipe.build.matrix import (
     MatrixEntry,
     build_matrix,
     format_matrix,
@@ -19,6 +16,9 @@ from edgepipe.matrix import (
     shard_entries,
     shard_slice,
 )
+from edgepipe.cli.main import main
+from edgepipe.errors import InvalidInput
+from edgepipe.schema import shipped as resources
 
 RECIPES = [
     ("qwen3-0.6b", "qwen3-0.6b", ["cpu-x64", "qnn-htp", "directml"]),
@@ -89,7 +89,7 @@ def test_unknown_format_is_invalid_input():
 
 
 def _shipped_pairs():
-    from edgepipe.pipeline import matrix_entries
+    from edgepipe.build.run import matrix_entries
 
     return matrix_entries(list(resources.recipe_files()))
 
@@ -118,7 +118,7 @@ def test_matrix_command_json_shards_cover_all_shipped_pairs(capsys, shards):
 
 @pytest.mark.skipif(not resources.recipe_files(), reason="no shipped recipes in this checkout yet")
 def test_build_shards_plan_the_same_pairs_as_matrix_shards():
-    from edgepipe.pipeline import plan_builds
+    from edgepipe.build.run import plan_builds
 
     everything = _shipped_pairs()
     recipes = list(resources.recipe_files())

@@ -1,4 +1,4 @@
-"""Tests for edgepipe.optimize on a contract-following toy decoder (no export needed)."""
+"""Tests for edgepipe.stages.optimize on a contract-following toy decoder (no export needed)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import onnx
 import pytest
 
 from edgepipe.errors import InvalidInput
-from edgepipe.optimize import DATA, MODEL, level_name, optimize_model
-from edgepipe.validate import DecoderRunner
+from edgepipe.stages.optimize import DATA, MODEL, level_name, optimize_model
+from edgepipe.stages.validate.dynamic import DecoderRunner
 from tests.test_runtime_toy import build_toy_artifact
 
 IDS = [11, 220, 3555, 42, 9, 100, 7, 151643]
@@ -94,7 +94,7 @@ def test_disabled_level_only_cleans_layout(toy_export, tmp_path):
 
 
 def test_graph_that_breaks_when_optimized_is_not_kept(toy_export, tmp_path, monkeypatch):
-    import edgepipe.optimize as optimize
+    import edgepipe.stages.optimize as optimize
 
     real_probe = optimize._probe
     calls = []

@@ -1,4 +1,4 @@
-"""Tests for edgepipe.package: artifact files, genai/generation configs and the manifest."""
+"""Tests for edgepipe.stages.package: artifact files, genai/generation configs and the manifest."""
 
 from __future__ import annotations
 
@@ -6,11 +6,16 @@ import json
 
 import pytest
 
-from edgepipe.cache import sha256_file
-from edgepipe.package import MANIFEST, generation_config, package_artifact, update_genai_config
+from edgepipe.build.cache import sha256_file
 from edgepipe.runtime.artifact import load_artifact
 from edgepipe.schema import load_profile, load_recipe
-from edgepipe.source import as_plain
+from edgepipe.stages.package import (
+    MANIFEST,
+    generation_config,
+    package_artifact,
+    update_genai_config,
+)
+from edgepipe.stages.source import as_plain
 from tests.test_runtime_toy import build_toy_artifact
 
 

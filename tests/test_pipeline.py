@@ -18,12 +18,12 @@ import onnx
 import pytest
 import yaml
 
-from edgepipe import resources
-from edgepipe.cache import ENTRY_FILE, StageCache, sha256_file
-from edgepipe.cli import main
-from edgepipe.pipeline import BuildOptions, build_all, export_modules, plan_builds
-from edgepipe.publish import OLD_PREFIX, TMP_PREFIX, publish
+from edgepipe.build.cache import ENTRY_FILE, StageCache, sha256_file
+from edgepipe.build.publish import OLD_PREFIX, TMP_PREFIX, publish
+from edgepipe.build.run import BuildOptions, build_all, export_modules, plan_builds
+from edgepipe.cli.main import main
 from edgepipe.runtime.artifact import load_artifact
+from edgepipe.schema import shipped as resources
 
 REPO = Path(__file__).resolve().parents[1]
 BUILDS = [
@@ -166,7 +166,7 @@ def test_corrupted_cache_entry_is_detected_and_rebuilt(built, build_cache, tmp_p
 def test_without_transformers_validation_uses_the_unquantized_export(
     built, build_cache, tmp_path, monkeypatch
 ):
-    import edgepipe.pipeline as pipeline
+    import edgepipe.build.run as pipeline
 
     # What `pip install 'edgepipe[build]'` (no torch, no transformers) gets.
     monkeypatch.setattr(pipeline, "importlib_available", lambda module: False)

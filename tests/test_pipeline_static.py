@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgepipe.cache import sha256_file
-from edgepipe.cli import main
-from edgepipe.pipeline import BuildOptions, build_all, plan_builds
+from edgepipe.build.cache import sha256_file
+from edgepipe.build.run import BuildOptions, build_all, plan_builds
+from edgepipe.cli.main import main
 from edgepipe.runtime import Generator
 from edgepipe.runtime.artifact import load_artifact
 from tests.fixtures.static import QNN_MISSING, QNN_SKIP

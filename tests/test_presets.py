@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from edgepipe.arch.presets import PRESETS, preset_config, preset_tensors, write_preset
 from edgepipe.errors import InvalidInput
-from edgepipe.presets import PRESETS, preset_config, preset_tensors, write_preset
-from edgepipe.safetensors_io import SafetensorsModel
+from edgepipe.formats.safetensors import SafetensorsModel
 
 # DESIGN.md's table: hidden, layers, heads, kv heads, head_dim, intermediate.
 DESIGN_TABLE = {

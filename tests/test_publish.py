@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgepipe.publish import OLD_PREFIX, TMP_PREFIX, publish, sweep, tag
+from edgepipe.build.publish import OLD_PREFIX, TMP_PREFIX, publish, sweep, tag
 
 
 def _folder(path: Path, text: str) -> Path:

@@ -9,8 +9,11 @@ import onnxruntime as ort
 import pytest
 
 from edgepipe.errors import InvalidInput
-from edgepipe.export_static import DATA_FILE, DECODE_FILE, PREFILL_FILE, build_static_decoder
-from edgepipe.qdq import (
+from edgepipe.runtime.engines.static import StaticPipeline
+from edgepipe.schema import ResolvedPrecision
+from edgepipe.schema.models import Override
+from edgepipe.stages.export.static import DATA_FILE, DECODE_FILE, PREFILL_FILE, build_static_decoder
+from edgepipe.stages.quantize.qdq import (
     StaticQuant,
     WeightQuant,
     _unpack,
@@ -20,9 +23,6 @@ from edgepipe.qdq import (
     quantize_rows,
     quantize_table,
 )
-from edgepipe.runtime.static import StaticPipeline
-from edgepipe.schema import ResolvedPrecision
-from edgepipe.schema.models import Override
 
 FILES = (PREFILL_FILE, DECODE_FILE)
 RNG = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Tests for edgepipe.quality: the report's numbers, its ORT plumbing and bad input."""
+"""Tests for edgepipe.stages.validate.metrics: the report's numbers, its ORT plumbing and bad input."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepipe.errors import InvalidInput
-from edgepipe.quality import (
+from edgepipe.stages.quantize.plan import QuantSpec, quantize_weight
+from edgepipe.stages.validate.metrics import (
     compare_artifacts,
     compare_logits,
     log_softmax,
@@ -19,7 +20,6 @@ from edgepipe.quality import (
     quality_report,
     token_windows,
 )
-from edgepipe.quantize import QuantSpec, quantize_weight
 
 VOCAB = 50
 
@@ -165,8 +165,8 @@ def test_ort_logits_fn_gives_every_position_for_all_logits_and_last_only_exports
 @pytest.fixture(scope="module")
 def tiny_exports(make_tiny_model, tmp_path_factory):
     """A tiny Qwen3 exported in float32 and quantized several ways, all-position logits."""
-    from edgepipe.export import build_decoder
-    from edgepipe.quantize import QuantPlan
+    from edgepipe.stages.export.dynamic import build_decoder
+    from edgepipe.stages.quantize.plan import QuantPlan
 
     model = make_tiny_model("qwen3")
     root = tmp_path_factory.mktemp("quality-exports")

@@ -1,4 +1,4 @@
-"""Tests for edgepipe.quantize: packing against ORT's kernels, methods, plans and errors."""
+"""Tests for edgepipe.stages.quantize.plan: packing against ORT's kernels, methods, plans and errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepipe.errors import InvalidInput
-from edgepipe.quantize import (
+from edgepipe.stages.quantize.plan import (
     METHODS,
     QuantPlan,
     QuantSpec,

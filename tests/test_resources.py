@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edgepipe import resources
 from edgepipe.errors import InvalidInput
+from edgepipe.schema import shipped as resources
 
 REPO = Path(__file__).resolve().parents[1]
 

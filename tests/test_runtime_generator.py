@@ -52,14 +52,14 @@ def reference_greedy(gen: Generator, ids: list[int], steps: int) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "modules", ["edgepipe.runtime", "edgepipe.runtime.static, edgepipe.runtime.qnn"]
+    "modules", ["edgepipe.runtime", "edgepipe.runtime.engines.static, edgepipe.runtime.qnn"]
 )
 def test_import_loads_no_heavy_or_build_side_module(modules):
     code = (
         f"import sys, {modules}\n"
         "heavy = ('torch', 'transformers', 'onnx', 'onnx_ir', 'onnxscript', 'pydantic', 'yaml')\n"
-        "build = ('edgepipe.export', 'edgepipe.quantize', 'edgepipe.qdq', 'edgepipe.tokenizer',"
-        " 'edgepipe.errors', 'edgepipe.schema', 'edgepipe.pipeline')\n"
+        "build = ('edgepipe.stages.export.dynamic', 'edgepipe.stages.quantize.plan', 'edgepipe.stages.quantize.qdq', 'edgepipe.arch.tokenizer',"
+        " 'edgepipe.errors', 'edgepipe.schema', 'edgepipe.build.run')\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(build)]\n"
         "print(bad)\n"
     )

@@ -39,14 +39,14 @@ def test_greedy_equals_onnxruntime_genai_on_the_toy_artifact(toy, prompt):
     assert ours == theirs[:64]
 
 
-# --- tiny random Qwen2 / Qwen3 exported by edgepipe.export (fp32) ---------------------------------
+# --- tiny random Qwen2 / Qwen3 exported by edgepipe.stages.export.dynamic (fp32) ---------------------------------
 
 PARITY_PROMPTS = ["Hello world, this is a test", "北京 🫠", "def f(x):\n    return"]
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_qwen2_dir, tiny_qwen3_dir):
-    from edgepipe.export import build_decoder
+    from edgepipe.stages.export.dynamic import build_decoder
 
     out = {}
     for family, source in (("qwen2", tiny_qwen2_dir), ("qwen3", tiny_qwen3_dir)):

@@ -13,9 +13,9 @@ import shutil
 import numpy as np
 import pytest
 
-from edgepipe.export_static import build_static_decoder
 from edgepipe.runtime import ChatSession, Generator, PromptTooLong
-from edgepipe.runtime.static import KVCacheFull
+from edgepipe.runtime.engines.static import KVCacheFull
+from edgepipe.stages.export.static import build_static_decoder
 from tests.fixtures.static import QNN_MISSING, QNN_SKIP, SMALL_CHUNK, SMALL_VOCAB
 
 CHUNK, CAPACITY = 8, 64

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 from edgepipe.errors import InvalidInput
-from edgepipe.safetensors_io import SafetensorsModel, read_header, write_safetensors
+from edgepipe.formats.safetensors import SafetensorsModel, read_header, write_safetensors
 
 
 @pytest.fixture()

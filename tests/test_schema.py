@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from edgepipe import resources, schema
+from edgepipe import schema
 from edgepipe.errors import InvalidInput
 from edgepipe.schema import models
+from edgepipe.schema import shipped as resources
 
 SHIPPED_PROFILES = sorted(resources.profile_files())
 SHIPPED_RECIPES = sorted(resources.recipe_files())
@@ -509,10 +510,10 @@ def test_file_kind_tells_recipes_from_profiles(tmp_path):
 
 def test_preset_names_follow_the_presets_registry():
     names = schema.preset_names()
-    if importlib.util.find_spec("edgepipe.presets") is None:
+    if importlib.util.find_spec("edgepipe.arch.presets") is None:
         assert names == schema.FALLBACK_PRESETS
     else:
-        from edgepipe.presets import PRESETS
+        from edgepipe.arch.presets import PRESETS
 
         assert names == tuple(PRESETS)
     assert {"tiny-qwen2", "tiny-qwen3"} <= set(names)

@@ -1,4 +1,4 @@
-"""Tests for edgepipe.source: source identity (cache keys) and materializing each kind."""
+"""Tests for edgepipe.stages.source: source identity (cache keys) and materializing each kind."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edgepipe.errors import BuildFailed, InvalidInput
-from edgepipe.source import HUB_ALLOW_PATTERNS, source_from_recipe
+from edgepipe.stages.source import HUB_ALLOW_PATTERNS, source_from_recipe
 
 
 def test_preset_identity_is_name_and_seed_and_materializes_a_model_folder(tmp_path):

@@ -10,9 +10,9 @@ from onnx import TensorProto, helper
 
 from edgepipe import schema
 from edgepipe.errors import InvalidInput
-from edgepipe.export import build_decoder
-from edgepipe.quantize import QuantPlan
-from edgepipe.static_check import check_graph, provider_status, this_machine
+from edgepipe.stages.export.dynamic import build_decoder
+from edgepipe.stages.quantize.plan import QuantPlan
+from edgepipe.stages.validate.graph_check import check_graph, provider_status, this_machine
 
 
 def tiny_graph(path: Path, op: str = "Erf", dtype: int = TensorProto.FLOAT) -> Path:

@@ -1,4 +1,4 @@
-"""Tests for edgepipe.tokenizer: the real Qwen BPE tokenizer and the tokenizer files."""
+"""Tests for edgepipe.arch.tokenizer: the real Qwen BPE tokenizer and the tokenizer files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tokenizers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgepipe import tokenizer as tk
+from edgepipe.arch import tokenizer as tk
 from edgepipe.errors import InvalidInput
 
 QWEN3_IDS = {

@@ -1,4 +1,4 @@
-"""Tests for edgepipe.validate: teacher-forced runs, metrics, thresholds, the report."""
+"""Tests for edgepipe.stages.validate.dynamic: teacher-forced runs, metrics, thresholds, the report."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgepipe.errors import InvalidInput
-from edgepipe.validate import (
+from edgepipe.stages.validate.dynamic import (
     DecoderRunner,
     check_thresholds,
     compare_logits,
@@ -153,8 +153,8 @@ def test_chunked_metrics_equal_a_direct_computation():
 @pytest.fixture(scope="module")
 def fp16_pair(tmp_path_factory):
     """The tiny-qwen2 preset exported in float32 and in float16."""
-    from edgepipe.export import build_decoder
-    from edgepipe.presets import write_preset
+    from edgepipe.arch.presets import write_preset
+    from edgepipe.stages.export.dynamic import build_decoder
 
     root = tmp_path_factory.mktemp("fp16-pair")
     src = write_preset("tiny-qwen2", 0, root / "src", "float32", tokenizer=False)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from edgepipe.errors import BuildFailed
-from edgepipe.export_static import build_static_decoder
-from edgepipe.validate_static import (
+from edgepipe.stages.export.static import build_static_decoder
+from edgepipe.stages.validate.static import (
     compile_on_htp,
     evaluation_schedule,
     greedy,

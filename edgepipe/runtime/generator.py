@@ -10,7 +10,7 @@ padded rows match it bit for bit). Prompts of different lengths are prefilled ro
 into its own row of the batch buffer (the graph returns only the last position's logits, which a
 right-padded row would not have); decoding then runs the whole batch in one call per token.
 
-The model calls go through an engine (`_DynamicEngine` here; `edgepipe.runtime.static.StaticEngine`
+The model calls go through an engine (`_DynamicEngine` here; `edgepipe.runtime.engines.static.StaticEngine`
 for static NPU artifacts, whose fixed-shape graphs need their own cache and padding), so sampling,
 stop handling, streaming, chat and metrics are the same code for both graph variants.
 """
@@ -59,7 +59,7 @@ TRUNCATE_MODES = ("error", "left")
 # conversation instead of continuing the previous turn's cache.
 ONE_CALL_PREFILL = frozenset({"DmlExecutionProvider"})
 # dynamic: one decoder with contrib ops (this module); static: NPU prefill + decode graphs
-# (edgepipe.runtime.static).
+# (edgepipe.runtime.engines.static).
 GRAPH_VARIANTS = ("dynamic", "static")
 
 
@@ -221,7 +221,7 @@ class Generator:
         # thread-safe, so concurrent calls (threads, or interleaved streams) do not interfere.
         self._template: ChatTemplate | None = None
         if art.graph_variant == "static":
-            from edgepipe.runtime.static import StaticEngine
+            from edgepipe.runtime.engines.static import StaticEngine
 
             self._engine = StaticEngine.open(
                 art,

@@ -18,8 +18,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from edgepipe import resources
 from edgepipe.errors import InvalidInput
+from edgepipe.schema import shipped as resources
 from edgepipe.schema.models import DeviceProfile, FieldProblems, Recipe, _resolve_precision
 
 

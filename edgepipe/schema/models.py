@@ -31,8 +31,8 @@ from pydantic import (
     model_validator,
 )
 
-from edgepipe import resources
 from edgepipe.errors import InvalidInput
+from edgepipe.schema import shipped as resources
 
 Precision = Literal["int4", "int8", "fp16", "fp32"]
 SidePrecision = Literal["int4", "int8", "fp16", "fp32", "same"]
@@ -46,7 +46,7 @@ TensorDtype = Literal[
 BuiltinText = Literal["prose", "code", "cjk", "mixed"]
 
 QUANTIZED: tuple[str, ...] = ("int4", "int8")
-# Preset names accepted until edgepipe.presets exists; it then becomes the only source.
+# Preset names accepted until edgepipe.arch.presets exists; it then becomes the only source.
 FALLBACK_PRESETS = (
     "tiny-qwen2", "tiny-qwen3", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b",
     "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b",
@@ -67,10 +67,10 @@ _OP = re.compile(r"^([a-z][\w.]*::)?[A-Z][A-Za-z0-9]*$")
 
 
 def preset_names() -> tuple[str, ...]:
-    """Names a `preset:` source may use: `edgepipe.presets.PRESETS` keys when that module exists."""
-    if importlib.util.find_spec("edgepipe.presets") is None:
+    """Names a `preset:` source may use: `edgepipe.arch.presets.PRESETS` keys when that module exists."""
+    if importlib.util.find_spec("edgepipe.arch.presets") is None:
         return FALLBACK_PRESETS
-    return tuple(importlib.import_module("edgepipe.presets").PRESETS)
+    return tuple(importlib.import_module("edgepipe.arch.presets").PRESETS)
 
 
 def _block_size(value: int) -> int:

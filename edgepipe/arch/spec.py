@@ -1,0 +1,284 @@
+"""Qwen2 / Qwen2.5 family spec, and the config reading shared with Qwen3.
+
+Qwen2 is a Llama-style decoder: RMSNorm, rotary attention with grouped KV heads and a bias
+on q/k/v (not on o_proj), SwiGLU MLP. Real configs:
+https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json (and -1.5B, -3B).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgepipe.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from edgepipe.formats.safetensors import SafetensorsModel
+
+# Rope types the builder implements: plain rotary with one theta.
+SUPPORTED_ROPE_TYPES = ("default",)
+
+
+@dataclass(frozen=True)
+class ArchShape:
+    """The numbers that fix a model's shape (one row of DESIGN.md's table)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    tie_word_embeddings: bool = True
+    vocab_size: int = 151936
+    max_position_embeddings: int = 32768
+    config_url: str = ""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What differs between architecture families, as data the builder reads."""
+
+    name: str  # also onnxruntime-genai's model.type
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    qkv_bias: bool
+    qk_norm: bool
+    # Weight names; `{i}` is the layer index.
+    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    lm_head: str = "lm_head.weight"
+    layer: dict[str, str] = field(
+        default_factory=lambda: {
+            "input_norm": "model.layers.{i}.input_layernorm.weight",
+            "post_norm": "model.layers.{i}.post_attention_layernorm.weight",
+            "q": "model.layers.{i}.self_attn.q_proj.weight",
+            "k": "model.layers.{i}.self_attn.k_proj.weight",
+            "v": "model.layers.{i}.self_attn.v_proj.weight",
+            "o": "model.layers.{i}.self_attn.o_proj.weight",
+            "gate": "model.layers.{i}.mlp.gate_proj.weight",
+            "up": "model.layers.{i}.mlp.up_proj.weight",
+            "down": "model.layers.{i}.mlp.down_proj.weight",
+        }
+    )
+    bias: dict[str, str] = field(default_factory=dict)
+    norms: dict[str, str] = field(default_factory=dict)
+    # Whether head_dim may be absent from config.json (then hidden_size / num_attention_heads).
+    head_dim_fallback: bool = True
+    shapes: dict[str, ArchShape] = field(default_factory=dict)
+
+
+QWEN2 = FamilySpec(
+    name="qwen2",
+    architectures=("Qwen2ForCausalLM",),
+    model_types=("qwen2",),
+    qkv_bias=True,
+    qk_norm=False,
+    bias={
+        "q": "model.layers.{i}.self_attn.q_proj.bias",
+        "k": "model.layers.{i}.self_attn.k_proj.bias",
+        "v": "model.layers.{i}.self_attn.v_proj.bias",
+    },
+    shapes={
+        "qwen2.5-0.5b": ArchShape(
+            896, 24, 14, 2, 64, 4864, config_url="https://huggingface.co/Qwen/Qwen2.5-0.5B"
+        ),
+        "qwen2.5-1.5b": ArchShape(
+            1536, 28, 12, 2, 128, 8960, config_url="https://huggingface.co/Qwen/Qwen2.5-1.5B"
+        ),
+        "qwen2.5-3b": ArchShape(
+            2048, 36, 16, 2, 128, 11008, config_url="https://huggingface.co/Qwen/Qwen2.5-3B"
+        ),
+    },
+)
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The fields of config.json the builder uses, checked."""
+
+    family: FamilySpec
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    bos_token_id: int | None
+    eos_token_id: list[int]
+    raw: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        """A small JSON-able summary (for ExportResult and manifests)."""
+        return {
+            "family": self.family.name,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+        }
+
+
+def families() -> tuple[FamilySpec, ...]:
+    """Every supported family."""
+    from edgepipe.arch.qwen3 import QWEN3
+
+    return (QWEN2, QWEN3)
+
+
+def family_for(config: dict[str, Any], where: str = "config.json") -> FamilySpec:
+    """Pick the family from `architectures` (or `model_type`); InvalidInput lists supported."""
+    archs = config.get("architectures") or []
+    model_type = config.get("model_type")
+    for fam in families():
+        if any(a in fam.architectures for a in archs):
+            return fam
+    if not archs:
+        for fam in families():
+            if model_type in fam.model_types:
+                return fam
+    supported = [a for f in families() for a in f.architectures]
+    types = [t for f in families() for t in f.model_types]
+    raise InvalidInput(
+        f"{where}: architectures {archs} / model_type {model_type!r} is not supported; "
+        f"supported architectures: {supported} (model_type {types})"
+    )
+
+
+def _rope(config: dict[str, Any], where: str) -> float:
+    # transformers 5 writes `rope_parameters` ({rope_theta, rope_type}); older configs write
+    # `rope_theta` and `rope_scaling` at the top level. Accept both.
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    if rope_type not in (None, *SUPPORTED_ROPE_TYPES):
+        field_name = "rope_parameters" if params else "rope_scaling"
+        raise InvalidInput(
+            f"{where}: {field_name}: rope type {rope_type!r} is not implemented; supported: "
+            f"{list(SUPPORTED_ROPE_TYPES)} (remove the scaling or use a model without it)"
+        )
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def read_config(model_dir: Path | str) -> DecoderConfig:
+    """Read and check `model_dir/config.json`.
+
+    Raises:
+        InvalidInput: missing file, unsupported family or rope scaling, missing fields.
+    """
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise InvalidInput(
+            f"{path}: config.json not found; a model folder needs config.json and "
+            "model.safetensors (or sharded *.safetensors with model.safetensors.index.json)"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{path}: not valid JSON ({exc})") from exc
+    fam = family_for(config, str(path))
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+    )
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise InvalidInput(
+            f"{path}: missing fields {missing}", [f"{path}: {k}: missing" for k in missing]
+        )
+    heads = int(config["num_attention_heads"])
+    head_dim = config.get("head_dim")
+    if head_dim is None:
+        if not fam.head_dim_fallback:
+            raise InvalidInput(f"{path}: head_dim: missing ({fam.name} needs it in config.json)")
+        head_dim = int(config["hidden_size"]) // heads
+    eos = config.get("eos_token_id")
+    eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return DecoderConfig(
+        family=fam,
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=int(config["hidden_size"]),
+        num_hidden_layers=int(config["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        intermediate_size=int(config["intermediate_size"]),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope(config, str(path)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_id=eos_list,
+        raw=config,
+    )
+
+
+def expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight the builder reads, with the shape config.json implies."""
+    fam = cfg.family
+    h, d, i_size = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q_dim, kv_dim = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    per_layer = {
+        "input_norm": (h,),
+        "post_norm": (h,),
+        "q": (q_dim, h),
+        "k": (kv_dim, h),
+        "v": (kv_dim, h),
+        "o": (h, q_dim),
+        "gate": (i_size, h),
+        "up": (i_size, h),
+        "down": (h, i_size),
+    }
+    shapes: dict[str, tuple[int, ...]] = {fam.embed: (cfg.vocab_size, h)}
+    for layer in range(cfg.num_hidden_layers):
+        for key, shape in per_layer.items():
+            shapes[fam.layer[key].format(i=layer)] = shape
+        if fam.qkv_bias:
+            for key, dim in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
+                shapes[fam.bias[key].format(i=layer)] = (dim,)
+        if fam.qk_norm:
+            for key in ("q_norm", "k_norm"):
+                shapes[fam.norms[key].format(i=layer)] = (d,)
+    shapes[fam.final_norm] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes[fam.lm_head] = (cfg.vocab_size, h)
+    return shapes
+
+
+def check_weights(cfg: DecoderConfig, weights: SafetensorsModel) -> None:
+    """Raise InvalidInput listing every missing tensor and every shape mismatch."""
+    problems: list[str] = []
+    expected = expected_shapes(cfg)
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        shown = ", ".join(missing[:20]) + (
+            f" (+{len(missing) - 20} more)" if len(missing) > 20 else ""
+        )
+        problems.append(
+            f"{weights.folder}: {len(missing)} tensors missing from the weights: {shown}"
+        )
+    for name, shape in expected.items():
+        if name in weights and weights.info(name).shape != shape:
+            problems.append(
+                f"{weights.folder}: {name}: shape {list(weights.info(name).shape)}, expected "
+                f"{list(shape)} from config.json"
+            )
+    if problems:
+        raise InvalidInput(problems[0], problems)

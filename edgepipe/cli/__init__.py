@@ -1,0 +1,1 @@
+"""The `edgepipe` command line (entry point: `edgepipe.cli.main:main`)."""

@@ -1,0 +1,60 @@
+"""The `edgepipe` command line: `main()` and the parser.
+
+Each group of subcommands is a module of this package with a `register(subparsers)` function
+(catalog: list, validate; run: run, chat, bench; build: build, matrix); those modules import
+heavy dependencies only inside their handlers, so `edgepipe run` never pays for the build side. The handler returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgepipe import __version__
+from edgepipe.cli import build, catalog, run
+from edgepipe.errors import BuildFailed, InvalidInput
+
+# Modules that contribute subcommands, in the order `edgepipe --help` lists them.
+COMMAND_MODULES = (catalog, run, build)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgepipe",
+        description="Build Qwen models into device-tuned ONNX Runtime artifacts, and run them.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgepipe {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except InvalidInput as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except BuildFailed as exc:
+        print(f"build failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`edgepipe list | head`): not an error of ours. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise a second time.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell tool killed by the pipe reports
+
+
+if __name__ == "__main__":
+    sys.exit(main())

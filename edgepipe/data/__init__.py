@@ -1,5 +1,0 @@
-"""Built-in text samples for calibration and evaluation (original text written for edgepipe).
-
-Read them with `edgepipe.resources.read_builtin_text(name)`; recipes name them as
-`{builtin: prose|code|cjk|mixed}`.
-"""

@@ -1,0 +1,175 @@
+"""The source stage: where the model's `config.json` and safetensors come from.
+
+Three kinds, exactly one per recipe (see the recipe schema):
+
+* `hub: {id, revision}` — `huggingface_hub.snapshot_download` at the pinned revision, only the
+  files the builder reads (config, safetensors, tokenizer). It honours `HF_HUB_OFFLINE=1` and
+  the Hugging Face cache (`HF_HOME`), so CI can pre-fill the cache and build offline.
+* `path: <folder>` — a local folder, used in place (never modified).
+* `preset: {name, seed}` — a random-weight model written by `edgepipe.arch.presets.write_preset`.
+
+`identity()` is known before anything is downloaded or written, so the stage cache can decide
+whether the export must run at all; `materialize()` produces the folder only when needed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepipe.build.cache import hash_tree
+from edgepipe.errors import BuildFailed, InvalidInput
+
+# What the builder and the reference model read; nothing else is downloaded (no .bin, no .pt).
+HUB_ALLOW_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def as_plain(value):
+    """A pydantic model (or nested models) as plain dicts/lists; other values unchanged."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {k: as_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [as_plain(v) for v in value]
+    return value
+
+
+@dataclass
+class Source:
+    """A resolved model source.
+
+    Attributes:
+        kind: `hub`, `path` or `preset`.
+        spec: the recipe's source block as a dict (`{"id", "revision"}`, `{"path"}` or
+            `{"name", "seed"}`).
+        base_dir: folder that relative `path` sources are resolved against (the recipe's).
+    """
+
+    kind: str
+    spec: dict
+    base_dir: Path = field(default_factory=Path.cwd)
+    _dir: Path | None = None
+    _identity: dict | None = None
+
+    @property
+    def folder(self) -> Path:
+        """The local folder of a `path` source."""
+        path = Path(os.path.expanduser(str(self.spec["path"])))
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    def identity(self) -> dict:
+        """What identifies the weights, for cache keys and the manifest.
+
+        hub: id and pinned revision; path: the sha256 of every config/safetensors file (a
+        folder's name says nothing about its content); preset: name and seed.
+        """
+        if self._identity is not None:
+            return self._identity
+        if self.kind == "hub":
+            ident = {"hub": self.spec["id"], "revision": self.spec.get("revision")}
+        elif self.kind == "preset":
+            ident = {"preset": self.spec["name"], "seed": self.spec.get("seed", 0)}
+        else:
+            folder = self.folder
+            if not (folder / "config.json").is_file():
+                raise InvalidInput(
+                    f"source.path: {folder} has no config.json; point it at a Hugging Face "
+                    "model folder (config.json + *.safetensors)"
+                )
+            files = {
+                rel: digest
+                for rel, digest in hash_tree(folder).items()
+                if rel.endswith((".json", ".safetensors"))
+            }
+            ident = {"path": str(folder), "files": files}
+        self._identity = ident
+        return ident
+
+    @property
+    def revision(self) -> str | None:
+        """The pinned hub revision (None for other kinds)."""
+        return self.spec.get("revision") if self.kind == "hub" else None
+
+    def materialize(self, work_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+        """The model folder, downloading or writing it on first use.
+
+        Args:
+            work_dir: where a preset is written (inside the build's temp folder).
+            progress: called with a short status line (the hub download shows its own bars).
+
+        Raises:
+            BuildFailed: the hub download failed (message says how to fix offline mode).
+        """
+        # A preset lives in one build's temp folder, gone when that build ends: a plan built
+        # again (a library caller's second build_all) writes it again into the new work_dir.
+        if self._dir is not None and (self._dir / "config.json").is_file():
+            return self._dir
+        if self.kind == "path":
+            self.identity()  # checks config.json
+            self._dir = self.folder
+        elif self.kind == "preset":
+            from edgepipe.arch.presets import write_preset
+
+            if progress:
+                progress(f"writing preset {self.spec['name']}")
+            out = Path(work_dir) / "preset"
+            write_preset(self.spec["name"], int(self.spec.get("seed", 0)), out)
+            self._dir = out
+        else:
+            self._dir = _download(self.spec["id"], self.spec.get("revision"), progress)
+        return self._dir
+
+
+def _download(repo_id: str, revision: str | None, progress) -> Path:
+    from edgepipe.errors import require
+
+    hub = require("huggingface_hub", "build")
+    if progress:
+        progress(f"downloading {repo_id}@{(revision or 'main')[:12]}")
+    try:
+        path = hub.snapshot_download(
+            repo_id=repo_id, revision=revision, allow_patterns=list(HUB_ALLOW_PATTERNS)
+        )
+    except Exception as exc:  # network, auth, offline-cache-miss: all end the build the same way
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = (
+            "HF_HUB_OFFLINE is set and the revision is not in the Hugging Face cache; "
+            "run once online or unset HF_HUB_OFFLINE"
+            if offline
+            else "check the network, the repository id and the pinned revision"
+        )
+        raise BuildFailed(
+            f"source.hub: could not fetch {repo_id}@{revision}: {exc} ({hint})"
+        ) from exc
+    return Path(path)
+
+
+def source_from_recipe(source, base_dir: Path | None = None) -> Source:
+    """A `Source` from the recipe's `source` block (pydantic model or dict).
+
+    Raises:
+        InvalidInput: none or several of hub/path/preset are set.
+    """
+    plain = as_plain(source) or {}
+    kinds = [k for k in ("hub", "path", "preset") if plain.get(k) is not None]
+    if len(kinds) != 1:
+        raise InvalidInput(
+            f"source: exactly one of hub, path, preset must be set, got {kinds or 'none'}"
+        )
+    kind = kinds[0]
+    spec = plain[kind]
+    if kind == "path":
+        spec = {"path": spec if isinstance(spec, str) else spec.get("path")}
+    return Source(kind=kind, spec=dict(spec), base_dir=base_dir or Path.cwd())
