@@ -29,7 +29,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 CACHE = BENCH_DIR / ".cache"
 RESULTS = BENCH_DIR / "results"
-# The shapes the side-by-side benchmark runs by default (architecture table in DESIGN.md).
+# The shapes the side-by-side benchmark runs by default (shape table in docs/models.md).
 BENCH_MODELS = ("qwen2.5-0.5b", "qwen3-0.6b", "qwen2.5-1.5b", "qwen3-1.7b")
 SEED = 0
 MIB = 2**20

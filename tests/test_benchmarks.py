@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from tests.fixtures.benchmarks import BENCH, load_scripts
 
-import common  # noqa: E402
-import quant_sizes  # noqa: E402
-import report  # noqa: E402
-import roofline  # noqa: E402
+SCRIPTS = load_scripts("common", "quant_sizes", "report", "roofline")
+common, quant_sizes, report, roofline = SCRIPTS.values()
+
+
+def test_loading_the_scripts_leaves_sys_path_and_plain_module_names_alone():
+    assert str(BENCH) not in sys.path
+    assert not {"common", "report", "roofline", "quant_sizes"} & set(sys.modules)
+    assert roofline.CACHE is common.CACHE, "the scripts share one `common`"
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from edgepipe.errors import InvalidInput
 from edgepipe.stages.quantize.gptq_inputs import (
@@ -12,8 +13,6 @@ from edgepipe.stages.quantize.gptq_inputs import (
     layer_forward,
     rms_norm,
 )
-
-torch = pytest.importorskip("torch")
 
 
 def _tiny_layer(model_type: str):

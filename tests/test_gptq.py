@@ -7,8 +7,12 @@ import pytest
 
 from edgepipe.stages.quantize.gptq import _inverse_cholesky_upper, hessian
 from edgepipe.stages.quantize.plan import QuantSpec, quantize_weight
-from tests.test_hqq import correlated_inputs, output_error
-from tests.test_quantize import matmul_nbits_session
+from tests.fixtures.quantize import (
+    correlated_inputs,
+    correlation_mix,
+    matmul_nbits_session,
+    output_error,
+)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -28,13 +32,8 @@ def test_gptq_has_lower_output_error_than_rtn_on_held_out_tokens(bits, block_siz
     rng = np.random.default_rng(11)
     k = 256
     w = (rng.standard_normal((k, 96)) * 0.02).astype(np.float32)
-    mix = rng.standard_normal((k, k)).astype(np.float32) / np.sqrt(k)
-
-    def sample(tokens):
-        base = rng.standard_normal((tokens, k)).astype(np.float32)
-        return base @ mix + 0.3 * base
-
-    calib, held_out = sample(1024), sample(512)
+    mix = correlation_mix(rng, k)
+    calib, held_out = (correlated_inputs(rng, n, k, mix) for n in (1024, 512))
     spec = QuantSpec(bits, block_size, symmetric, "rtn")
     rtn = quantize_weight(w, spec)
     gptq = quantize_weight(w, QuantSpec(bits, block_size, symmetric, "gptq"), calibration=calib)

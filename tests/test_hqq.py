@@ -8,18 +8,7 @@ import pytest
 from edgepipe.errors import InvalidInput
 from edgepipe.stages.quantize.hqq import quantize_hqq, shrink_lp
 from edgepipe.stages.quantize.plan import QuantSpec, quantize_weight
-from tests.test_quantize import matmul_nbits_session
-
-
-def correlated_inputs(rng, tokens: int, k: int) -> np.ndarray:
-    """Activations with strongly correlated features, like a transformer layer's inputs."""
-    mix = rng.standard_normal((k, k)).astype(np.float32) / np.sqrt(k)
-    base = rng.standard_normal((tokens, k)).astype(np.float32)
-    return (base @ mix + 0.3 * base).astype(np.float32)
-
-
-def output_error(x, w, qw) -> float:
-    return float(np.linalg.norm(x @ qw.dequantize() - x @ w) / np.linalg.norm(x @ w))
+from tests.fixtures.quantize import correlated_inputs, matmul_nbits_session, output_error
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])

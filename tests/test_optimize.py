@@ -11,7 +11,7 @@ import pytest
 from edgepipe.errors import InvalidInput
 from edgepipe.stages.optimize import DATA, MODEL, level_name, optimize_model
 from edgepipe.stages.validate.dynamic import DecoderRunner
-from tests.test_runtime_toy import build_toy_artifact
+from tests.fixtures.toy import build_toy_artifact
 
 IDS = [11, 220, 3555, 42, 9, 100, 7, 151643]
 

@@ -16,7 +16,7 @@ from edgepipe.stages.package import (
     update_genai_config,
 )
 from edgepipe.stages.source import as_plain
-from tests.test_runtime_toy import build_toy_artifact
+from tests.fixtures.toy import build_toy_artifact
 
 
 @pytest.fixture(scope="module")

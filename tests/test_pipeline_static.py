@@ -17,10 +17,9 @@ from edgepipe.build.run import BuildOptions, build_all, plan_builds
 from edgepipe.cli.main import main
 from edgepipe.runtime import Generator
 from edgepipe.runtime.artifact import load_artifact
-from tests.fixtures.static import QNN_MISSING, QNN_SKIP
+from tests.fixtures.static import needs_qnn
 
 REPO = Path(__file__).resolve().parents[1]
-needs_qnn = pytest.mark.skipif(QNN_MISSING, reason=QNN_SKIP)
 STATIC_FILES = ("prefill.onnx", "decode.onnx", "model.onnx.data")
 
 

@@ -1,4 +1,4 @@
-"""Random-weight presets: names, shapes from DESIGN.md, transformers loads them, determinism."""
+"""Random-weight presets: names, the shapes of docs/models.md, transformers loads them, seeds."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from edgepipe.arch.presets import PRESETS, preset_config, preset_tensors, write_
 from edgepipe.errors import InvalidInput
 from edgepipe.formats.safetensors import SafetensorsModel
 
-# DESIGN.md's table: hidden, layers, heads, kv heads, head_dim, intermediate.
+# docs/models.md's table: hidden, layers, heads, kv heads, head_dim, intermediate.
 DESIGN_TABLE = {
     "qwen2.5-0.5b": (896, 24, 14, 2, 64, 4864),
     "qwen2.5-1.5b": (1536, 28, 12, 2, 128, 8960),

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from edgepipe.errors import InvalidInput
 from edgepipe.stages.quantize.plan import (
@@ -23,67 +21,10 @@ from edgepipe.stages.quantize.plan import (
     unpack_codes,
     unpack_zero_points,
 )
+from tests.fixtures.quantize import gather_session, matmul_nbits_session
 
 BITS = (4, 8)
 BLOCKS = (16, 32, 64, 128, 256)
-
-
-def _model(nodes, inputs, outputs, inits):
-    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
-        ir_version=10,  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
-    )
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
-def matmul_nbits_session(qw, accuracy_level: int = 0) -> ort.InferenceSession:
-    """One MatMulNBits node reading `qw` as initializers, the way the exporter wires it."""
-    inits = [numpy_helper.from_array(qw.packed, "B"), numpy_helper.from_array(qw.scales, "S")]
-    names = ["A", "B", "S"]
-    if qw.zero_points is not None:
-        inits.append(numpy_helper.from_array(qw.zero_points, "Z"))
-        names.append("Z")
-    node = helper.make_node(
-        "MatMulNBits",
-        names,
-        ["Y"],
-        domain="com.microsoft",
-        K=qw.K,
-        N=qw.N,
-        bits=qw.bits,
-        block_size=qw.block_size,
-        accuracy_level=accuracy_level,
-    )
-    a = helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", qw.K])
-    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", qw.N])
-    return _model([node], [a], [y], inits)
-
-
-def gather_session(qw) -> ort.InferenceSession:
-    """One GatherBlockQuantized node over an embedding quantized by `quantize_embedding`."""
-    inits = [
-        numpy_helper.from_array(qw.gather_data(), "D"),
-        numpy_helper.from_array(qw.scales, "S"),
-    ]
-    names = ["D", "I", "S"]
-    if qw.zero_points is not None:
-        inits.append(numpy_helper.from_array(qw.zero_points, "Z"))
-        names.append("Z")
-    node = helper.make_node(
-        "GatherBlockQuantized",
-        names,
-        ["Y"],
-        domain="com.microsoft",
-        bits=qw.bits,
-        block_size=qw.block_size,
-        gather_axis=0,
-        quantize_axis=1,
-    )
-    i = helper.make_tensor_value_info("I", TensorProto.INT64, ["T"])
-    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["T", qw.K])
-    return _model([node], [i], [y], inits)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from edgepipe.runtime import ArtifactError, Generator, ProviderUnavailable, load_artifact
 from edgepipe.runtime.artifact import sha256_file
-from tests.test_runtime_toy import build_toy_artifact
+from tests.fixtures.toy import build_toy_artifact
 
 
 @pytest.fixture(scope="module")

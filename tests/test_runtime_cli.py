@@ -7,10 +7,10 @@ import io
 import json
 
 import pytest
-from edgepipe.cli import run as runtime_cli
 
+from edgepipe.cli import run as runtime_cli
 from edgepipe.runtime import Generator
-from tests.test_runtime_toy import build_toy_artifact
+from tests.fixtures.toy import build_toy_artifact
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 
 from edgepipe.runtime import ChatSession, Generator, PromptTooLong
 from edgepipe.runtime.kv import KVCache
-from tests.test_runtime_toy import CONTEXT, HEAD_DIM, KV_HEADS, LAYERS, build_toy_artifact
+from tests.fixtures.toy import CONTEXT, HEAD_DIM, KV_HEADS, LAYERS, build_toy_artifact
 
 PROMPTS = [
     "Hello world, this is",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edgepipe.runtime import Generator
-from tests.test_runtime_toy import build_toy_artifact
+from tests.fixtures.toy import build_toy_artifact
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,8 @@ def toy(tmp_path_factory, qwen3_tokenizer_dir):
 
 
 def genai_greedy(folder, ids: list[int], new_tokens: int) -> list[int]:
-    og = pytest.importorskip("onnxruntime_genai")
+    import onnxruntime_genai as og
+
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens)
@@ -58,7 +59,7 @@ def exported(tmp_path_factory, tiny_qwen2_dir, tiny_qwen3_dir):
 
 @pytest.fixture(scope="module")
 def hf_models(exported):
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM
 
     models = {}

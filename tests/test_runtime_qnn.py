@@ -8,30 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 import edgepipe.runtime.qnn as qnn
 from edgepipe.runtime.errors import ProviderUnavailable
-from tests.fixtures.static import QNN_MISSING, QNN_SKIP
-
-needs_qnn = pytest.mark.skipif(QNN_MISSING, reason=QNN_SKIP)
-HTP = {"backend_type": "htp", "soc_model": "60", "htp_arch": "73"}
-
-
-def one_op_graph(path, op: str, **attrs):
-    node = helper.make_node(op, ["x"], ["y"], **attrs)
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx.save(model, str(path))
-    return path
+from tests.fixtures.static import HTP, needs_qnn, one_op_graph
 
 
 @needs_qnn

@@ -16,7 +16,7 @@ import pytest
 from edgepipe.runtime import ChatSession, Generator, PromptTooLong
 from edgepipe.runtime.engines.static import KVCacheFull
 from edgepipe.stages.export.static import build_static_decoder
-from tests.fixtures.static import QNN_MISSING, QNN_SKIP, SMALL_CHUNK, SMALL_VOCAB
+from tests.fixtures.static import SMALL_CHUNK, SMALL_VOCAB, needs_qnn
 
 CHUNK, CAPACITY = 8, 64
 PROMPT_LENGTHS = [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK]
@@ -32,8 +32,9 @@ def fp32_static(request, tmp_path_factory):
 
 
 def transformers_greedy(model_dir, ids, steps):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
+
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     with torch.no_grad():
         out = model.eval().generate(
@@ -113,7 +114,6 @@ def test_a_chat_session_reuses_the_static_cache(fp32_static):
 
 # -- the simulated HTP -------------------------------------------------------------------
 
-needs_qnn = pytest.mark.skipif(QNN_MISSING, reason=QNN_SKIP)
 BUILDS = [("qwen2", "int8"), ("qwen3", "int8"), ("qwen2", "int4"), ("qwen3", "int4")]
 
 

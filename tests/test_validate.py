@@ -13,7 +13,7 @@ from edgepipe.stages.validate.dynamic import (
     greedy_agreement,
     validate_model,
 )
-from tests.test_runtime_toy import build_toy_artifact
+from tests.fixtures.toy import build_toy_artifact
 
 IDS = [785, 6722, 315, 9625, 374, 12095, 13, 576, 6722, 315, 15344, 374]
 

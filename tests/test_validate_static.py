@@ -18,11 +18,17 @@ from edgepipe.stages.validate.static import (
     teacher_forced,
     validate_static,
 )
-from tests.fixtures.static import QNN_MISSING, QNN_SKIP, SMALL_CAPACITY, SMALL_CHUNK, SMALL_VOCAB
-from tests.test_export_static import cpu_pipeline, transformers_logits
-from tests.test_runtime_qnn import HTP, one_op_graph
+from tests.fixtures.static import (
+    HTP,
+    SMALL_CAPACITY,
+    SMALL_CHUNK,
+    SMALL_VOCAB,
+    cpu_pipeline,
+    needs_qnn,
+    one_op_graph,
+    transformers_logits,
+)
 
-needs_qnn = pytest.mark.skipif(QNN_MISSING, reason=QNN_SKIP)
 FILES = ("prefill.onnx", "decode.onnx")
 
 

@@ -23,7 +23,7 @@ SUPPORTED_ROPE_TYPES = ("default",)
 
 @dataclass(frozen=True)
 class ArchShape:
-    """The numbers that fix a model's shape (one row of DESIGN.md's table)."""
+    """The numbers that fix a model's shape (one row of docs/models.md's table)."""
 
     hidden_size: int
     num_hidden_layers: int

@@ -30,7 +30,7 @@ GENAI_PROVIDER_KEYS = {
     "WebGpuExecutionProvider": "webgpu",
 }
 
-# Qwen special tokens (see DESIGN.md): `<|endoftext|>` pads and ends base models, `<|im_end|>`
+# Qwen special tokens (see docs/models.md): `<|endoftext|>` pads and ends base models, `<|im_end|>`
 # ends a chat turn.
 ENDOFTEXT_ID = 151643
 IM_END_ID = 151645
