@@ -20,6 +20,7 @@ from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter
 from edgepipe.runtime.engines import CacheStore, Engine, open_engine
 from edgepipe.runtime.engines.kv import position_limit
 from edgepipe.runtime.errors import ArtifactError, PromptTooLong
+from edgepipe.runtime.rows import Row, Thinking
 from edgepipe.runtime.sampling import (
     Sampler,
     SamplingParams,
@@ -87,31 +88,6 @@ class GenerationResult:
         out = asdict(self)
         out["metrics"] = self.metrics.to_dict()
         return out
-
-
-@dataclass
-class _Row:
-    prompt: list[int]
-    detok: IncrementalDetokenizer
-    stops: StopStringFilter
-    out: list[int] = field(default_factory=list)
-    pieces: list[str] = field(default_factory=list)
-    done: bool = False
-    finish_reason: str = "length"
-    forced: list[int] = field(default_factory=list)
-    thinking: bool = False
-    thinking_tokens: int = 0
-
-
-@dataclass
-class _Thinking:
-    """Thinking-budget bookkeeping for `chat()`."""
-
-    budget: int
-    started: bool
-    open_id: int | None
-    close_id: int | None
-    close_ids: list[int]
 
 
 class Stream:
@@ -423,7 +399,7 @@ class Generator:
         tail = prompt.rsplit("<|im_start|>assistant", 1)[-1]
         return tail.rstrip().endswith("<think>")
 
-    def _thinking_plan(self, prompt: str, enable_thinking, budget) -> _Thinking | None:
+    def _thinking_plan(self, prompt: str, enable_thinking, budget) -> Thinking | None:
         if budget is None:
             return None
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
@@ -434,7 +410,7 @@ class Generator:
         close_id = self.tokenizer.token_to_id("</think>")
         if close_id is None:
             raise ValueError("thinking_budget needs a tokenizer with a </think> token (Qwen3)")
-        return _Thinking(
+        return Thinking(
             budget=budget,
             started=self._opens_thinking(prompt),
             open_id=open_id,
@@ -490,7 +466,7 @@ class Generator:
         )
         batch = [self._fit(list(ids), p.max_new_tokens, truncate) for ids in batch]
         rows = [
-            _Row(
+            Row(
                 prompt=ids,
                 detok=IncrementalDetokenizer(self.tokenizer, self._token_bytes),
                 stops=StopStringFilter(p.stop_strings),
@@ -515,8 +491,8 @@ class Generator:
             for i, row in enumerate(rows):
                 if row.done:
                     continue
-                token = self._next_token(row, logits[i], sampler, thinking)
-                piece = self._accept(row, token, stop_ids, step + 1 == max_steps)
+                token = row.next_token(logits[i], sampler, thinking)
+                piece = row.accept(token, stop_ids, last=step + 1 == max_steps)
                 if i == 0 and piece:
                     yield piece
             if t_first is None:
@@ -561,41 +537,3 @@ class Generator:
             )
             for r in rows
         ]
-
-    def _next_token(self, row: _Row, logits: np.ndarray, sampler: Sampler, thinking) -> int:
-        if row.forced:
-            return row.forced.pop(0)
-        if thinking is not None and row.thinking and row.thinking_tokens >= thinking.budget:
-            # Budget spent: close the block instead of sampling, then let the model answer.
-            row.thinking = False
-            row.forced = list(thinking.close_ids)
-            return row.forced.pop(0)
-        token = sampler.pick(logits, lambda: row.prompt + row.out)
-        if thinking is not None:
-            if token == thinking.open_id and not row.out:
-                row.thinking = True
-            elif token == thinking.close_id:
-                row.thinking = False
-            elif row.thinking:
-                row.thinking_tokens += 1
-        return token
-
-    def _accept(self, row: _Row, token: int, stop_ids, last: bool) -> str:
-        row.out.append(token)
-        if token in stop_ids and not row.forced:
-            # A stop token ends the text without adding its own (it is kept in token_ids).
-            row.done, row.finish_reason = True, "stop"
-            piece = row.stops.push(row.detok.flush())
-            piece += row.stops.flush()
-            if row.stops.stopped:
-                row.finish_reason = "stop_string"
-            row.pieces.append(piece)
-            return piece
-        piece = row.stops.push(row.detok.add(token))
-        if row.stops.stopped:
-            row.done, row.finish_reason = True, "stop_string"
-        elif last:
-            row.done = True
-            piece += row.stops.push(row.detok.flush()) + row.stops.flush()
-        row.pieces.append(piece)
-        return piece
