@@ -58,7 +58,7 @@ def check_artifact(report: dict, recipe: str) -> None:
     # The artifact runs on the QNN provider from its compiled EPContext graphs.
     gen = Generator(folder)
     assert gen.provider == "QNNExecutionProvider"
-    assert {p.name for p in gen._engine.files.values()} == {"prefill_ctx.onnx", "decode_ctx.onnx"}
+    assert {p.name for p in gen.engine.files.values()} == {"prefill_ctx.onnx", "decode_ctx.onnx"}
     result = gen.generate("Hello", max_new_tokens=2, stop_token_ids=[])
     assert len(result.token_ids) == 2
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgepipe.runtime.chat import ChatTemplate, TemplateRefused, split_thinking
+from edgepipe.runtime import ChatTemplate, GeneratorError, TemplateRefused, split_thinking
 
 CONVERSATIONS = {
     "single": [{"role": "user", "content": "Hello"}],
@@ -69,10 +69,11 @@ def test_qwen2_5_adds_its_default_system_prompt(templates):
     assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
 
 
-def test_template_refusal_is_a_value_error_with_its_message():
+def test_template_refusal_is_a_generator_error_and_a_value_error_with_its_message():
     template = ChatTemplate("{{ raise_exception('no tools here') }}")
-    with pytest.raises(TemplateRefused, match="no tools here"):
+    with pytest.raises(TemplateRefused, match="no tools here") as refused:
         template.render([{"role": "user", "content": "x"}])
+    assert isinstance(refused.value, GeneratorError) and isinstance(refused.value, ValueError)
 
 
 def test_the_sandbox_blocks_python_internals():

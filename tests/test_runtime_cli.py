@@ -19,8 +19,8 @@ def toy(tmp_path_factory, qwen3_tokenizer_dir):
 
 
 def run_cli(argv: list[str]) -> int:
-    # Registers only this module's commands: edgepipe.cli.main.main would import every command module,
-    # and this test should not depend on the build side's commands.
+    # Registers only this module's commands: edgepipe.cli.main.main would import every command
+    # module, and this test should not depend on the build side's commands.
     parser = argparse.ArgumentParser(prog="edgepipe")
     runtime_cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)

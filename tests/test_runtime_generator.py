@@ -17,9 +17,16 @@ import sys
 import numpy as np
 import pytest
 
+<<<<<<< HEAD
 from edgepipe.runtime import ChatSession, Generator, PromptTooLong
 from edgepipe.runtime.kv import KVCache
 from tests.fixtures.toy import CONTEXT, HEAD_DIM, KV_HEADS, LAYERS, build_toy_artifact
+=======
+import edgepipe.runtime
+import edgepipe.runtime.errors
+from edgepipe.runtime import ChatSession, Generator, GeneratorError, PromptTooLong
+from tests.test_runtime_toy import CONTEXT, HEAD_DIM, KV_HEADS, LAYERS, build_toy_artifact
+>>>>>>> lay-runtime
 
 PROMPTS = [
     "Hello world, this is",
@@ -43,8 +50,8 @@ def reference_greedy(gen: Generator, ids: list[int], steps: int) -> list[int]:
     ids = list(ids)
     out = []
     for _ in range(steps):
-        cache = KVCache(LAYERS, KV_HEADS, HEAD_DIM, batch=1, capacity=len(ids))
-        logits = gen._step(np.array([ids]), np.array([len(ids)]), cache.ortvalues())
+        cache = gen.engine.new_cache(batch=1, capacity=len(ids))
+        logits = gen.engine.run(np.array([ids]), np.array([len(ids)]), cache.ortvalues())
         token = int(np.argmax(logits[0]))
         out.append(token)
         ids.append(token)
@@ -58,13 +65,25 @@ def test_import_loads_no_heavy_or_build_side_module(modules):
     code = (
         f"import sys, {modules}\n"
         "heavy = ('torch', 'transformers', 'onnx', 'onnx_ir', 'onnxscript', 'pydantic', 'yaml')\n"
-        "build = ('edgepipe.stages.export.dynamic', 'edgepipe.stages.quantize.plan', 'edgepipe.stages.quantize.qdq', 'edgepipe.arch.tokenizer',"
-        " 'edgepipe.errors', 'edgepipe.schema', 'edgepipe.build.run')\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(build)]\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in heavy or m.startswith('edgepipe.')"
+        " and not m.startswith('edgepipe.runtime')]\n"
         "print(bad)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_runtime_error_is_a_generator_error_exported_from_the_package():
+    errors = [
+        obj
+        for obj in vars(edgepipe.runtime.errors).values()
+        if isinstance(obj, type) and issubclass(obj, Exception)
+    ]
+    assert len(errors) >= 6
+    for error in errors:
+        assert issubclass(error, GeneratorError), error
+        assert getattr(edgepipe.runtime, error.__name__) is error
+        assert error.__name__ in edgepipe.runtime.__all__
 
 
 def test_greedy_with_the_kv_cache_equals_recomputing_from_scratch(gen):
@@ -77,19 +96,20 @@ def test_greedy_with_the_kv_cache_equals_recomputing_from_scratch(gen):
 def test_steps_on_one_reused_binding_give_the_logits_of_a_fresh_binding_each(gen):
     # The decode loop binds the KV buffers once and rebinds only ids, mask and logits per step.
     ids = gen.encode(PROMPTS[2])
-    caches = [KVCache(LAYERS, KV_HEADS, HEAD_DIM, batch=1, capacity=len(ids) + 8) for _ in "ab"]
+    engine = gen.engine
+    caches = [engine.new_cache(batch=1, capacity=len(ids) + 8) for _ in "ab"]
     kv_reused, kv_fresh = (c.ortvalues() for c in caches)
-    io = gen._bind_kv(kv_reused)
+    io = engine.bind(kv_reused)
     lengths = np.array([len(ids)])
-    reused = gen._step(np.array([ids]), lengths, kv_reused, io)
-    fresh = gen._step(np.array([ids]), lengths, kv_fresh)
+    reused = engine.run(np.array([ids]), lengths, kv_reused, io)
+    fresh = engine.run(np.array([ids]), lengths, kv_fresh)
     for _ in range(6):
         np.testing.assert_array_equal(reused, fresh)
         token = np.array([[int(np.argmax(fresh[0]))]])
         lengths = lengths + 1
         previous = reused.copy()
-        reused = gen._step(token, lengths, kv_reused, io)
-        fresh = gen._step(token, lengths, kv_fresh)
+        reused = engine.run(token, lengths, kv_reused, io)
+        fresh = engine.run(token, lengths, kv_fresh)
         assert not np.array_equal(reused, previous)  # a new step, not the last logits again
     np.testing.assert_array_equal(reused, fresh)
 
@@ -104,6 +124,7 @@ def test_sessions_do_not_spin_unless_session_config_turns_it_on(toy_dir):
 
 def test_batch_of_different_lengths_gives_each_row_what_it_gives_alone(gen):
     batch = gen.generate(PROMPTS, max_new_tokens=20, stop_token_ids=[])
+    assert batch[0].metrics.prefill_calls == len(PROMPTS)  # row by row
     for prompt, row in zip(PROMPTS, batch, strict=True):
         alone = gen.generate(prompt, max_new_tokens=20, stop_token_ids=[])
         assert row.token_ids == alone.token_ids
@@ -114,6 +135,7 @@ def test_batch_of_equal_lengths_runs_in_one_prefill_and_matches(gen):
     prompts = [gen.encode("one two three"), gen.encode("four five six")]
     assert len(prompts[0]) == len(prompts[1])
     batch = gen.generate(prompts, max_new_tokens=12, stop_token_ids=[])
+    assert batch[0].metrics.prefill_calls == 1
     for prompt, row in zip(prompts, batch, strict=True):
         assert row.token_ids == gen.generate(prompt, max_new_tokens=12, stop_token_ids=[]).token_ids
 
@@ -266,12 +288,14 @@ def test_a_one_call_prefill_provider_never_continues_a_cache_with_several_tokens
 ):
     # DirectML's attention takes any multi-token call as the first of a sequence. Its provider
     # cannot run here: "install" it by name, and onnxruntime places the graph on CPU instead.
+    # What this checks is the runtime's policy for a one-call-prefill provider (keyed on the
+    # provider asked for), not DirectML itself: the model really runs on CPU.
     import onnxruntime as ort
 
     real = ort.get_available_providers
     monkeypatch.setattr(ort, "get_available_providers", lambda: [*real(), "DmlExecutionProvider"])
     dml = Generator(toy_dir, provider="DmlExecutionProvider", prefill_chunk=4)
-    assert dml.provider == "DmlExecutionProvider"
+    assert dml.session.get_providers() == ["CPUExecutionProvider"], "onnxruntime fell back"
     assert not dml.continues_prefill and dml.prefill_chunk is None
     assert gen.continues_prefill
     session = ChatSession(dml, system="Be terse.", enable_thinking=False, max_new_tokens=12)
@@ -356,5 +380,8 @@ def test_chunked_prefill_gives_the_same_tokens(toy_dir, gen):
         result = chunked.generate(prompt, max_new_tokens=12, stop_token_ids=[])
         if isinstance(result, list):
             assert [r.token_ids for r in result] == [r.token_ids for r in expected]
+            assert result[0].metrics.prefill_calls == -(-len(ids) // 7) + -(-20 // 7)
         else:
             assert result.token_ids == expected.token_ids
+            assert result.metrics.prefill_calls == -(-len(ids) // 7)
+            assert expected.metrics.prefill_calls == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgepipe.runtime.kv import ROUND, KVCache, plan_capacity
+from edgepipe.runtime.engines.kv import ROUND, KVCache, plan_capacity
 
 
 def test_capacity_is_the_request_rounded_up_not_the_context():

@@ -40,7 +40,7 @@ def test_greedy_equals_onnxruntime_genai_on_the_toy_artifact(toy, prompt):
     assert ours == theirs[:64]
 
 
-# --- tiny random Qwen2 / Qwen3 exported by edgepipe.stages.export.dynamic (fp32) ---------------------------------
+# --- tiny random Qwen2 / Qwen3 exported by edgepipe.stages.export.dynamic (fp32) ---------------
 
 PARITY_PROMPTS = ["Hello world, this is a test", "北京 🫠", "def f(x):\n    return"]
 

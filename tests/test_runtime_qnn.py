@@ -34,12 +34,23 @@ def test_a_node_the_htp_refuses_fails_only_with_fallback_disabled(tmp_path):
     np.testing.assert_array_equal(session.run(None, {"x": x})[0], x.T)
 
 
-def test_a_missing_onnxruntime_qnn_names_its_pip_package(monkeypatch):
-    monkeypatch.setattr(qnn, "_registered", False)
-    monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)  # import fails
-    assert qnn.qnn_available() is False
-    with pytest.raises(ProviderUnavailable, match="pip install onnxruntime-qnn"):
-        qnn.qnn_session_options({"backend_type": "htp"})
+def test_a_missing_onnxruntime_qnn_names_its_pip_package():
+    # A fresh interpreter, where the plug-in was never registered, with its import made to fail.
+    code = (
+        "import sys\n"
+        "sys.modules['onnxruntime_qnn'] = None\n"
+        "import edgepipe.runtime.qnn as q\n"
+        "from edgepipe.runtime import ProviderUnavailable\n"
+        "print(q.qnn_available())\n"
+        "try:\n"
+        "    q.qnn_session_options({'backend_type': 'htp'})\n"
+        "except ProviderUnavailable as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    available, message = out.stdout.splitlines()
+    assert available == "False"
+    assert "pip install onnxruntime-qnn" in message
 
 
 @needs_qnn

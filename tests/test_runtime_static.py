@@ -13,8 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from edgepipe.runtime import ChatSession, Generator, PromptTooLong
-from edgepipe.runtime.engines.static import KVCacheFull
+from edgepipe.runtime import ChatSession, Generator, KVCacheFull, PromptTooLong
 from edgepipe.stages.export.static import build_static_decoder
 from tests.fixtures.static import SMALL_CHUNK, SMALL_VOCAB, needs_qnn
 
@@ -63,6 +62,7 @@ def test_a_batch_generates_each_row_as_alone(fp32_static):
     _, gen = fp32_static
     prompts = [[11, 12, 13], list(range(100, 120))]
     batch = gen.generate(prompts, max_new_tokens=5, do_sample=False, stop_token_ids=[])
+    assert batch[0].metrics.prefill_calls == 1 + 20 // CHUNK + 1  # a call per row and chunk
     for prompt, row in zip(prompts, batch, strict=True):
         alone = gen.generate(prompt, max_new_tokens=5, do_sample=False, stop_token_ids=[])
         assert row.token_ids == alone.token_ids
@@ -85,7 +85,7 @@ def test_a_prompt_longer_than_the_cache_is_refused_or_truncated(fp32_static):
 
 def test_feeding_past_the_capacity_raises_a_clear_error(fp32_static):
     _, gen = fp32_static
-    pipeline = gen._engine.pipeline
+    pipeline = gen.engine.pipeline
     cache = pipeline.new_cache()
     pipeline.prefill(cache, list(range(1, CAPACITY + 1)))
     with pytest.raises(KVCacheFull, match="64 of 64 slots used .* kv_capacity 64"):
@@ -126,7 +126,7 @@ def test_greedy_on_qnn_matches_the_same_graphs_on_cpu_for_every_prompt_length(
     qnn = Generator(artifact)
     cpu = Generator(artifact, provider="CPUExecutionProvider")
     assert qnn.provider == "QNNExecutionProvider" and cpu.provider == "CPUExecutionProvider"
-    assert {p.name for p in qnn._engine.files.values()} == {"prefill_ctx.onnx", "decode_ctx.onnx"}
+    assert {p.name for p in qnn.engine.files.values()} == {"prefill_ctx.onnx", "decode_ctx.onnx"}
     rng = np.random.default_rng(7)
     for n in [1, SMALL_CHUNK - 1, SMALL_CHUNK, SMALL_CHUNK + 1, 3 * SMALL_CHUNK]:
         ids = [int(i) for i in rng.integers(0, SMALL_VOCAB, n)]
@@ -144,7 +144,7 @@ def test_without_onnxruntime_qnn_a_qnn_artifact_runs_on_cpu(small_static_build, 
     monkeypatch.setattr(qnn, "qnn_available", lambda: False)
     gen = Generator(artifact)
     assert gen.provider == "CPUExecutionProvider"
-    assert {p.name for p in gen._engine.files.values()} == {"prefill.onnx", "decode.onnx"}
+    assert {p.name for p in gen.engine.files.values()} == {"prefill.onnx", "decode.onnx"}
     assert len(gen.generate([5, 6, 7], max_new_tokens=3, stop_token_ids=[]).token_ids) == 3
 
 
@@ -159,5 +159,5 @@ def test_an_artifact_without_ep_context_graphs_compiles_the_qdq_graphs_on_qnn(
     options = Generator(source, provider="CPUExecutionProvider").artifact.provider_options
     (copy / "manifest.json").unlink()  # a bare folder: no EPContext graphs, no QNN options
     gen = Generator(copy, provider="QNNExecutionProvider", provider_options=options)
-    assert {p.name for p in gen._engine.files.values()} == {"prefill.onnx", "decode.onnx"}
+    assert {p.name for p in gen.engine.files.values()} == {"prefill.onnx", "decode.onnx"}
     assert len(gen.generate([9, 8, 7], max_new_tokens=2, stop_token_ids=[]).token_ids) == 2

@@ -16,8 +16,10 @@ from edgepipe.runtime.chat import ChatTemplate, split_thinking
 from edgepipe.runtime.errors import (
     ArtifactError,
     GeneratorError,
+    KVCacheFull,
     PromptTooLong,
     ProviderUnavailable,
+    TemplateRefused,
 )
 from edgepipe.runtime.generator import GenerationResult, Generator, Metrics, Stream
 from edgepipe.runtime.sampling import SamplingParams
@@ -31,11 +33,13 @@ __all__ = [
     "GenerationResult",
     "Generator",
     "GeneratorError",
+    "KVCacheFull",
     "Metrics",
     "PromptTooLong",
     "ProviderUnavailable",
     "SamplingParams",
     "Stream",
+    "TemplateRefused",
     "load_artifact",
     "split_thinking",
 ]

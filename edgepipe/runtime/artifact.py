@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepipe.runtime.errors import ArtifactError
+from edgepipe.runtime.providers import CPU_PROVIDER, install_package
 
-CPU_PROVIDER = "CPUExecutionProvider"
+# A bare export folder (no manifest profile) runs on the plain onnxruntime wheel.
+CPU_PACKAGE = install_package(CPU_PROVIDER)
 
 # Files the runtime cannot work without (the chat template is optional: `chat()` needs it).
 REQUIRED_FILES = ("genai_config.json", "tokenizer.json")
@@ -59,7 +61,7 @@ class Artifact:
     pad_token_id: int
     provider: str = CPU_PROVIDER
     provider_options: dict = field(default_factory=dict)
-    package: str = "onnxruntime"
+    package: str = CPU_PACKAGE
     graph_variant: str = "dynamic"
     generation_config: dict = field(default_factory=dict)
     manifest: dict | None = None
@@ -201,7 +203,7 @@ def load_artifact(folder, *, verify: bool = False) -> Artifact:
         pad_token_id=pad_id,
         provider=profile.get("provider") or CPU_PROVIDER,
         provider_options=dict(profile.get("provider_options") or {}),
-        package=profile.get("package") or "onnxruntime",
+        package=profile.get("package") or CPU_PACKAGE,
         graph_variant=profile.get("graph_variant") or ("static" if pipeline else "dynamic"),
         generation_config=generation,
         manifest=manifest,

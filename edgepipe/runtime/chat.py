@@ -3,7 +3,8 @@
 The template is rendered with jinja2's `ImmutableSandboxedEnvironment`: a template shipped inside
 an artifact is data from wherever the artifact came from, and the sandbox stops it from reaching
 Python internals. `raise_exception` is provided as transformers does, so a template's refusal
-(edgepipe's templates refuse `tools=`) surfaces as a `ValueError` with its message.
+(edgepipe's templates refuse `tools=`) surfaces as `TemplateRefused` (a `GeneratorError` and a
+`ValueError`) with its message.
 """
 
 from __future__ import annotations
@@ -11,14 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from edgepipe.runtime.errors import TemplateRefused
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
 ROLES = ("system", "user", "assistant", "tool")
-
-
-class TemplateRefused(ValueError):
-    """The chat template called `raise_exception(...)` (e.g. for unsupported tools)."""
 
 
 def _raise(message: str):
@@ -56,7 +55,8 @@ class ChatTemplate:
         """Render `messages` (each with `role` and `content`) to the prompt text.
 
         Raises:
-            ValueError: a message without a known role or string content, or a template refusal.
+            ValueError: a message without a known role or string content.
+            TemplateRefused: the template refused the messages (also a `ValueError`).
         """
         checked = []
         for i, message in enumerate(messages):

@@ -2,9 +2,10 @@
 
 The runtime keeps its own small error classes instead of importing `edgepipe.errors`: an embedded
 app that installs only `edgepipe` (the runtime) should be able to catch one base class,
-`GeneratorError`, without learning the build side's vocabulary. The CLI maps `GeneratorError` to
-exit code 2. Invalid generation parameters raise plain `ValueError` (naming the parameter and its
-allowed range), as the Python convention for a bad argument value.
+`GeneratorError`, without learning the build side's vocabulary (every class here derives from it
+and is exported from `edgepipe.runtime`). The CLI maps `GeneratorError` to exit code 2. Invalid
+generation parameters raise plain `ValueError` (naming the parameter and its allowed range), as
+the Python convention for a bad argument value.
 """
 
 from __future__ import annotations
@@ -34,4 +35,19 @@ class PromptTooLong(GeneratorError, ValueError):
     """The prompt does not fit the model's context (or the `max_length` cap).
 
     Also a `ValueError`, so callers treating it as a bad argument keep working.
+    """
+
+
+class KVCacheFull(GeneratorError):
+    """The fixed KV cache of a static artifact has no slot for the next token.
+
+    `Generator` sizes every request to stay inside the cache, so only code that drives
+    `edgepipe.runtime.engines.static.StaticPipeline` directly sees it.
+    """
+
+
+class TemplateRefused(GeneratorError, ValueError):
+    """The chat template called `raise_exception(...)` (e.g. for unsupported tools).
+
+    Also a `ValueError`, as it was before it joined `GeneratorError`.
     """

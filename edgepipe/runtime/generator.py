@@ -1,18 +1,9 @@
-"""The generator: an artifact folder in, tokens, text and metrics out.
+"""The generator: an artifact folder in, tokens, text and metrics out (the public API).
 
-One onnxruntime session over the decoder, driven with IOBinding. The KV cache (`kv.py`) is one
-buffer per layer bound as both past and present, sized for the request. Batches use *right*
-padding: onnxruntime's CPU `GroupQueryAttention` takes each row's length from `seqlens_k`
-(= attention_mask sum - 1) and places row b's tokens at positions 0..len_b-1, with rotary
-positions counted from 0; it does not skip leading pads, so left padding shifts the short rows'
-positions and attention (measured: left-padded rows differ from the same prompt alone, right-
-padded rows match it bit for bit). Prompts of different lengths are prefilled row by row, each
-into its own row of the batch buffer (the graph returns only the last position's logits, which a
-right-padded row would not have); decoding then runs the whole batch in one call per token.
-
-The model calls go through an engine (`_DynamicEngine` here; `edgepipe.runtime.engines.static.StaticEngine`
-for static NPU artifacts, whose fixed-shape graphs need their own cache and padding), so sampling,
-stop handling, streaming, chat and metrics are the same code for both graph variants.
+The model calls go through an engine (`edgepipe.runtime.engines`: `DynamicEngine` for the
+decoder with contrib ops, `StaticEngine` for static NPU artifacts, whose fixed-shape graphs need
+their own cache and padding), so sampling, stop handling, streaming, chat and metrics are the
+same code for both graph variants.
 """
 
 from __future__ import annotations
@@ -23,17 +14,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from edgepipe.runtime.artifact import CPU_PROVIDER, Artifact, load_artifact
+from edgepipe.runtime.artifact import Artifact, load_artifact
 from edgepipe.runtime.chat import ChatTemplate, split_thinking
 from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter, TokenBytes
-from edgepipe.runtime.errors import (
-    ArtifactError,
-    GeneratorError,
-    PromptTooLong,
-    ProviderUnavailable,
-)
-from edgepipe.runtime.kv import KVCache, plan_capacity
-from edgepipe.runtime.options import session_options as new_session_options
+from edgepipe.runtime.engines import CacheStore, Engine, open_engine
+from edgepipe.runtime.engines.kv import position_limit
+from edgepipe.runtime.errors import ArtifactError, PromptTooLong
+from edgepipe.runtime.rows import Row, Thinking
 from edgepipe.runtime.sampling import (
     Sampler,
     SamplingParams,
@@ -41,26 +28,7 @@ from edgepipe.runtime.sampling import (
     params_from_generation_config,
 )
 
-# Where a provider comes from, for the error when it is missing (a manifest's profile.package wins).
-PROVIDER_PACKAGES = {
-    CPU_PROVIDER: "onnxruntime",
-    "DmlExecutionProvider": "onnxruntime-directml",
-    "QNNExecutionProvider": "onnxruntime-qnn",
-    "CUDAExecutionProvider": "onnxruntime-gpu",
-}
-
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
 TRUNCATE_MODES = ("error", "left")
-# Providers whose GroupQueryAttention cannot append several tokens after cached ones: DirectML's
-# kernel binds the past length only for one-token calls and takes any longer call as the first
-# of a sequence (its past length is forced to 0; onnxruntime's DmlOperatorGroupQueryAttention).
-# On them a prompt is prefilled in one call (no chunks) and a chat turn re-feeds the whole
-# conversation instead of continuing the previous turn's cache.
-ONE_CALL_PREFILL = frozenset({"DmlExecutionProvider"})
-# dynamic: one decoder with contrib ops (this module); static: NPU prefill + decode graphs
-# (edgepipe.runtime.engines.static).
-GRAPH_VARIANTS = ("dynamic", "static")
 
 
 @dataclass
@@ -76,6 +44,8 @@ class Metrics:
         total_s: wall time of the call.
         kv_bytes: bytes of KV cache allocated.
         kv_capacity: KV positions per row allocated.
+        prefill_calls: model calls that fed the prompt (1 for one prompt or a batch of equal
+            lengths fed at once; more for chunks, rows of different lengths, static graphs).
     """
 
     prompt_tokens: int = 0
@@ -86,6 +56,7 @@ class Metrics:
     total_s: float = 0.0
     kv_bytes: int = 0
     kv_capacity: int = 0
+    prefill_calls: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,33 +90,12 @@ class GenerationResult:
         return out
 
 
-@dataclass
-class _Row:
-    prompt: list[int]
-    detok: IncrementalDetokenizer
-    stops: StopStringFilter
-    out: list[int] = field(default_factory=list)
-    pieces: list[str] = field(default_factory=list)
-    done: bool = False
-    finish_reason: str = "length"
-    forced: list[int] = field(default_factory=list)
-    thinking: bool = False
-    thinking_tokens: int = 0
-
-
-@dataclass
-class _Thinking:
-    """Thinking-budget bookkeeping for `chat()`."""
-
-    budget: int
-    started: bool
-    open_id: int | None
-    close_id: int | None
-    close_ids: list[int]
-
-
 class Stream:
-    """Iterator over streamed text pieces; `result` holds the GenerationResult once done."""
+    """Iterator over streamed text pieces; `result` holds the GenerationResult once done.
+
+    Args:
+        pieces: the text pieces; when it is a generator, the value it returns becomes `result`.
+    """
 
     def __init__(self, pieces: Iterator[str]):
         self._pieces = pieces
@@ -155,7 +105,12 @@ class Stream:
         return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
+        try:
+            return next(self._pieces)
+        except StopIteration as stop:
+            if stop.value is not None:
+                self.result = stop.value
+            raise
 
 
 class Generator:
@@ -175,11 +130,21 @@ class Generator:
         provider_options: override the profile's provider options.
         prefill_chunk: feed long prompts this many tokens at a time (None: all at once); bounds
             prefill memory, same tokens. Not used on providers that prefill in one call
-            (`ONE_CALL_PREFILL`: DirectML).
+            (`edgepipe.runtime.providers.ONE_CALL_PREFILL`: DirectML), nor by static artifacts
+            (their prefill graph has a fixed chunk).
+
+    Attributes:
+        artifact: the loaded `Artifact`.
+        tokenizer: the `tokenizers.Tokenizer`.
+        defaults: sampling defaults from the artifact's generation_config.json.
+        provider: the execution provider the model runs on.
+        continues_prefill: whether a call may append several tokens after cached ones (chunked
+            prefill, a chat turn continuing the previous turn's cache).
 
     Raises:
         ArtifactError: a file is missing, corrupt, or fails its checksum (named in the message).
         ProviderUnavailable: the provider is not installed (the message has the pip package).
+        GeneratorError: the artifact's graph variant is not one the runtime runs.
     """
 
     def __init__(
@@ -199,17 +164,11 @@ class Generator:
 
         self.artifact: Artifact = load_artifact(artifact_dir, verify=verify_checksums)
         art = self.artifact
-        if art.graph_variant not in GRAPH_VARIANTS:
-            raise GeneratorError(
-                f"{art.path}: graph_variant {art.graph_variant!r} is not supported by "
-                f"edgepipe.runtime (it runs {', '.join(GRAPH_VARIANTS)})"
-            )
         if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
             raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
         self.max_length = max_length
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be an int >= 1 or None, got {prefill_chunk!r}")
-        self.prefill_chunk = prefill_chunk
 
         self.tokenizer = tokenizers.Tokenizer.from_file(str(art.tokenizer_path))
         try:
@@ -220,75 +179,38 @@ class Generator:
         # No lock: every call owns its KV buffers and IOBinding, and onnxruntime's Run is
         # thread-safe, so concurrent calls (threads, or interleaved streams) do not interfere.
         self._template: ChatTemplate | None = None
-        if art.graph_variant == "static":
-            from edgepipe.runtime.engines.static import StaticEngine
+        self._engine: Engine = open_engine(
+            art,
+            provider=provider,
+            session_options=session_options,
+            intra_op_num_threads=intra_op_num_threads,
+            session_config=session_config,
+            provider_options=provider_options,
+            max_length=max_length,
+            prefill_chunk=prefill_chunk,
+        )
+        self.provider: str = self._engine.provider
+        self.continues_prefill: bool = self._engine.continues_prefill
 
-            self._engine = StaticEngine.open(
-                art,
-                provider=provider,
-                session_options=session_options,
-                intra_op_num_threads=intra_op_num_threads,
-                session_config=session_config,
-                provider_options=provider_options,
-                max_length=max_length,
-            )
-            self.provider = self._engine.provider
-        else:
-            if session_options is None:
-                session_options = new_session_options(intra_op_num_threads, session_config)
-            self._open_dynamic(provider, session_options, provider_options)
-            self._engine = _DynamicEngine(self)
-        # Whether a call may append several tokens after cached ones (chunked prefill, a chat
-        # turn continuing the previous turn's cache).
-        self.continues_prefill = self.provider not in ONE_CALL_PREFILL
-        if not self.continues_prefill:
-            self.prefill_chunk = None
+    @property
+    def engine(self) -> Engine:
+        """The engine running the model (`DynamicEngine` or `StaticEngine`), read-only."""
+        return self._engine
 
-    def _open_dynamic(self, provider, session_options, provider_options):
-        """The session over the dynamic decoder, and its input/output names."""
-        import onnxruntime as ort
+    @property
+    def prefill_chunk(self) -> int | None:
+        """Prompt tokens per prefill call in effect (None: the whole prompt in one call)."""
+        return self._engine.prefill_chunk
 
-        art = self.artifact
-        self.provider = provider or art.provider
-        if self.provider not in ort.get_available_providers():
-            package = art.package if provider is None else PROVIDER_PACKAGES.get(self.provider)
-            package = package or PROVIDER_PACKAGES.get(self.provider, "the onnxruntime build")
-            raise ProviderUnavailable(
-                f"execution provider {self.provider} is not available in this onnxruntime "
-                f"(available: {ort.get_available_providers()}); install it with: "
-                f"pip install {package}"
-            )
-        options = dict(art.provider_options if provider_options is None else provider_options)
-        providers = [(self.provider, options)]
-        if self.provider != CPU_PROVIDER:
-            providers.append((CPU_PROVIDER, {}))
-        try:
-            self.session = ort.InferenceSession(
-                str(art.model_path), sess_options=session_options, providers=providers
-            )
-        except Exception as exc:  # onnxruntime raises several unrelated types for bad files
-            raise ArtifactError(art.model_path, f"onnxruntime could not load it: {exc}") from exc
+    @property
+    def session(self):
+        """The onnxruntime session over the decoder (dynamic artifacts only)."""
+        return self._engine.session
 
-        names = art.input_names
-        outs = art.output_names
-        self._input_ids = names.get("input_ids", "input_ids")
-        self._mask = names.get("attention_mask", "attention_mask")
-        self._position_ids = names.get("position_ids", "position_ids")
-        self._logits = outs.get("logits", "logits")
-        past_k = names.get("past_key_names", "past_key_values.%d.key")
-        past_v = names.get("past_value_names", "past_key_values.%d.value")
-        pres_k = outs.get("present_key_names", "present.%d.key")
-        pres_v = outs.get("present_value_names", "present.%d.value")
-        layers = range(art.num_layers)
-        self._kv_names = [(past_k % i, past_v % i, pres_k % i, pres_v % i) for i in layers]
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        missing = [
-            n for n in (self._input_ids, self._mask, self._kv_names[0][0]) if n not in inputs
-        ]
-        if missing:
-            raise ArtifactError(art.model_path, f"decoder has no input(s) {missing}")
-        self._uses_position_ids = self._position_ids in inputs
-        self.kv_dtype = _ORT_DTYPES.get(inputs[self._kv_names[0][0]].type, np.float32)
+    @property
+    def kv_dtype(self):
+        """numpy dtype of the decoder's KV cache (dynamic artifacts only)."""
+        return self._engine.kv_dtype
 
     # Tokens ------------------------------------------------------------------------------------
 
@@ -307,9 +229,7 @@ class Generator:
     @property
     def limit(self) -> int:
         """KV positions a row may use: the context window, or `max_length` when smaller."""
-        if self.max_length is None:
-            return self.context_length
-        return min(self.max_length, self.context_length)
+        return position_limit(self.context_length, self.max_length)
 
     # Public generation API -----------------------------------------------------------------------
 
@@ -405,10 +325,17 @@ class Generator:
         enable_thinking: bool | None = None,
         thinking_budget: int | None = None,
         truncate: str = "error",
-        _session=None,
+        cache_store: CacheStore | None = None,
         **params,
     ) -> Stream:
-        """Like `chat()`, streaming the raw reply (thinking tags included) as it is decoded."""
+        """Like `chat()`, streaming the raw reply (thinking tags included) as it is decoded.
+
+        Args:
+            messages, enable_thinking, thinking_budget, truncate, **params: as for `chat()`.
+            cache_store: lends its KV cache to the call and keeps the cache afterwards, so the
+                next turn prefills only what is new (`ChatSession` passes itself); None: a
+                fresh cache.
+        """
         prompt = self.render_chat(messages, enable_thinking=enable_thinking)
         ids = self.encode(prompt)
         thinking = self._thinking_plan(prompt, enable_thinking, thinking_budget)
@@ -418,7 +345,7 @@ class Generator:
             params,
             truncate=truncate,
             thinking=thinking,
-            chat_session=_session,
+            cache_store=cache_store,
             split=lambda text: split_thinking(text, started=started),
         )
 
@@ -472,7 +399,7 @@ class Generator:
         tail = prompt.rsplit("<|im_start|>assistant", 1)[-1]
         return tail.rstrip().endswith("<think>")
 
-    def _thinking_plan(self, prompt: str, enable_thinking, budget) -> _Thinking | None:
+    def _thinking_plan(self, prompt: str, enable_thinking, budget) -> Thinking | None:
         if budget is None:
             return None
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
@@ -483,7 +410,7 @@ class Generator:
         close_id = self.tokenizer.token_to_id("</think>")
         if close_id is None:
             raise ValueError("thinking_budget needs a tokenizer with a </think> token (Qwen3)")
-        return _Thinking(
+        return Thinking(
             budget=budget,
             started=self._opens_thinking(prompt),
             open_id=open_id,
@@ -491,26 +418,22 @@ class Generator:
             close_ids=self.encode("</think>\n\n"),
         )
 
-    def _stream(self, batch, params, *, truncate, thinking=None, chat_session=None, split=None):
-        holder: list[Stream] = []
-
+    def _stream(self, batch, params, *, truncate, thinking=None, cache_store=None, split=None):
         def pieces() -> Iterator[str]:
             results = yield from self._run_iter(
-                batch, params, truncate=truncate, thinking=thinking, chat_session=chat_session
+                batch, params, truncate=truncate, thinking=thinking, cache_store=cache_store
             )
             result = results[0]
             if split is not None:
                 parts = split(result.text)
                 result.thinking, result.text = parts.thinking, parts.answer
-            holder[0].result = result
+            return result
 
-        stream = Stream(pieces())
-        holder.append(stream)
-        return stream
+        return Stream(pieces())
 
-    def _run(self, batch, params, *, truncate, thinking=None, chat_session=None):
+    def _run(self, batch, params, *, truncate, thinking=None, cache_store=None):
         iterator = self._run_iter(
-            batch, params, truncate=truncate, thinking=thinking, chat_session=chat_session
+            batch, params, truncate=truncate, thinking=thinking, cache_store=cache_store
         )
         while True:
             try:
@@ -533,7 +456,7 @@ class Generator:
             f"generated token; shorten it, pass truncate='left', or raise max_length"
         )
 
-    def _run_iter(self, batch, params, *, truncate, thinking=None, chat_session=None):
+    def _run_iter(self, batch, params, *, truncate, thinking=None, cache_store=None):
         """Generator: yields text pieces of row 0; returns the list of GenerationResults."""
         if truncate not in TRUNCATE_MODES:
             raise ValueError(f"truncate must be one of {TRUNCATE_MODES}, got {truncate!r}")
@@ -543,7 +466,7 @@ class Generator:
         )
         batch = [self._fit(list(ids), p.max_new_tokens, truncate) for ids in batch]
         rows = [
-            _Row(
+            Row(
                 prompt=ids,
                 detok=IncrementalDetokenizer(self.tokenizer, self._token_bytes),
                 stops=StopStringFilter(p.stop_strings),
@@ -552,13 +475,13 @@ class Generator:
             for ids in batch
         ]
         sampler = Sampler(p)
-        return (yield from self._decode_loop(rows, p, sampler, stop_ids, thinking, chat_session))
+        return (yield from self._decode_loop(rows, p, sampler, stop_ids, thinking, cache_store))
 
-    def _decode_loop(self, rows, p, sampler, stop_ids, thinking, chat_session):
+    def _decode_loop(self, rows, p, sampler, stop_ids, thinking, cache_store):
         t_start = time.perf_counter()
         batch = len(rows)
         lengths = np.array([len(r.prompt) for r in rows], dtype=np.int64)
-        request = self._engine.begin([r.prompt for r in rows], p.max_new_tokens, chat_session)
+        request = self._engine.begin([r.prompt for r in rows], p.max_new_tokens, cache_store)
         # Every row stops at the cache's capacity: a generated token needs a slot for the next.
         max_steps = min(p.max_new_tokens, request.capacity - int(lengths.max()) + 1)
         logits = request.prefill()
@@ -568,8 +491,8 @@ class Generator:
             for i, row in enumerate(rows):
                 if row.done:
                     continue
-                token = self._next_token(row, logits[i], sampler, thinking)
-                piece = self._accept(row, token, stop_ids, step + 1 == max_steps)
+                token = row.next_token(logits[i], sampler, thinking)
+                piece = row.accept(token, stop_ids, last=step + 1 == max_steps)
                 if i == 0 and piece:
                     yield piece
             if t_first is None:
@@ -585,9 +508,9 @@ class Generator:
         t_end = time.perf_counter()
         if t_first is None:
             t_first = t_end
-        if chat_session is not None and batch == 1:
+        if cache_store is not None and batch == 1:
             # The last sampled token was never fed: the cache holds prompt + out[:-1].
-            chat_session.keep_cache(request.cache, rows[0].prompt + rows[0].out[:-1])
+            cache_store.keep_cache(request.cache, rows[0].prompt + rows[0].out[:-1])
 
         generated = sum(len(r.out) for r in rows)
         decode_tokens = generated - sum(1 for r in rows if r.out)
@@ -602,6 +525,7 @@ class Generator:
             total_s=t_end - t_start,
             kv_bytes=request.nbytes,
             kv_capacity=request.capacity,
+            prefill_calls=request.prefill_calls,
         )
         return [
             GenerationResult(
@@ -613,165 +537,3 @@ class Generator:
             )
             for r in rows
         ]
-
-    def _next_token(self, row: _Row, logits: np.ndarray, sampler: Sampler, thinking) -> int:
-        if row.forced:
-            return row.forced.pop(0)
-        if thinking is not None and row.thinking and row.thinking_tokens >= thinking.budget:
-            # Budget spent: close the block instead of sampling, then let the model answer.
-            row.thinking = False
-            row.forced = list(thinking.close_ids)
-            return row.forced.pop(0)
-        token = sampler.pick(logits, lambda: row.prompt + row.out)
-        if thinking is not None:
-            if token == thinking.open_id and not row.out:
-                row.thinking = True
-            elif token == thinking.close_id:
-                row.thinking = False
-            elif row.thinking:
-                row.thinking_tokens += 1
-        return token
-
-    def _accept(self, row: _Row, token: int, stop_ids, last: bool) -> str:
-        row.out.append(token)
-        if token in stop_ids and not row.forced:
-            # A stop token ends the text without adding its own (it is kept in token_ids).
-            row.done, row.finish_reason = True, "stop"
-            piece = row.stops.push(row.detok.flush())
-            piece += row.stops.flush()
-            if row.stops.stopped:
-                row.finish_reason = "stop_string"
-            row.pieces.append(piece)
-            return piece
-        piece = row.stops.push(row.detok.add(token))
-        if row.stops.stopped:
-            row.done, row.finish_reason = True, "stop_string"
-        elif last:
-            row.done = True
-            piece += row.stops.push(row.detok.flush()) + row.stops.flush()
-        row.pieces.append(piece)
-        return piece
-
-    def _prefill(self, ids: np.ndarray, start: int, kv) -> np.ndarray:
-        """Feed `ids[:, start:]` (positions before `start` are cached) in chunks.
-
-        Chunks of `prefill_chunk` tokens bound the prefill activations (attention scores grow
-        with chunk x total length) without changing the result: GQA continues from the cache
-        exactly as if the prompt came in one call.
-        """
-        total = ids.shape[1]
-        chunk = self.prefill_chunk or total
-        logits = None
-        io = self._bind_kv(kv)
-        for begin in range(start, total, chunk):
-            end = min(begin + chunk, total)
-            lengths = np.full(ids.shape[0], end, dtype=np.int64)
-            logits = self._step(ids[:, begin:end], lengths, kv, io)
-        return logits
-
-    def _bind_kv(self, kv):
-        """An IOBinding with the KV buffers bound as past and present, reused across steps.
-
-        The buffers do not change between the steps of a request, so only input_ids, the mask
-        and the logits are rebound each step. Measured with a 28-layer, hidden-128 int4 model
-        (Python overhead dominates), 1 thread, 10 alternating rounds of 256 tokens: 2.02 vs
-        2.40 ms per decoded token with a new binding per step, i.e. ~0.4 ms (2-3%) per token at
-        the Qwen3-0.6B shape's 28 layers.
-        """
-        io = self.session.io_binding()
-        # Logits first: get_outputs() lists outputs in the order of their first binding, and
-        # rebinding a name keeps its place, so the logits stay at index 0.
-        io.bind_output(self._logits)
-        keys, values = kv
-        for (past_k, past_v, pres_k, pres_v), k, v in zip(
-            self._kv_names, keys, values, strict=True
-        ):
-            io.bind_ortvalue_input(past_k, k)
-            io.bind_ortvalue_input(past_v, v)
-            io.bind_ortvalue_output(pres_k, k)
-            io.bind_ortvalue_output(pres_v, v)
-        return io
-
-    def _step(self, input_ids: np.ndarray, lengths: np.ndarray, kv, io=None) -> np.ndarray:
-        """One decoder call; returns last-position logits [batch, vocab] as float32.
-
-        `io`: a `_bind_kv(kv)` binding to reuse (made here when None).
-        """
-        if io is None:
-            io = self._bind_kv(kv)
-        width = int(lengths.max())
-        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        io.bind_cpu_input(self._input_ids, np.ascontiguousarray(input_ids))
-        io.bind_cpu_input(self._mask, mask)
-        if self._uses_position_ids:
-            seq = input_ids.shape[1]
-            positions = lengths[:, None] - seq + np.arange(seq)[None, :]
-            io.bind_cpu_input(self._position_ids, np.maximum(positions, 0).astype(np.int64))
-        io.bind_output(self._logits)  # a fresh buffer: the previous step's logits stay valid
-        self.session.run_with_iobinding(io)
-        logits = io.get_outputs()[0].numpy()
-        return np.asarray(logits[:, -1, :], dtype=np.float32)
-
-
-class _DynamicEngine:
-    """Opens requests on the dynamic decoder: a KV buffer shared by past and present, sized for
-    the request (or reused from a chat session), fed through `Generator._prefill` / `_step`."""
-
-    def __init__(self, gen: Generator):
-        self.gen = gen
-
-    def begin(self, prompts: list[list[int]], max_new_tokens: int, chat_session) -> _DynamicRequest:
-        return _DynamicRequest(self.gen, prompts, max_new_tokens, chat_session)
-
-
-class _DynamicRequest:
-    """One generate call's KV cache and model calls (the engine interface `_decode_loop` uses:
-    `capacity`, `nbytes`, `reuse`, `cache`, `prefill()`, `step(feed, lengths)`)."""
-
-    def __init__(self, gen: Generator, prompts, max_new_tokens: int, chat_session):
-        self.gen, self.prompts = gen, prompts
-        batch = len(prompts)
-        lengths = [len(ids) for ids in prompts]
-        limit = gen.limit
-        needed = max(lengths) + max_new_tokens
-        self.reuse = 0
-        cache = None
-        if chat_session is not None and batch == 1 and gen.continues_prefill:
-            cache, self.reuse = chat_session.take_cache(prompts[0])
-            if cache is not None:
-                cache.ensure(min(needed, limit), used=self.reuse, limit=limit)
-        if cache is None:
-            capacity = plan_capacity(
-                needed, context_length=gen.context_length, max_length=gen.max_length
-            )
-            art = gen.artifact
-            cache = KVCache(
-                art.num_layers,
-                art.num_kv_heads,
-                art.head_dim,
-                batch=batch,
-                capacity=capacity,
-                dtype=gen.kv_dtype,
-            )
-        self.cache = cache
-        self.capacity, self.nbytes = cache.capacity, cache.nbytes
-        self._kv = self._io = None
-
-    def prefill(self) -> np.ndarray:
-        """Equal lengths in one call, otherwise row by row into row views of the cache."""
-        gen, prompts = self.gen, self.prompts
-        if len(prompts) == 1 or len({len(ids) for ids in prompts}) == 1:
-            return gen._prefill(
-                np.array(prompts, dtype=np.int64), self.reuse, self.cache.ortvalues()
-            )
-        parts = [
-            gen._prefill(np.array([ids], dtype=np.int64), 0, self.cache.ortvalues(i))
-            for i, ids in enumerate(prompts)
-        ]
-        return np.concatenate(parts, axis=0)
-
-    def step(self, feed: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        if self._kv is None:  # one binding of the whole batch's KV for every decode step
-            self._kv = self.cache.ortvalues()
-            self._io = self.gen._bind_kv(self._kv)
-        return self.gen._step(feed, lengths, self._kv, self._io)

@@ -18,9 +18,8 @@ import threading
 from collections.abc import Iterator, Mapping
 
 from edgepipe.runtime.errors import ProviderUnavailable
+from edgepipe.runtime.providers import QNN_PROVIDER, install_package
 
-QNN_PROVIDER = "QNNExecutionProvider"
-QNN_PACKAGE = "onnxruntime-qnn"
 _lock = threading.Lock()
 _registered = False
 
@@ -44,7 +43,7 @@ def _register() -> None:
         except ImportError as exc:
             raise ProviderUnavailable(
                 f"execution provider {QNN_PROVIDER} is not installed; install it with: "
-                f"pip install {QNN_PACKAGE}"
+                f"pip install {install_package(QNN_PROVIDER)}"
             ) from exc
         import onnxruntime as ort
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from edgepipe.runtime.generator import GenerationResult, Generator, Stream
-from edgepipe.runtime.kv import KVCache
 
 
 class ChatSession:
@@ -43,7 +42,8 @@ class ChatSession:
         self.thinking_budget = thinking_budget
         self.params = params
         self.messages: list[dict] = []
-        self._cache: KVCache | None = None
+        # The engine's cache (a KVCache, or a StaticCache on static artifacts); opaque here.
+        self._cache: object | None = None
         self._cached_ids: list[int] = []
         self.reset()
 
@@ -66,10 +66,9 @@ class ChatSession:
             self.messages,
             enable_thinking=self.enable_thinking,
             thinking_budget=self.thinking_budget,
-            _session=self,
+            cache_store=self,
             **{**self.params, **params},
         )
-        outer = Stream(iter(()))
 
         def pieces() -> Iterator[str]:
             try:
@@ -77,18 +76,17 @@ class ChatSession:
             except BaseException:
                 self.messages.pop()  # the turn failed: keep history consistent
                 raise
-            outer.result = inner.result
             self.messages.append({"role": "assistant", "content": inner.result.text})
+            return inner.result  # becomes the returned stream's `result`
 
-        outer._pieces = pieces()
-        return outer
+        return Stream(pieces())
 
     @property
     def cached_tokens(self) -> int:
         """Token positions the cache holds from earlier turns."""
         return len(self._cached_ids)
 
-    def take_cache(self, prompt_ids: list[int]) -> tuple[KVCache | None, int]:
+    def take_cache(self, prompt_ids: list[int]) -> tuple[object | None, int]:
         """(cache, reusable prefix length) for a new prompt; (None, 0) when nothing is reusable."""
         if self._cache is None:
             return None, 0
@@ -106,6 +104,6 @@ class ChatSession:
         del self._cached_ids[reuse:]
         return self._cache, reuse
 
-    def keep_cache(self, cache: KVCache, ids: list[int]) -> None:
+    def keep_cache(self, cache: object, ids: list[int]) -> None:
         """Remember the cache and the ids whose keys and values it holds."""
         self._cache, self._cached_ids = cache, list(ids)

@@ -25,15 +25,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgepipe.runtime.errors import ArtifactError, GeneratorError, ProviderUnavailable
+import edgepipe.runtime.qnn as qnn
+from edgepipe.runtime.errors import (
+    ArtifactError,
+    GeneratorError,
+    KVCacheFull,
+    ProviderUnavailable,
+)
 from edgepipe.runtime.options import QUIET
 from edgepipe.runtime.options import session_options as new_session_options
-
-CPU = "CPUExecutionProvider"
-
-
-class KVCacheFull(GeneratorError):
-    """The fixed KV cache of a static artifact has no slot for the next token."""
+from edgepipe.runtime.providers import CPU_PROVIDER, QNN_PROVIDER, install_package
 
 
 @dataclass
@@ -185,16 +186,14 @@ def _sessions(artifact, provider, session_options, threads, session_config, prov
     """(prefill, decode) sessions and the provider they run on; see `StaticEngine.open`."""
     import onnxruntime as ort
 
-    from edgepipe.runtime.qnn import QNN_PROVIDER, qnn_available, qnn_session
-
     wanted = provider or artifact.provider
-    if wanted == QNN_PROVIDER and not qnn_available():
+    if wanted == QNN_PROVIDER and not qnn.qnn_available():
         if provider is not None:
             raise ProviderUnavailable(
                 f"execution provider {QNN_PROVIDER} is not installed; install it with: "
-                "pip install onnxruntime-qnn"
+                f"pip install {install_package(QNN_PROVIDER)}"
             )
-        wanted = CPU  # the same QDQ graphs run on CPU
+        wanted = CPU_PROVIDER  # the same QDQ graphs run on CPU
     stages = ("prefill", "decode")
     missing = [s for s in stages if s not in artifact.pipeline]
     if missing:
@@ -214,9 +213,13 @@ def _sessions(artifact, provider, session_options, threads, session_config, prov
                 # Compiled EPContext graphs skip the HTP compile. Each session gets its own
                 # options: the plug-in provider is attached to the options object.
                 path = artifact.ep_context.get(stage, path)
-                qnn = artifact.provider_options if provider_options is None else provider_options
+                options = (
+                    artifact.provider_options if provider_options is None else provider_options
+                )
                 sessions.append(
-                    qnn_session(path, dict(qnn), session_options=fresh_options(), cpu_fallback=True)
+                    qnn.qnn_session(
+                        path, dict(options), session_options=fresh_options(), cpu_fallback=True
+                    )
                 )
             else:
                 so = session_options if session_options is not None else fresh_options()
@@ -232,18 +235,23 @@ def _sessions(artifact, provider, session_options, threads, session_config, prov
 
 
 class StaticEngine:
-    """Opens `Generator` requests on a static artifact (the engine interface of
-    `Generator._decode_loop`).
+    """Opens `Generator` requests on a static artifact (see `edgepipe.runtime.engines.Engine`).
 
     Attributes:
         pipeline: the `StaticPipeline`.
         provider: the provider the sessions run on.
         files: stage -> the graph file each session loaded (EPContext graphs on QNN when built).
         capacity: KV positions a request may use (kv_capacity, or a smaller `max_length`).
+        continues_prefill: always True: the graphs take an explicit mask over the cache, so any
+            call continues after the cached slots.
+        prefill_chunk: the prefill graph's fixed chunk.
     """
+
+    continues_prefill = True
 
     def __init__(self, pipeline: StaticPipeline, provider: str, max_length=None, files=None):
         self.pipeline, self.provider = pipeline, provider
+        self.prefill_chunk = pipeline.chunk
         self.files = dict(files or {})
         self.capacity = (
             pipeline.capacity if max_length is None else min(max_length, pipeline.capacity)
@@ -260,9 +268,13 @@ class StaticEngine:
         session_config=None,
         provider_options=None,
         max_length: int | None = None,
+        prefill_chunk: int | None = None,
     ) -> StaticEngine:
         """Sessions over the artifact's two graphs: on QNN when the artifact targets it and
         onnxruntime-qnn is installed (its EPContext graphs when compiled), else on CPU.
+
+        `prefill_chunk` is accepted for the common engine interface and not used: the prefill
+        graph's chunk was fixed when it was built.
 
         Raises:
             ProviderUnavailable: `provider` was asked for explicitly and is not installed.
@@ -285,20 +297,22 @@ class StaticEngine:
         )
         return cls(pipeline, used, max_length, files)
 
-    def begin(self, prompts, max_new_tokens: int, chat_session) -> StaticRequest:
-        return StaticRequest(self, prompts, chat_session)
+    def begin(self, prompts, max_new_tokens: int, cache_store) -> StaticRequest:
+        """A request for `prompts`: a cache per row, or `cache_store`'s static cache."""
+        return StaticRequest(self, prompts, cache_store)
 
 
 class StaticRequest:
     """One generate call: a cache per row (the graphs take batch 1), prefill and steps."""
 
-    def __init__(self, engine: StaticEngine, prompts, chat_session):
+    def __init__(self, engine: StaticEngine, prompts, cache_store):
         self.engine, self.prompts = engine, [list(ids) for ids in prompts]
         self.capacity = engine.capacity
         self.reuse = 0
+        self.prefill_calls = 0
         self.cache = None
-        if chat_session is not None and len(prompts) == 1:
-            cache, reuse = chat_session.take_cache(self.prompts[0])
+        if cache_store is not None and len(prompts) == 1:
+            cache, reuse = cache_store.take_cache(self.prompts[0])
             if isinstance(cache, StaticCache):
                 self.cache, self.reuse = cache, reuse
         if self.cache is not None:
@@ -309,14 +323,17 @@ class StaticRequest:
         self.nbytes = sum(c.nbytes for c in self.caches)
 
     def prefill(self) -> np.ndarray:
+        """Feed each row into its own cache; return the rows' logits `[batch, vocab]`."""
         pipeline = self.engine.pipeline
         rows = []
         for cache, ids in zip(self.caches, self.prompts, strict=True):
             start = self.reuse if cache is self.cache else 0
             rows.append(pipeline.prefill(cache, ids[start:], start=start))
+            self.prefill_calls += -(-(len(ids) - start) // pipeline.chunk)  # one per chunk
         return np.stack(rows)
 
     def step(self, feed: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Feed one token per row through the decode graph (`lengths` is the caches' own)."""
         pipeline = self.engine.pipeline
         return np.stack(
             [pipeline.step(cache, int(t)) for cache, t in zip(self.caches, feed[:, 0], strict=True)]

@@ -21,6 +21,16 @@ import numpy as np
 ROUND = 32
 
 
+def position_limit(context_length: int, max_length: int | None = None) -> int:
+    """KV positions a row may use: the context window, or `max_length` when smaller.
+
+    Args:
+        context_length: the model's context window.
+        max_length: the caller's memory cap in tokens, or None.
+    """
+    return context_length if max_length is None else min(max_length, context_length)
+
+
 def plan_capacity(needed: int, *, context_length: int, max_length: int | None = None) -> int:
     """Capacity for a request needing `needed` positions: rounded up, capped by limits.
 
@@ -29,7 +39,7 @@ def plan_capacity(needed: int, *, context_length: int, max_length: int | None = 
         context_length: the model's context window.
         max_length: the caller's memory cap in tokens, or None.
     """
-    limit = context_length if max_length is None else min(max_length, context_length)
+    limit = position_limit(context_length, max_length)
     rounded = -(-needed // ROUND) * ROUND
     return max(1, min(rounded, limit))
 

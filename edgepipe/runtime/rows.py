@@ -1,0 +1,99 @@
+"""One row of a generate call: its tokens, its text so far, its stop state, its thinking budget.
+
+`Generator` runs the rows of a batch in lock step; each row samples (or is forced) its next
+token and turns it into text on its own, so rows stop independently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter
+from edgepipe.runtime.sampling import Sampler
+
+
+@dataclass
+class Thinking:
+    """Thinking-budget bookkeeping for `Generator.chat()`.
+
+    Attributes:
+        budget: thinking tokens allowed before the block is closed.
+        started: whether the prompt already opened the thinking block.
+        open_id, close_id: the ids of `<think>` and `</think>`.
+        close_ids: the ids forced when the budget is spent (`</think>` and the blank line).
+    """
+
+    budget: int
+    started: bool
+    open_id: int | None
+    close_id: int | None
+    close_ids: list[int]
+
+
+@dataclass
+class Row:
+    """The state of one row.
+
+    Attributes:
+        prompt: the prompt ids as fed.
+        detok, stops: the row's incremental detokenizer and stop-string filter.
+        out: generated ids.
+        pieces: text pieces emitted so far.
+        done, finish_reason: whether the row stopped, and why.
+        forced: ids to emit next instead of sampling (closing a thinking block).
+        thinking, thinking_tokens: whether the row is inside a thinking block, and its length.
+    """
+
+    prompt: list[int]
+    detok: IncrementalDetokenizer
+    stops: StopStringFilter
+    out: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    done: bool = False
+    finish_reason: str = "length"
+    forced: list[int] = field(default_factory=list)
+    thinking: bool = False
+    thinking_tokens: int = 0
+
+    def next_token(self, logits: np.ndarray, sampler: Sampler, thinking: Thinking | None) -> int:
+        """The next id: a forced one, `</think>` when the budget is spent, else a sample."""
+        if self.forced:
+            return self.forced.pop(0)
+        if thinking is not None and self.thinking and self.thinking_tokens >= thinking.budget:
+            # Budget spent: close the block instead of sampling, then let the model answer.
+            self.thinking = False
+            self.forced = list(thinking.close_ids)
+            return self.forced.pop(0)
+        token = sampler.pick(logits, lambda: self.prompt + self.out)
+        if thinking is not None:
+            if token == thinking.open_id and not self.out:
+                self.thinking = True
+            elif token == thinking.close_id:
+                self.thinking = False
+            elif self.thinking:
+                self.thinking_tokens += 1
+        return token
+
+    def accept(self, token: int, stop_ids, *, last: bool) -> str:
+        """Append `token`; return the text it completes (empty while a character or a possible
+        stop string is incomplete). `last`: no further token will come (flush everything)."""
+        self.out.append(token)
+        if token in stop_ids and not self.forced:
+            # A stop token ends the text without adding its own (it is kept in token_ids).
+            self.done, self.finish_reason = True, "stop"
+            piece = self.stops.push(self.detok.flush())
+            piece += self.stops.flush()
+            if self.stops.stopped:
+                self.finish_reason = "stop_string"
+            self.pieces.append(piece)
+            return piece
+        piece = self.stops.push(self.detok.add(token))
+        if self.stops.stopped:
+            self.done, self.finish_reason = True, "stop_string"
+        elif last:
+            self.done = True
+            piece += self.stops.push(self.detok.flush()) + self.stops.flush()
+        self.pieces.append(piece)
+        return piece
