@@ -17,16 +17,10 @@ import sys
 import numpy as np
 import pytest
 
-<<<<<<< HEAD
-from edgepipe.runtime import ChatSession, Generator, PromptTooLong
-from edgepipe.runtime.kv import KVCache
-from tests.fixtures.toy import CONTEXT, HEAD_DIM, KV_HEADS, LAYERS, build_toy_artifact
-=======
 import edgepipe.runtime
 import edgepipe.runtime.errors
 from edgepipe.runtime import ChatSession, Generator, GeneratorError, PromptTooLong
-from tests.test_runtime_toy import CONTEXT, HEAD_DIM, KV_HEADS, LAYERS, build_toy_artifact
->>>>>>> lay-runtime
+from tests.fixtures.toy import CONTEXT, HEAD_DIM, KV_HEADS, LAYERS, build_toy_artifact
 
 PROMPTS = [
     "Hello world, this is",

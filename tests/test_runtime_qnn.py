@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import edgepipe.runtime.qnn as qnn
-from edgepipe.runtime.errors import ProviderUnavailable
 from tests.fixtures.static import HTP, needs_qnn, one_op_graph
 
 
