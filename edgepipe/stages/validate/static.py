@@ -10,8 +10,9 @@ machine what a Snapdragon device would do:
 2. **Accuracy.** The evaluation text runs through prefill calls (full chunks and a left-padded
    partial chunk) and then decode steps, on the HTP, on CPU over the same QDQ graphs, and on CPU
    over the fp32 static graphs (the reference). Logits rows are compared with
-   `edgepipe.stages.validate.dynamic.compare_logits` (cosine, top-1 agreement, KL, perplexity ratio) and the
-   recipe's thresholds; the HTP-vs-CPU agreement of the same QDQ graphs is reported too.
+   `edgepipe.stages.validate.metrics.compare_logits` (cosine, top-1 agreement, KL, perplexity
+   ratio) and the recipe's thresholds; the HTP-vs-CPU agreement of the same QDQ graphs is
+   reported too.
 3. **EPContext.** The compiled graphs are loaded in fresh sessions and replay the schedule up to
    its first decode step: they must give the logits of the sessions that compiled them.
 4. **Quality on the whole evaluation text.** The simulator costs about 55 ns per weight element
@@ -34,9 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe.errors import BuildFailed
-from edgepipe.stages.validate.dynamic import check_thresholds, compare_logits
+from edgepipe.stages.validate.metrics import check_thresholds, compare_logits, quality_report
+from edgepipe.stages.validate.runner import CPU
 
-CPU = "CPUExecutionProvider"
 QNN = "QNNExecutionProvider"
 STAGES = ("prefill", "decode")
 EVAL_PREFILL_CHUNKS = 1.5  # a full chunk, then a left-padded half chunk
@@ -107,25 +108,23 @@ def greedy(pipeline, prompt: list[int], steps: int) -> list[int]:
 
 
 def quality_on_cpu(cpu_qdq, reference, ids: list[int], progress=None) -> dict:
-    """The quality report of the QDQ graphs against the fp32 graphs, both on CPU, over the
-    whole evaluation text (see step 4 of the module docstring)."""
+    """The quality block (`metrics.quality_report`) of the QDQ graphs against the fp32 graphs,
+    both on CPU, over the whole evaluation text (see step 4 of the module docstring)."""
     say = progress or (lambda message: None)
     n = min(len(ids), cpu_qdq.capacity)
     say(f"quality report: {n} evaluation tokens through the QDQ graphs on CPU")
     rows = teacher_forced(cpu_qdq, ids[:n], say)
     ref = teacher_forced(reference, ids[:n])
-    report = compare_logits(rows, ref, ids[:n])
     prompt = ids[: min(GREEDY_TOKENS, n - 1)]
     steps = max(1, min(GREEDY_TOKENS, cpu_qdq.capacity - len(prompt)))
-    ours, theirs = greedy(cpu_qdq, prompt, steps), greedy(reference, prompt, steps)
-    same = min(len(ours), len(theirs))
-    # The same definitions as edgepipe.stages.validate.metrics: share of equal positions, equal sequences.
-    report["greedy_agreement"] = float(np.mean(np.equal(ours[:same], theirs[:same])))
-    report["greedy_exact"] = float(ours == theirs)
-    report["greedy_steps"], report["greedy_prompts"] = same, 1
-    report["reference"] = "fp32-static-cpu"
-    report["provider"] = f"{CPU} (the same QDQ graphs the HTP runs)"
-    return report
+    return quality_report(
+        rows,
+        ref,
+        ids[:n],
+        reference="fp32-static-cpu",
+        provider=f"{CPU} (the same QDQ graphs the HTP runs)",
+        greedy=(greedy(cpu_qdq, prompt, steps), greedy(reference, prompt, steps)),
+    )
 
 
 def _row_ids(ids: list[int], positions: list[int]) -> list[int]:
