@@ -89,7 +89,7 @@ def timings(model: Path, prompt: int, decode: int) -> tuple[float, float]:
     runner = DecoderRunner(model)
     ids = IDS * (prompt // len(IDS) + 1)
     start = time.perf_counter()
-    _, past = runner.step(ids[:prompt], runner._empty_past(), prompt)
+    _, past = runner.step(ids[:prompt], runner.empty_past(), prompt)
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     for t in range(decode):
