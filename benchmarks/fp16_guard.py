@@ -25,7 +25,8 @@ import numpy as np
 from edgepipe.stages.export.dynamic import build_decoder
 from edgepipe.stages.export.fp16guard import Fp16Guard, activation_maxima, guard_casts, plan_guard
 from edgepipe.stages.quantize.plan import QuantPlan
-from edgepipe.stages.validate.dynamic import DecoderRunner, compare_logits
+from edgepipe.stages.validate.metrics import compare_logits
+from edgepipe.stages.validate.runner import DecoderRunner
 
 DML = {"rotary_in_attention": False, "packed_qkv": False, "fused_bias": False}
 INT4 = QuantPlan.from_precision(
@@ -88,7 +89,7 @@ def timings(model: Path, prompt: int, decode: int) -> tuple[float, float]:
     runner = DecoderRunner(model)
     ids = IDS * (prompt // len(IDS) + 1)
     start = time.perf_counter()
-    _, past = runner.step(ids[:prompt], runner._empty_past(), prompt)
+    _, past = runner.step(ids[:prompt], runner.empty_past(), prompt)
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     for t in range(decode):

@@ -22,7 +22,8 @@ from edgepipe.stages.export.fp16guard import (
 )
 from edgepipe.stages.quantize.gptq_inputs import LayerCalibrator
 from edgepipe.stages.quantize.plan import QuantPlan
-from edgepipe.stages.validate.dynamic import DecoderRunner, compare_logits
+from edgepipe.stages.validate.metrics import compare_logits
+from edgepipe.stages.validate.runner import DecoderRunner
 
 IDS = [9707, 11, 1246, 525, 498, 30, 151645, 198, 40, 1079, 264, 1661, 13, 785, 3974, 17] * 3
 # The DirectML layout (device_profiles/directml.yaml), int4 like the profile's default.

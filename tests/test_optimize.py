@@ -10,7 +10,7 @@ import pytest
 
 from edgepipe.errors import InvalidInput
 from edgepipe.stages.optimize import DATA, MODEL, level_name, optimize_model
-from edgepipe.stages.validate.dynamic import DecoderRunner
+from edgepipe.stages.validate.runner import DecoderRunner
 from tests.fixtures.toy import build_toy_artifact
 
 IDS = [11, 220, 3555, 42, 9, 100, 7, 151643]
@@ -93,22 +93,36 @@ def test_disabled_level_only_cleans_layout(toy_export, tmp_path):
     assert "disables" in record["reason"]
 
 
-def test_graph_that_breaks_when_optimized_is_not_kept(toy_export, tmp_path, monkeypatch):
-    import edgepipe.stages.optimize as optimize
+def _negating_optimizer(src, dst_dir, level):
+    """An 'optimizer' that breaks the graph: the logits come out negated."""
+    model = onnx.load(str(src))
+    for node in model.graph.node:
+        node.output[:] = ["logits_raw" if name == "logits" else name for name in node.output]
+    model.graph.node.append(onnx.helper.make_node("Neg", ["logits_raw"], ["logits"]))
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst_dir / MODEL), save_as_external_data=True, location=DATA)
+    return dst_dir / MODEL
 
-    real_probe = optimize._probe
-    calls = []
 
-    def probe(model):
-        logits, seconds = real_probe(model)
-        calls.append(model)
-        # The second probe is the optimized graph: pretend it changed the logits.
-        return (-logits if len(calls) == 2 else logits), seconds
-
-    monkeypatch.setattr(optimize, "_probe", probe)
-    record = optimize_model(toy_export, tmp_path / "out", level="extended")
+def test_graph_that_breaks_when_optimized_is_not_kept(toy_export, tmp_path):
+    record = optimize_model(
+        toy_export, tmp_path / "out", level="extended", optimizer=_negating_optimizer
+    )
     assert record["applied"] is False
     assert "changes logits" in record["reason"]
+    assert record["max_abs_logit_diff"] > 0
+    kept = DecoderRunner(tmp_path / "out" / MODEL).teacher_forced(IDS)
+    np.testing.assert_allclose(kept, DecoderRunner(toy_export / MODEL).teacher_forced(IDS))
+
+
+def test_optimizer_that_fails_keeps_the_clean_graph_and_says_why(toy_export, tmp_path):
+    def failing(src, dst_dir, level):
+        raise RuntimeError("cannot save this graph")
+
+    record = optimize_model(toy_export, tmp_path / "out", level="basic", optimizer=failing)
+    assert record["applied"] is False
+    assert "could not be saved" in record["reason"] and "cannot save" in record["reason"]
+    assert (tmp_path / "out" / MODEL).is_file()
 
 
 LEVEL_CASES = [

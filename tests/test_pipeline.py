@@ -24,6 +24,7 @@ from edgepipe.build.run import BuildOptions, build_all, export_modules, plan_bui
 from edgepipe.cli.main import main
 from edgepipe.runtime.artifact import load_artifact
 from edgepipe.schema import shipped as resources
+from edgepipe.stages.validate.metrics import QUALITY_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 BUILDS = [
@@ -83,12 +84,14 @@ def test_tiny_build_passes_its_own_validation(built, recipe, precision):
         # Compared with transformers: the exported graph computes the same function.
         assert manifest["validation"]["reference"] == "transformers"
         assert manifest["validation"]["logit_abs_diff"] <= 1e-3
-        assert manifest["quality"] is None
+        assert manifest["quality"]["reference"] == "transformers"
+        assert manifest["quality"]["kl"] == manifest["validation"]["kl"]
     else:
         quality = manifest["quality"]
-        assert quality["mean_kl"] >= 0
-        assert 0 <= quality["top1_agreement"] <= 1
         assert quality["reference"] == "unquantized-export"
+        # Quantization costs something, measurably: not the unquantized graph again.
+        assert quality["kl"] > 0 and quality["logit_abs_diff"] > 0
+    assert tuple(manifest["quality"]) == QUALITY_KEYS, "one quality shape for every build"
     # No temp folder or set-aside artifact is left next to it.
     out = folder.parents[1]
     assert not list(out.glob(f"{TMP_PREFIX}*"))
@@ -175,9 +178,8 @@ def test_without_transformers_validation_uses_the_unquantized_export(
     (result,) = build_all(plans, BuildOptions(tmp_path, "int4", build_cache))
     assert result.status == "built", result.error
     assert result.validation["reference"] == "unquantized-export"
-    # Same reference, same text: the gate and the quality report agree (the report leaves out
-    # the last position, which has no next token).
-    assert result.validation["kl"] == pytest.approx(result.quality["mean_kl"], rel=1e-2)
+    # Same reference, same text, one definition: the gate and the quality block agree.
+    assert result.validation["kl"] == result.quality["kl"]
 
 
 @pytest.mark.slow
@@ -189,7 +191,7 @@ def test_gptq_recipe_builds_with_calibration_text(built, build_cache, tmp_path):
     assert not result.cached  # gptq is a different export from rtn
     rtn = built[("tiny-qwen3", "int4")].quality
     # Deterministic seeds: measured 0.117 (gptq) vs 0.199 (rtn) mean KL.
-    assert result.quality["mean_kl"] < rtn["mean_kl"]
+    assert result.quality["kl"] < rtn["kl"]
 
 
 def test_failing_threshold_exits_1_and_leaves_no_artifact(tmp_path, build_cache, capsys):

@@ -635,9 +635,7 @@ def _build_into(plan, options, tmp: Path, result: BuildResult, stages, start: fl
     )
     fp16_record = fp16.record(reference_dir or export_dir) if fp16 is not None else None
     result.validation = validation
-    result.quality = validation.get("quality") or {
-        k: validation[k] for k in ("kl", "top1_agreement", "perplexity_ratio") if k in validation
-    }
+    result.quality = validation["quality"]
     if not validation["passed"]:
         # Say where a reused export lives: a stale entry is then one `--no-cache` away.
         origin = f" (export reused from the stage cache: {export_dir})" if result.cached else ""
@@ -656,7 +654,7 @@ def _build_into(plan, options, tmp: Path, result: BuildResult, stages, start: fl
         start,
         {
             "validation": validation,
-            "quality": validation.get("quality"),
+            "quality": result.quality,
             "optimization": optimization,
             "provider_check": provider,
             "fp16_guard": fp16_record,

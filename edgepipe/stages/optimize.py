@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe.errors import BuildFailed, InvalidInput
-from edgepipe.stages.validate.dynamic import CPU, DecoderRunner
+from edgepipe.stages.validate.runner import CPU, DecoderRunner
 
 MODEL = "model.onnx"
 DATA = "model.onnx.data"
@@ -97,7 +97,17 @@ def clean_layout(
     return removed
 
 
-def _ort_optimize(src: Path, dst_dir: Path, level: str) -> Path:
+def ort_optimize(src: Path, dst_dir: Path, level: str) -> Path:
+    """onnxruntime's offline optimization of `src` at `level`, saved into `dst_dir`.
+
+    Args:
+        src: the model to optimize.
+        dst_dir: the output folder (created); it gets `model.onnx` and one `model.onnx.data`.
+        level: a `LEVELS` name.
+
+    Returns:
+        The saved `model.onnx`.
+    """
     import onnxruntime as ort
 
     dst_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +133,7 @@ def _probe(model: Path) -> tuple[np.ndarray, float]:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     runner = DecoderRunner(model, CPU, session_options=options)
     rows = []
-    logits, past = runner.step(PROBE_IDS, runner._empty_past(), len(PROBE_IDS))
+    logits, past = runner.step(PROBE_IDS, runner.empty_past(), len(PROBE_IDS))
     rows.append(logits[0, -1])
     total = len(PROBE_IDS)
     for token in (10, 11, 12, 13):
@@ -133,7 +143,7 @@ def _probe(model: Path) -> tuple[np.ndarray, float]:
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        runner.step(PROBE_IDS, runner._empty_past(), len(PROBE_IDS))
+        runner.step(PROBE_IDS, runner.empty_past(), len(PROBE_IDS))
         best = min(best, time.perf_counter() - start)
     return np.stack(rows), best
 
@@ -162,6 +172,7 @@ def optimize_model(
     tolerance: float = 1e-3,
     exclude: tuple[str, ...] = (),
     progress: Callable[[str], None] | None = None,
+    optimizer: Callable[[Path, Path, str], Path] = ort_optimize,
 ) -> dict:
     """Write the optimized artifact model of `src_dir` into `dst_dir` (created).
 
@@ -174,6 +185,9 @@ def optimize_model(
             (fp32 graphs stay near 1e-6; fp16 graphs need about 1e-2).
         exclude: names of files in `src_dir` not to carry over (e.g. a cache entry's index).
         progress: called with a short status line.
+        optimizer: (model, output folder, level) -> the optimized model it saved there;
+            `ort_optimize` by default. Its result is kept only if it passes the checks of the
+            module docstring.
 
     Returns:
         The manifest's `optimization` record: `level`, `provider`, `applied` (the ORT-optimized
@@ -212,7 +226,7 @@ def optimize_model(
             if progress:
                 progress(f"onnxruntime optimization ({saved_level})")
             chosen, reason = _try_optimized(
-                tmp, saved_level, base_logits, base_time, tolerance, record
+                tmp, optimizer, saved_level, (base_logits, base_time), tolerance, record
             )
             record["applied"] = reason is None
             record["reason"] = reason
@@ -220,10 +234,11 @@ def optimize_model(
     return record
 
 
-def _try_optimized(tmp: Path, level: str, base_logits, base_time, tolerance, record):
+def _try_optimized(tmp: Path, optimizer, level: str, base, tolerance, record):
+    base_logits, base_time = base
     clean = tmp / "clean"
     try:
-        saved = _ort_optimize(clean / MODEL, tmp / "ort", level)
+        saved = optimizer(clean / MODEL, tmp / "ort", level)
         final = tmp / "optimized"
         clean_layout(saved.parent, final)
         for path in clean.iterdir():  # genai_config.json, tokenizer files, ...

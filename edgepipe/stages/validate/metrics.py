@@ -1,89 +1,50 @@
-"""The quality report: how far a quantized build's predictions are from the float reference.
+"""The one definition of every quality metric edgepipe reports, and of the manifest's `quality`.
 
-Everything is computed from two *logits functions* — token ids `[seq]` → logits `[seq, vocab]`
-for every position — so the report does not care how logits are produced: two ORT artifacts
-(`ort_logits_fn`), a transformers model, or a numpy reference. Over evaluation text cut into
-windows it measures, per predicted position:
+Every metric compares a candidate's next-token logits with a reference's, teacher-forced on
+the same token ids (row t is the distribution after `ids[: t + 1]`):
 
-* mean KL(reference ‖ candidate) of the next-token distributions (nats);
-* top-1 agreement: both argmaxes equal;
-* perplexity of each model on the actual next tokens;
+* `kl`: mean over rows of KL(reference || candidate), nats per token;
+* `top1_agreement`: share of rows where both argmaxes are equal;
+* `perplexity` / `reference_perplexity`: exp of the mean negative log-likelihood of the actual
+  next tokens (row t scores `ids[t + 1]`; a last row without a next token is not scored), and
+  `perplexity_ratio` = candidate / reference;
+* `cosine` of the flattened logits and `logit_abs_diff`, their largest absolute difference;
+* from greedy continuations of one prompt: `greedy_agreement`, the share of positions where both
+  chose the same token, and `greedy_exact`, 1.0 when the two sequences are identical.
 
-and, from a few prompts, greedy-sequence agreement: each model greedily continues the prompt on
-its own for `greedy_steps` tokens and we count the positions where both chose the same token.
-
-Log-softmax runs in float64 over row chunks, so fp16 logits and a 151936-token vocabulary are
-both fine (memory stays at a few rows × vocab).
+Recipes bound any of them with `max_<metric>` / `min_<metric>` thresholds (`check_thresholds`).
+Everything is computed in float64 on log-softmax values over row chunks, so float16 logits, a
+151936-token vocabulary and a wild random model (mean NLL beyond float range: perplexity inf)
+are all fine.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from edgepipe.errors import InvalidInput
 
-#: token ids `[seq]` int64 → logits `[seq, vocab]` for every position.
-LogitsFn = Callable[[np.ndarray], np.ndarray]
+# Rows converted to float64 at once: a [16, 151936] float64 block is ~19 MB per temporary.
+ROW_CHUNK = 16
 
-#: (prompt ids `[n]`, steps) → the `steps` greedily generated token ids.
-GreedyFn = Callable[[np.ndarray, int], Sequence[int] | np.ndarray]
-
-# Rows of logits converted to float64 at once: 32 x 151936 x 8 B = 39 MB per temporary.
-_ROW_CHUNK = 32
-
-
-@dataclass(frozen=True)
-class QualityReport:
-    """Candidate vs reference on evaluation text; plain data, see `to_dict()`.
-
-    Attributes:
-        mean_kl: Mean KL(reference ‖ candidate) per predicted position, nats (>= 0).
-        max_kl: Largest per-position KL.
-        top1_agreement: Fraction of positions where both models' argmax agree, in [0, 1].
-        reference_perplexity: Perplexity of the reference on the evaluation tokens.
-        candidate_perplexity: Perplexity of the candidate on the same tokens.
-        greedy_agreement: Fraction of identical tokens over the greedy continuations (None
-            when no prompts were given).
-        greedy_exact: Fraction of prompts whose greedy continuations are identical.
-        positions: Predicted positions evaluated.
-        windows: Evaluation windows.
-        greedy_steps: Greedy tokens generated per prompt and model.
-        greedy_prompts: Prompts used for greedy agreement.
-    """
-
-    mean_kl: float
-    max_kl: float
-    top1_agreement: float
-    reference_perplexity: float
-    candidate_perplexity: float
-    greedy_agreement: float | None
-    greedy_exact: float | None
-    positions: int
-    windows: int
-    greedy_steps: int
-    greedy_prompts: int
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict (the manifest's `quality` entry)."""
-        return asdict(self)
-
-    def summary(self) -> str:
-        """One line for the end of a build."""
-        greedy = (
-            ""
-            if self.greedy_agreement is None
-            else f", greedy agreement {self.greedy_agreement:.3f}"
-        )
-        return (
-            f"KL {self.mean_kl:.4f} nats, top-1 agreement {self.top1_agreement:.3f}, "
-            f"perplexity {self.reference_perplexity:.3f} -> {self.candidate_perplexity:.3f}"
-            f"{greedy} ({self.positions} positions)"
-        )
+#: The keys of `compare_logits`, in report order.
+METRIC_KEYS = (
+    "tokens",
+    "kl",
+    "top1_agreement",
+    "perplexity",
+    "reference_perplexity",
+    "perplexity_ratio",
+    "cosine",
+    "logit_abs_diff",
+)
+#: The keys of `greedy_agreement`.
+GREEDY_KEYS = ("greedy_agreement", "greedy_exact", "greedy_steps")
+#: The manifest's `quality` block, the same for every build variant (docs/contracts.md).
+QUALITY_KEYS = ("reference", "provider", *METRIC_KEYS, *GREEDY_KEYS)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -93,253 +54,156 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def compare_logits(
-    ref_logits: np.ndarray, cand_logits: np.ndarray, targets: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Per-position KL, top-1 agreement and both NLLs for aligned logits `[n, vocab]`.
+def perplexity(mean_nll: float) -> float:
+    """exp(mean NLL), inf past float range (a wild random model) instead of an OverflowError."""
+    with np.errstate(over="ignore"):
+        return float(np.exp(np.float64(mean_nll)))
+
+
+def compare_logits(logits: np.ndarray, reference: np.ndarray, ids: Sequence[int]) -> dict:
+    """Quality metrics of `logits` against `reference`, both `[rows, vocab]` teacher-forced
+    on `ids`.
 
     Args:
-        ref_logits: Reference logits `[n, vocab]`.
-        cand_logits: Candidate logits `[n, vocab]`.
-        targets: The actual next token at each of the n positions.
+        logits: the candidate's next-token logits, one row per position.
+        reference: the reference's, the same rows. A longer vocabulary on either side (padded
+            embedding tables) is cut to the shorter one.
+        ids: the token ids; row t's next token is `ids[t + 1]` (rows beyond `len(ids) - 1`
+            have none and are not scored for perplexity).
 
     Returns:
-        Arrays of length n: "kl", "agree" (bool), "ref_nll", "cand_nll".
+        The `METRIC_KEYS` (see the module docstring); `tokens` is `len(ids)`. A NaN in the
+        logits gives NaN metrics, never a small difference.
+
+    Raises:
+        InvalidInput: the two logits do not have the same number of rows.
     """
-    if ref_logits.shape != cand_logits.shape or ref_logits.ndim != 2:
+    if logits.ndim != 2 or reference.ndim != 2 or logits.shape[0] != reference.shape[0]:
         raise InvalidInput(
-            f"logits: reference {ref_logits.shape} and candidate {cand_logits.shape} must both "
-            "be [positions, vocab]; check that both models share a vocabulary"
+            f"logits: candidate {logits.shape} and reference {reference.shape} must both be "
+            "[positions, vocab] over the same positions"
         )
-    n = ref_logits.shape[0]
-    out = {k: np.empty(n) for k in ("kl", "ref_nll", "cand_nll")}
-    out["agree"] = np.empty(n, dtype=bool)
-    rows = np.arange(n)
-    for s in range(0, n, _ROW_CHUNK):
-        sl = slice(s, s + _ROW_CHUNK)
-        lp = log_softmax(ref_logits[sl])
-        lq = log_softmax(cand_logits[sl])
-        # Terms with p = 0 contribute 0 (exp(-inf) * finite); clip guards -inf - -inf.
-        out["kl"][sl] = np.maximum(np.sum(np.exp(lp) * (lp - lq), axis=-1), 0.0)
-        out["agree"][sl] = lp.argmax(-1) == lq.argmax(-1)
-        t = targets[sl]
-        r = rows[: t.shape[0]]
-        out["ref_nll"][sl] = -lp[r, t]
-        out["cand_nll"][sl] = -lq[r, t]
-    return out
+    vocab = min(logits.shape[-1], reference.shape[-1])
+    rows_total = logits.shape[0]
+    kl_sum = agree = nll_sum = ref_nll_sum = dot = norm_a = norm_b = max_diff = 0.0
+    for start in range(0, rows_total, ROW_CHUNK):
+        stop = min(start + ROW_CHUNK, rows_total)
+        a = logits[start:stop, :vocab].astype(np.float64)
+        b = reference[start:stop, :vocab].astype(np.float64)
+        diff = float(np.max(np.abs(a - b)))
+        max_diff = diff if math.isnan(diff) or diff > max_diff else max_diff  # NaN sticks
+        dot += float(np.sum(a * b))
+        norm_a += float(np.sum(a * a))
+        norm_b += float(np.sum(b * b))
+        cand, ref = log_softmax(a), log_softmax(b)
+        kl_sum += float(np.sum(np.exp(ref) * (ref - cand)))
+        agree += float(np.sum(np.argmax(cand, -1) == np.argmax(ref, -1)))
+        last = min(stop, len(ids) - 1)
+        if last > start:
+            rows = np.arange(last - start)
+            targets = np.asarray(ids[start + 1 : last + 1])
+            nll_sum -= float(np.sum(cand[rows, targets]))
+            ref_nll_sum -= float(np.sum(ref[rows, targets]))
+    scored = min(rows_total, len(ids) - 1)
+    nll = nll_sum / scored if scored > 0 else float("nan")
+    ref_nll = ref_nll_sum / scored if scored > 0 else float("nan")
+    denom = float(np.sqrt(norm_a) * np.sqrt(norm_b))
+    kl = kl_sum / rows_total
+    return {
+        "tokens": len(ids),
+        "kl": max(kl, 0.0) if not math.isnan(kl) else kl,  # rounding gives -1e-17 for equals
+        "top1_agreement": agree / rows_total,
+        "perplexity": perplexity(nll),
+        "reference_perplexity": perplexity(ref_nll),
+        # From the NLL difference: finite even where both perplexities are inf.
+        "perplexity_ratio": perplexity(nll - ref_nll),
+        "cosine": dot / denom if denom else 1.0,
+        "logit_abs_diff": max_diff,
+    }
 
 
-def token_windows(
-    token_ids: Sequence[int] | np.ndarray, window: int, max_windows: int | None = None
-) -> list[np.ndarray]:
-    """Cut evaluation tokens into non-overlapping windows of `window` tokens (last one may be
-    shorter but has at least 2 tokens)."""
-    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-    out = [ids[i : i + window] for i in range(0, ids.shape[0], window)]
-    out = [w for w in out if w.shape[0] >= 2]
-    return out[:max_windows] if max_windows else out
+def greedy_agreement(candidate: Sequence[int], reference: Sequence[int]) -> dict:
+    """How far two greedy continuations of the same prompt agree.
 
+    Args:
+        candidate: the candidate's greedy token ids.
+        reference: the reference's.
 
-def greedy_continuation(logits_fn: LogitsFn, prompt: np.ndarray, steps: int) -> np.ndarray:
-    """`steps` greedy tokens after `prompt`, recomputing the whole sequence each step.
-
-    Quadratic in length, which is fine for the short continuations the report uses and keeps
-    the logits-function interface stateless.
+    Returns:
+        `greedy_agreement`: share of positions (over the shorter sequence) where both chose the
+        same token (`[1, 2, 9, 4]` vs `[1, 2, 3, 4]` gives 0.75); `greedy_exact`: 1.0 when the
+        sequences are identical, else 0.0; `greedy_steps`: the positions compared.
     """
-    seq = np.asarray(prompt, dtype=np.int64).reshape(-1)
-    out = []
-    for _ in range(steps):
-        nxt = int(np.argmax(logits_fn(seq)[-1]))
-        out.append(nxt)
-        seq = np.append(seq, nxt)
-    return np.asarray(out, dtype=np.int64)
+    steps = min(len(candidate), len(reference))
+    same = sum(int(a) == int(b) for a, b in zip(candidate[:steps], reference[:steps], strict=True))
+    identical = [int(t) for t in candidate] == [int(t) for t in reference]
+    return {
+        "greedy_agreement": same / steps if steps else 1.0,
+        "greedy_exact": float(identical),
+        "greedy_steps": steps,
+    }
 
 
 def quality_report(
-    reference_logits_fn: LogitsFn,
-    candidate_logits_fn: LogitsFn,
-    token_ids: Sequence[int] | np.ndarray,
+    logits: np.ndarray,
+    reference_logits: np.ndarray,
+    ids: Sequence[int],
     *,
-    window: int = 256,
-    max_windows: int | None = None,
-    prompts: Sequence[Sequence[int]] = (),
-    greedy_steps: int = 32,
-    reference_greedy_fn: GreedyFn | None = None,
-    candidate_greedy_fn: GreedyFn | None = None,
-) -> QualityReport:
-    """Compare a candidate model with the reference on evaluation tokens.
+    reference: str,
+    provider: str,
+    greedy: tuple[Sequence[int], Sequence[int]] | None = None,
+) -> dict:
+    """The manifest's `quality` block: `QUALITY_KEYS`, the same for every build variant.
 
     Args:
-        reference_logits_fn: ids `[seq]` → logits `[seq, vocab]` of the unquantized model.
-        candidate_logits_fn: The same for the quantized model.
-        token_ids: Tokenized evaluation text (1-D).
-        window: Tokens per evaluation window; each window is scored as a fresh sequence.
-        max_windows: Evaluate at most this many windows.
-        prompts: Token-id prompts for greedy agreement; empty skips it.
-        greedy_steps: Greedy tokens per prompt.
-        reference_greedy_fn: (prompt ids, steps) → greedy token ids, e.g. a KV-cached
-            generator; default re-runs `reference_logits_fn` on the growing sequence.
-        candidate_greedy_fn: The same for the candidate.
+        logits: the artifact's teacher-forced logits `[rows, vocab]` on `ids`.
+        reference_logits: the reference's, the same rows.
+        ids: the evaluation token ids.
+        reference: what the reference is (`unquantized-export`, `transformers`, ...).
+        provider: where the artifact's logits were computed.
+        greedy: (candidate, reference) greedy continuations of one prompt, or None when not
+            measured (then the greedy keys are None).
 
     Returns:
-        The report.
+        The block, keys in `QUALITY_KEYS` order.
+    """
+    report = {"reference": reference, "provider": provider}
+    report.update(compare_logits(logits, reference_logits, ids))
+    if greedy is None:
+        report.update(dict.fromkeys(GREEDY_KEYS))
+    else:
+        report.update(greedy_agreement(*greedy))
+    return report
+
+
+def check_thresholds(metrics: Mapping, thresholds: Mapping) -> list[str]:
+    """Failures of `metrics` against `max_<metric>` / `min_<metric>` thresholds.
+
+    Args:
+        metrics: a report holding metrics by name (`compare_logits`, a quality block, ...).
+        thresholds: bounds by name; None bounds are skipped.
+
+    Returns:
+        One line per failed bound, naming the metric, its value and the bound; a NaN value
+        always fails.
 
     Raises:
-        InvalidInput: Fewer than 2 evaluation tokens, or logits of the wrong shape.
+        InvalidInput: a threshold names no metric of the report (lists the metrics).
     """
-    if window < 2:
-        raise InvalidInput(f"window: {window} must be at least 2 tokens")
-    windows = token_windows(token_ids, window, max_windows)
-    if not windows:
-        raise InvalidInput("evaluation text: needs at least 2 tokens; add evaluation text")
-    parts: dict[str, list[np.ndarray]] = {"kl": [], "agree": [], "ref_nll": [], "cand_nll": []}
-    for ids in windows:
-        ref = _checked(reference_logits_fn(ids), ids, "reference")
-        cand = _checked(candidate_logits_fn(ids), ids, "candidate")
-        # Position i predicts token i + 1; the last position has no target.
-        stats = compare_logits(ref[:-1], cand[:-1], ids[1:])
-        for k, v in stats.items():
-            parts[k].append(v)
-    cat = {k: np.concatenate(v) for k, v in parts.items()}
-
-    agreement = exact = None
-    if prompts and greedy_steps > 0:
-        same, identical = [], []
-        ref_greedy = reference_greedy_fn or _greedy_from(reference_logits_fn)
-        cand_greedy = candidate_greedy_fn or _greedy_from(candidate_logits_fn)
-        for prompt in prompts:
-            a = np.asarray(ref_greedy(np.asarray(prompt, dtype=np.int64), greedy_steps))
-            b = np.asarray(cand_greedy(np.asarray(prompt, dtype=np.int64), greedy_steps))
-            if a.shape != (greedy_steps,) or b.shape != (greedy_steps,):
-                raise InvalidInput(
-                    f"greedy functions must return {greedy_steps} token ids, got {a.shape} "
-                    f"and {b.shape}"
-                )
-            same.append(np.mean(a == b))
-            identical.append(bool(np.array_equal(a, b)))
-        agreement, exact = float(np.mean(same)), float(np.mean(identical))
-
-    return QualityReport(
-        mean_kl=float(cat["kl"].mean()),
-        max_kl=float(cat["kl"].max()),
-        top1_agreement=float(cat["agree"].mean()),
-        reference_perplexity=perplexity(cat["ref_nll"]),
-        candidate_perplexity=perplexity(cat["cand_nll"]),
-        greedy_agreement=agreement,
-        greedy_exact=exact,
-        positions=int(cat["kl"].shape[0]),
-        windows=len(windows),
-        greedy_steps=greedy_steps if prompts else 0,
-        greedy_prompts=len(prompts),
-    )
-
-
-def perplexity(nll: np.ndarray) -> float:
-    """exp(mean NLL); inf instead of an OverflowError past float range (a wild random model)."""
-    mean = float(np.mean(nll))
-    return math.exp(mean) if mean < 709.0 else math.inf
-
-
-def _greedy_from(logits_fn: LogitsFn) -> GreedyFn:
-    return lambda prompt, steps: greedy_continuation(logits_fn, prompt, steps)
-
-
-def _checked(logits: np.ndarray, ids: np.ndarray, which: str) -> np.ndarray:
-    logits = np.asarray(logits)
-    if logits.ndim == 3 and logits.shape[0] == 1:
-        logits = logits[0]
-    if logits.ndim != 2 or logits.shape[0] != ids.shape[0]:
-        raise InvalidInput(
-            f"{which} logits: expected [{ids.shape[0]}, vocab] for {ids.shape[0]} tokens, got "
-            f"{logits.shape}; the logits function must return every position (all_logits=True "
-            "export, or use ort_logits_fn which steps a last-position model token by token)"
-        )
-    return logits
-
-
-# ----------------------------------------------------------------------------------------------
-# ORT artifacts (docs/contracts.md: dynamic decoder graph)
-
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-def ort_logits_fn(model_dir: str | Path, *, providers: Sequence[str] | None = None) -> LogitsFn:
-    """A logits function over an artifact folder's `model.onnx` (dynamic decoder contract).
-
-    With an `all_logits=True` export one run returns every position. A default export returns
-    only the last position; then the sequence is fed one token at a time with the KV cache
-    (present → past), which yields the same per-position logits, slower.
-
-    Args:
-        model_dir: Folder holding `model.onnx` (and `model.onnx.data`).
-        providers: ORT execution providers; default CPU.
-    """
-    import onnxruntime as ort
-
-    path = Path(model_dir) / "model.onnx"
-    if not path.is_file():
-        raise InvalidInput(f"{model_dir}: no model.onnx; pass an export or artifact folder")
-    options = ort.SessionOptions()
-    session = ort.InferenceSession(
-        str(path), options, providers=list(providers or ["CPUExecutionProvider"])
-    )
-    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-
-    def empty_past() -> dict[str, np.ndarray]:
-        feeds = {}
-        for i in past:
-            _, heads, _, head_dim = i.shape
-            feeds[i.name] = np.zeros((1, heads, 0, head_dim), _ORT_DTYPES[i.type])
-        return feeds
-
-    def run(ids: np.ndarray, past_feeds: dict, total: int) -> tuple[np.ndarray, dict]:
-        feeds = {
-            "input_ids": ids[None].astype(np.int64),
-            "attention_mask": np.ones((1, total), np.int64),
-            **past_feeds,
-        }
-        names = [o.name for o in session.get_outputs()]
-        outs = dict(zip(names, session.run(None, feeds), strict=True))
-        present = {
-            n.replace("present.", "past_key_values.", 1): v
-            for n, v in outs.items()
-            if n.startswith("present.")
-        }
-        return outs["logits"][0], present
-
-    def logits_fn(ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        logits, present = run(ids, empty_past(), ids.shape[0])
-        if logits.shape[0] == ids.shape[0]:
-            return logits.astype(np.float32)
-        rows = [run(ids[:1], empty_past(), 1)]
-        for t in range(1, ids.shape[0]):
-            rows.append(run(ids[t : t + 1], rows[-1][1], t + 1))
-        return np.concatenate([r[0] for r in rows]).astype(np.float32)
-
-    return logits_fn
-
-
-def compare_artifacts(
-    reference_dir: str | Path,
-    candidate_dir: str | Path,
-    token_ids: Sequence[int] | np.ndarray,
-    *,
-    providers: Sequence[str] | None = None,
-    **kwargs,
-) -> QualityReport:
-    """`quality_report` between two ORT artifact folders (e.g. fp32 export vs int4 build).
-
-    Args:
-        reference_dir: The unquantized export.
-        candidate_dir: The quantized build.
-        token_ids: Tokenized evaluation text.
-        providers: ORT execution providers for both sessions.
-        **kwargs: Passed to `quality_report` (window, max_windows, prompts, greedy_steps).
-    """
-    return quality_report(
-        ort_logits_fn(reference_dir, providers=providers),
-        ort_logits_fn(candidate_dir, providers=providers),
-        token_ids,
-        **kwargs,
-    )
+    failures = []
+    for name, bound in sorted(thresholds.items()):
+        if bound is None:
+            continue
+        kind, _, metric = name.partition("_")
+        if kind not in ("max", "min") or metric not in metrics:
+            known = sorted(k for k, v in metrics.items() if isinstance(v, int | float))
+            raise InvalidInput(
+                f"validation.{name}: unknown threshold; use max_<metric> or min_<metric> "
+                f"with a metric in {known}"
+            )
+        value = metrics[metric]
+        ok = value <= bound if kind == "max" else value >= bound
+        if not ok or (isinstance(value, float) and math.isnan(value)):
+            sign = "<=" if kind == "max" else ">="
+            failures.append(f"{metric} = {value:.6g}, required {sign} {bound}")
+    return failures

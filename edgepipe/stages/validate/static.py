@@ -10,8 +10,9 @@ machine what a Snapdragon device would do:
 2. **Accuracy.** The evaluation text runs through prefill calls (full chunks and a left-padded
    partial chunk) and then decode steps, on the HTP, on CPU over the same QDQ graphs, and on CPU
    over the fp32 static graphs (the reference). Logits rows are compared with
-   `edgepipe.stages.validate.dynamic.compare_logits` (cosine, top-1 agreement, KL, perplexity ratio) and the
-   recipe's thresholds; the HTP-vs-CPU agreement of the same QDQ graphs is reported too.
+   `edgepipe.stages.validate.metrics.compare_logits` (cosine, top-1 agreement, KL, perplexity
+   ratio) and the recipe's thresholds; the HTP-vs-CPU agreement of the same QDQ graphs is
+   reported too.
 3. **EPContext.** The compiled graphs are loaded in fresh sessions and replay the schedule up to
    its first decode step: they must give the logits of the sessions that compiled them.
 4. **Quality on the whole evaluation text.** The simulator costs about 55 ns per weight element
@@ -34,9 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe.errors import BuildFailed
-from edgepipe.stages.validate.dynamic import check_thresholds, compare_logits
+from edgepipe.stages.validate.metrics import check_thresholds, compare_logits, quality_report
+from edgepipe.stages.validate.runner import CPU
 
-CPU = "CPUExecutionProvider"
 QNN = "QNNExecutionProvider"
 STAGES = ("prefill", "decode")
 EVAL_PREFILL_CHUNKS = 1.5  # a full chunk, then a left-padded half chunk
@@ -46,6 +47,7 @@ EP_CONTEXT_TOLERANCE = 1e-4
 # Logits cosine of the HTP vs CPU over the same QDQ graphs below which the CPU quality report
 # would not describe the device (measured 0.999996-0.999997 on w8a16 and w4a16 builds).
 HTP_AGREEMENT = 0.999
+NO_FALLBACK = "disabled (session.disable_cpu_ep_fallback=1)"
 # Greedy agreement: a prompt of this many evaluation tokens, continued this many steps.
 GREEDY_TOKENS = 16
 
@@ -107,25 +109,23 @@ def greedy(pipeline, prompt: list[int], steps: int) -> list[int]:
 
 
 def quality_on_cpu(cpu_qdq, reference, ids: list[int], progress=None) -> dict:
-    """The quality report of the QDQ graphs against the fp32 graphs, both on CPU, over the
-    whole evaluation text (see step 4 of the module docstring)."""
+    """The quality block (`metrics.quality_report`) of the QDQ graphs against the fp32 graphs,
+    both on CPU, over the whole evaluation text (see step 4 of the module docstring)."""
     say = progress or (lambda message: None)
     n = min(len(ids), cpu_qdq.capacity)
     say(f"quality report: {n} evaluation tokens through the QDQ graphs on CPU")
     rows = teacher_forced(cpu_qdq, ids[:n], say)
     ref = teacher_forced(reference, ids[:n])
-    report = compare_logits(rows, ref, ids[:n])
     prompt = ids[: min(GREEDY_TOKENS, n - 1)]
     steps = max(1, min(GREEDY_TOKENS, cpu_qdq.capacity - len(prompt)))
-    ours, theirs = greedy(cpu_qdq, prompt, steps), greedy(reference, prompt, steps)
-    same = min(len(ours), len(theirs))
-    # The same definitions as edgepipe.stages.validate.metrics: share of equal positions, equal sequences.
-    report["greedy_agreement"] = float(np.mean(np.equal(ours[:same], theirs[:same])))
-    report["greedy_exact"] = float(ours == theirs)
-    report["greedy_steps"], report["greedy_prompts"] = same, 1
-    report["reference"] = "fp32-static-cpu"
-    report["provider"] = f"{CPU} (the same QDQ graphs the HTP runs)"
-    return report
+    return quality_report(
+        rows,
+        ref,
+        ids[:n],
+        reference="fp32-static-cpu",
+        provider=f"{CPU} (the same QDQ graphs the HTP runs)",
+        greedy=(greedy(cpu_qdq, prompt, steps), greedy(reference, prompt, steps)),
+    )
 
 
 def _row_ids(ids: list[int], positions: list[int]) -> list[int]:
@@ -232,21 +232,9 @@ def validate_static(
     cpu_logits, _ = run_schedule(cpu_qdq, ids, prefill_tokens, decode_steps)
     reference = _pipeline(_cpu_sessions(reference_dir, files), num_layers, pad_token_id)
     ref_logits, _ = run_schedule(reference, ids, prefill_tokens, decode_steps)
-    row_ids = _row_ids(ids, positions)
 
-    report = {"requested_provider": QNN, "provider": QNN, "reference": "fp32-static-cpu"}
-    report.update(compare_logits(htp_logits, ref_logits, row_ids))
-    same = compare_logits(htp_logits, cpu_logits, row_ids)
-    report["htp_vs_cpu"] = {
-        k: same[k] for k in ("cosine", "top1_agreement", "logit_abs_diff", "kl")
-    }
-    cpu = compare_logits(cpu_logits, ref_logits, row_ids)
-    report["cpu_qdq"] = {k: cpu[k] for k in ("cosine", "top1_agreement", "kl", "perplexity_ratio")}
-    report["placement"] = {
-        "provider": QNN,
-        "cpu_fallback": "disabled (session.disable_cpu_ep_fallback=1)",
-        "graphs": list(files),
-    }
+    report = _schedule_report((htp_logits, cpu_logits, ref_logits), _row_ids(ids, positions))
+    report["placement"] = {"provider": QNN, "cpu_fallback": NO_FALLBACK, "graphs": list(files)}
     report["schedule"] = {
         "prefill_tokens": prefill_tokens,
         "decode_steps": decode_steps,
@@ -256,25 +244,43 @@ def validate_static(
 
     say("loading the EPContext graphs")
     del htp, sessions
+    driver, replay = (num_layers, pad_token_id), (prefill_tokens, min(decode_steps, 1))
     report["ep_context"] = _check_contexts(
-        context_dir,
-        contexts,
-        ids,
-        provider_options,
-        (num_layers, pad_token_id),
-        (prefill_tokens, min(decode_steps, 1)),
-        htp_logits,
+        context_dir, contexts, ids, provider_options, driver, replay, htp_logits
     )
     report["seconds"] = {**seconds, **report["ep_context"].pop("seconds")}
     start = time.perf_counter()
     report["quality"] = quality_on_cpu(cpu_qdq, reference, ids, say)
     report["seconds"]["cpu_quality"] = round(time.perf_counter() - start, 3)
     report["thresholds"] = dict(thresholds or {})
-    failures = check_thresholds(report, thresholds or {})
+    report["failures"] = _failures(report, thresholds or {})
+    report["passed"] = not report["failures"]
+    return report
+
+
+def _schedule_report(rows, row_ids) -> dict:
+    """The metrics of the schedule's rows = (HTP, CPU QDQ, fp32) logits: HTP vs fp32 (the
+    gate), HTP vs CPU over the same QDQ graphs, and CPU QDQ vs fp32."""
+    htp_logits, cpu_logits, ref_logits = rows
+    report = {"requested_provider": QNN, "provider": QNN, "reference": "fp32-static-cpu"}
+    report.update(compare_logits(htp_logits, ref_logits, row_ids))
+    same = compare_logits(htp_logits, cpu_logits, row_ids)
+    report["htp_vs_cpu"] = {
+        k: same[k] for k in ("cosine", "top1_agreement", "logit_abs_diff", "kl")
+    }
+    cpu = compare_logits(cpu_logits, ref_logits, row_ids)
+    report["cpu_qdq"] = {k: cpu[k] for k in ("cosine", "top1_agreement", "kl", "perplexity_ratio")}
+    return report
+
+
+def _failures(report: dict, thresholds: Mapping) -> list[str]:
+    """The thresholds on the schedule's rows and on the whole-text quality block, and the
+    HTP-vs-CPU agreement the quality block relies on."""
+    failures = check_thresholds(report, thresholds)
     tokens = report["quality"]["tokens"]
     failures += [
         f"evaluation text ({tokens} tokens, QDQ graphs on CPU): {failure}"
-        for failure in check_thresholds(report["quality"], thresholds or {})
+        for failure in check_thresholds(report["quality"], thresholds)
     ]
     agreement = report["htp_vs_cpu"]["cosine"]
     if not agreement >= HTP_AGREEMENT:
@@ -282,9 +288,7 @@ def validate_static(
             f"htp_vs_cpu cosine = {agreement:.6g}, required >= {HTP_AGREEMENT}: the HTP does not "
             "compute what the QDQ graphs compute on CPU"
         )
-    report["failures"] = failures
-    report["passed"] = not failures
-    return report
+    return failures
 
 
 def _check_contexts(folder, contexts, ids, provider_options, driver, schedule, expected):

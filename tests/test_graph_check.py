@@ -1,4 +1,5 @@
-"""Static checks of a graph against a device profile: ops and dtypes, and what actually ran."""
+"""Tests for edgepipe.stages.validate.graph_check: ops and dtypes of a graph against its profile,
+and what actually ran."""
 
 from __future__ import annotations
 
