@@ -15,7 +15,8 @@ import torch
 from edgepipe.arch.spec import expected_shapes, read_config
 from edgepipe.errors import InvalidInput
 from edgepipe.formats.safetensors import write_safetensors
-from edgepipe.stages.export.dynamic import build_decoder, rotary_caches
+from edgepipe.stages.export.common import rotary_caches
+from edgepipe.stages.export.dynamic import build_decoder
 
 PROMPT = [151644, 872, 198, 9707, 11, 1246, 525, 498, 30, 151645, 198]
 SMALL_PROMPT = [1, 17, 993, 40, 5, 123, 7]  # for the vocab-1000 extra shapes
@@ -334,7 +335,7 @@ def test_quantized_export_matches_dequantized_reference(
     from edgepipe.stages.quantize.plan import QuantPlan, QuantSpec
 
     # Stream the 1000-row embedding in uneven chunks: chunked quantization must equal whole.
-    monkeypatch.setattr("edgepipe.stages.export.dynamic.TABLE_CHUNK_ROWS", 300)
+    monkeypatch.setattr("edgepipe.stages.export.common.TABLE_CHUNK_ROWS", 300)
 
     model_dir = make_tiny_model("qwen3", hidden_size=128, head_dim=32)
     plan = QuantPlan(
@@ -560,15 +561,6 @@ def test_gptq_without_calibration_ids_says_what_to_pass(make_tiny_model, tmp_pat
     plan = QuantPlan(default=QuantSpec(4, 32, False, "gptq", 0))
     with pytest.raises(InvalidInput, match="calibration_ids"):
         build_decoder(make_tiny_model("qwen2"), tmp_path, quant=plan)
-
-
-def test_packed_gate_up_variant_matches_transformers(make_tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr("edgepipe.stages.export.dynamic.PACK_MLP", True)
-    model_dir = make_tiny_model("qwen3")
-    build_decoder(model_dir, tmp_path, context_length=256)
-    ops = op_types(tmp_path / "model.onnx")
-    assert ops.count("MatMul") == 2 * 4  # qkv, o, gate_up, down per layer
-    assert_parity(model_dir, tmp_path, SMALL_PROMPT, 16)
 
 
 def test_bf16_preset_exports_and_matches_transformers(tmp_path):
