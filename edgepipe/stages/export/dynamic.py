@@ -441,6 +441,58 @@ def _needs_calibration(quant: QuantPlan) -> bool:
     return gptq_needs_calibration(quant)
 
 
+def _checked_inputs(
+    model_dir: Path, activation_dtype: str, quant: QuantPlan | None, context_length: int | None
+) -> tuple[DecoderConfig, SafetensorsModel, int]:
+    """The model's config, its weights (names and shapes checked) and the context length."""
+    if activation_dtype not in ACTIVATION_DTYPES:
+        raise InvalidInput(
+            f"activation_dtype: {activation_dtype!r}; allowed: {list(ACTIVATION_DTYPES)}"
+        )
+    cfg = read_config(model_dir)
+    weights = SafetensorsModel(model_dir)
+    check_weights(cfg, weights)
+    if cfg.head_dim % 16:
+        # ORT's GroupQueryAttention kernels reject other head sizes at run time; say so now.
+        raise InvalidInput(
+            f"{model_dir / 'config.json'}: head_dim {cfg.head_dim} is not supported: "
+            "GroupQueryAttention needs a multiple of 16 (every Qwen2.5/Qwen3 size is 64 or 128)"
+        )
+    if quant is not None:
+        quant.check_patterns(expected_shapes(cfg))
+    ctx = int(context_length or cfg.max_position_embeddings)
+    if ctx < 1:
+        raise InvalidInput(f"context_length: {ctx}; must be a positive number of tokens")
+    return cfg, weights, ctx
+
+
+def _calibration_ids(quant: QuantPlan | None, ids: np.ndarray | None) -> np.ndarray | None:
+    """The calibration tokens the export runs: None unless `quant` uses a calibrated method."""
+    if quant is None or not _needs_calibration(quant):
+        return None
+    if ids is None:
+        raise InvalidInput(
+            "quant: a calibrated method (gptq) needs calibration_ids (token ids of "
+            "calibration text); pass them, or use method rtn or hqq"
+        )
+    return ids
+
+
+def _write_graph(
+    cfg: DecoderConfig, weights: SafetensorsModel, out_dir: Path, **options: Any
+) -> tuple[_DecoderBuilder, int]:
+    """Write model.onnx and model.onnx.data; returns the builder (what it quantized) and the
+    bytes of both files. `options` are `_DecoderBuilder`'s keyword arguments."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = GraphWriter(out_dir / DATA_FILE, DATA_FILE)
+    try:
+        builder = _DecoderBuilder(cfg, weights, writer, **options)
+        model = builder.build()
+    finally:
+        writer.close()
+    return builder, save_model(model, out_dir / MODEL_FILE) + writer.bytes_written
+
+
 def build_decoder(
     model_dir: Path | str,
     out_dir: Path | str,
@@ -484,60 +536,29 @@ def build_decoder(
     Raises:
         InvalidInput: bad folder, config, weights or arguments (every problem listed).
     """
-    if activation_dtype not in ACTIVATION_DTYPES:
-        raise InvalidInput(
-            f"activation_dtype: {activation_dtype!r}; allowed: {list(ACTIVATION_DTYPES)}"
-        )
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    cfg = read_config(model_dir)
-    weights = SafetensorsModel(model_dir)
-    check_weights(cfg, weights)
-    if cfg.head_dim % 16:
-        # ORT's GroupQueryAttention kernels reject other head sizes at run time; say so now.
-        raise InvalidInput(
-            f"{model_dir / 'config.json'}: head_dim {cfg.head_dim} is not supported: "
-            "GroupQueryAttention needs a multiple of 16 (every Qwen2.5/Qwen3 size is 64 or 128)"
-        )
-    if quant is not None:
-        quant.check_patterns(expected_shapes(cfg))
-    ctx = int(context_length or cfg.max_position_embeddings)
-    if ctx < 1:
-        raise InvalidInput(f"context_length: {ctx}; must be a positive number of tokens")
-    calibrate = quant is not None and _needs_calibration(quant)
-    if calibrate and calibration_ids is None:
-        raise InvalidInput(
-            "quant: a calibrated method (gptq) needs calibration_ids (token ids of "
-            "calibration text); pass them, or use method rtn or hqq"
-        )
+    cfg, weights, ctx = _checked_inputs(model_dir, activation_dtype, quant, context_length)
     layout = Layout(
         packed_qkv=packed_qkv,
         rotary_in_attention=rotary_in_attention,
         fused_bias=fused_bias,
         qk_norm=cfg.family.qk_norm,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writer = GraphWriter(out_dir / DATA_FILE, DATA_FILE)
-    try:
-        builder = _DecoderBuilder(
-            cfg,
-            weights,
-            writer,
-            dtype=ACTIVATION_DTYPES[activation_dtype],
-            quant=quant,
-            all_logits=all_logits,
-            layout=layout,
-            context_length=ctx,
-            progress=progress,
-            calibration_ids=calibration_ids if calibrate else None,
-            fp16_guard=fp16_guard if activation_dtype == "float16" else None,
-        )
-        model = builder.build()
-    finally:
-        writer.close()
-    graph_bytes = save_model(model, out_dir / MODEL_FILE)
+    builder, bytes_written = _write_graph(
+        cfg,
+        weights,
+        out_dir,
+        dtype=ACTIVATION_DTYPES[activation_dtype],
+        quant=quant,
+        all_logits=all_logits,
+        layout=layout,
+        context_length=ctx,
+        progress=progress,
+        calibration_ids=_calibration_ids(quant, calibration_ids),
+        fp16_guard=fp16_guard if activation_dtype == "float16" else None,
+    )
     gc_path = out_dir / GENAI_CONFIG
-    gc = genai_config(cfg, context_length=ctx)
-    gc_path.write_text(json.dumps(gc, indent=4) + "\n")
+    gc_path.write_text(json.dumps(genai_config(cfg, context_length=ctx), indent=4) + "\n")
     files = [out_dir / MODEL_FILE, out_dir / DATA_FILE, gc_path]
     files += copy_side_files(model_dir, out_dir)
     return ExportResult(
@@ -546,7 +567,7 @@ def build_decoder(
         data_path=out_dir / DATA_FILE,
         genai_config_path=gc_path,
         config=cfg.summary(),
-        bytes_written=graph_bytes + writer.bytes_written,
+        bytes_written=bytes_written,
         activation_dtype=activation_dtype,
         quantized=builder.quantized,
         files=files,
