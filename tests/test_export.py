@@ -15,7 +15,6 @@ import torch
 from edgepipe.arch.spec import expected_shapes, read_config
 from edgepipe.errors import InvalidInput
 from edgepipe.formats.safetensors import write_safetensors
-from edgepipe.stages.export.common import rotary_caches
 from edgepipe.stages.export.dynamic import build_decoder
 
 PROMPT = [151644, 872, 198, 9707, 11, 1246, 525, 498, 30, 151645, 198]
@@ -395,21 +394,6 @@ def test_progress_reports_each_layer(make_tiny_model, tmp_path):
     build_decoder(make_tiny_model("qwen2"), tmp_path, progress=lambda *a: seen.append(a))
     assert [s[0] for s in seen] == ["embedding", "layer 0", "layer 1", "lm_head"]
     assert seen[-1][1] == seen[-1][2]
-
-
-def test_rotary_caches_match_transformers():
-    from transformers import Qwen3Config
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
-
-    config = Qwen3Config(head_dim=48, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    rope = Qwen3RotaryEmbedding(config)
-    positions = torch.arange(300)[None]
-    cos_ref, sin_ref = rope(torch.zeros(1, 300, 48), positions)
-    cos, sin = rotary_caches(48, 1e6, 300, np.float32)
-    # Same angles; torch's float32 cos/sin differ by a few ulps at angles ~300 rad.
-    np.testing.assert_allclose(cos, cos_ref[0, :, :24].numpy(), atol=1e-5)
-    np.testing.assert_allclose(sin, sin_ref[0, :, :24].numpy(), atol=1e-5)
-    np.testing.assert_allclose(cos[:, -1], 1.0, atol=1e-3)  # the slowest frequency barely turns
 
 
 # ---------------------------------------------------------------------------------------------
