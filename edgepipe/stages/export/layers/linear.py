@@ -45,6 +45,13 @@ def quant_label(spec: QuantSpec) -> str:
 class Linears:
     """Writes the linears of one export.
 
+    Args:
+        writer: the graph.
+        read: HF weight name -> float32 array.
+        dtype: the activation dtype (of float weights, scales and biases by default).
+        quant: which weights are quantized; None keeps every weight float.
+        fused_bias: the `fused_bias` layout switch.
+
     Attributes:
         quantized: HF weight name -> `quant_label` of every weight quantized so far.
         calibration: the current layer's calibration inputs (gptq), or None.
@@ -59,13 +66,6 @@ class Linears:
         quant: QuantPlan | None,
         fused_bias: bool = True,
     ):
-        """Args:
-        writer: the graph.
-        read: HF weight name -> float32 array.
-        dtype: the activation dtype (of float weights, scales and biases by default).
-        quant: which weights are quantized; None keeps every weight float.
-        fused_bias: the `fused_bias` layout switch.
-        """
         self.writer = writer
         self.read = read
         self.dtype = np.dtype(dtype)
