@@ -6,7 +6,9 @@ headers, then walks the model once: read a tensor, convert (or quantize) it, app
 near one layer's largest matrix, not the model (measured with benchmarks/export_memory.py:
 161 MiB peak RSS for a shape-exact Qwen2.5-0.5B fp32 export vs 2.5 GiB for onnxruntime-genai's
 builder, 317 MiB for Qwen3-4B). The graph follows docs/contracts.md ("Dynamic decoder graph") and
-onnxruntime-genai's names, and a `genai_config.json` is written beside it.
+onnxruntime-genai's names, and a `genai_config.json` is written beside it. Each layer is written
+by the pieces in `edgepipe.stages.export.layers` that the export's `Layout` selects; this module
+holds the walk, the embedding and the lm_head.
 """
 
 from __future__ import annotations
