@@ -15,7 +15,7 @@ import torch
 from edgepipe.arch.spec import expected_shapes, read_config
 from edgepipe.errors import InvalidInput
 from edgepipe.formats.safetensors import write_safetensors
-from edgepipe.stages.export.dynamic import build_decoder, rotary_caches
+from edgepipe.stages.export.dynamic import build_decoder
 
 PROMPT = [151644, 872, 198, 9707, 11, 1246, 525, 498, 30, 151645, 198]
 SMALL_PROMPT = [1, 17, 993, 40, 5, 123, 7]  # for the vocab-1000 extra shapes
@@ -335,7 +335,7 @@ def test_quantized_export_matches_dequantized_reference(
     from edgepipe.stages.quantize.plan import QuantPlan, QuantSpec
 
     # Stream the 1000-row embedding in uneven chunks: chunked quantization must equal whole.
-    monkeypatch.setattr("edgepipe.stages.export.dynamic.TABLE_CHUNK_ROWS", 300)
+    monkeypatch.setattr("edgepipe.stages.export.common.TABLE_CHUNK_ROWS", 300)
 
     model_dir = make_tiny_model("qwen3", hidden_size=128, head_dim=32)
     plan = QuantPlan(
@@ -396,21 +396,6 @@ def test_progress_reports_each_layer(make_tiny_model, tmp_path):
     build_decoder(make_tiny_model("qwen2"), tmp_path, progress=lambda *a: seen.append(a))
     assert [s[0] for s in seen] == ["embedding", "layer 0", "layer 1", "lm_head"]
     assert seen[-1][1] == seen[-1][2]
-
-
-def test_rotary_caches_match_transformers():
-    from transformers import Qwen3Config
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
-
-    config = Qwen3Config(head_dim=48, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    rope = Qwen3RotaryEmbedding(config)
-    positions = torch.arange(300)[None]
-    cos_ref, sin_ref = rope(torch.zeros(1, 300, 48), positions)
-    cos, sin = rotary_caches(48, 1e6, 300, np.float32)
-    # Same angles; torch's float32 cos/sin differ by a few ulps at angles ~300 rad.
-    np.testing.assert_allclose(cos, cos_ref[0, :, :24].numpy(), atol=1e-5)
-    np.testing.assert_allclose(sin, sin_ref[0, :, :24].numpy(), atol=1e-5)
-    np.testing.assert_allclose(cos[:, -1], 1.0, atol=1e-3)  # the slowest frequency barely turns
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,15 +547,6 @@ def test_gptq_without_calibration_ids_says_what_to_pass(make_tiny_model, tmp_pat
     plan = QuantPlan(default=QuantSpec(4, 32, False, "gptq", 0))
     with pytest.raises(InvalidInput, match="calibration_ids"):
         build_decoder(make_tiny_model("qwen2"), tmp_path, quant=plan)
-
-
-def test_packed_gate_up_variant_matches_transformers(make_tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr("edgepipe.stages.export.dynamic.PACK_MLP", True)
-    model_dir = make_tiny_model("qwen3")
-    build_decoder(model_dir, tmp_path, context_length=256)
-    ops = op_types(tmp_path / "model.onnx")
-    assert ops.count("MatMul") == 2 * 4  # qkv, o, gate_up, down per layer
-    assert_parity(model_dir, tmp_path, SMALL_PROMPT, 16)
 
 
 def test_bf16_preset_exports_and_matches_transformers(tmp_path):

@@ -6,14 +6,14 @@ headers, then walks the model once: read a tensor, convert (or quantize) it, app
 near one layer's largest matrix, not the model (measured with benchmarks/export_memory.py:
 161 MiB peak RSS for a shape-exact Qwen2.5-0.5B fp32 export vs 2.5 GiB for onnxruntime-genai's
 builder, 317 MiB for Qwen3-4B). The graph follows docs/contracts.md ("Dynamic decoder graph") and
-onnxruntime-genai's names, and a `genai_config.json` is written beside it.
+onnxruntime-genai's names, and a `genai_config.json` is written beside it. Each layer is written
+by the pieces in `edgepipe.stages.export.layers` that the export's `Layout` selects; this module
+holds the walk, the embedding and the lm_head.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,37 +25,39 @@ from edgepipe.arch.spec import DecoderConfig, check_weights, expected_shapes, re
 from edgepipe.errors import InvalidInput
 from edgepipe.formats.onnx_writer import MS_DOMAIN, GraphWriter, ir_dtype, save_model, tensor_input
 from edgepipe.formats.safetensors import SafetensorsModel, read_tensor
+from edgepipe.stages.export import common
+from edgepipe.stages.export.common import (
+    DATA_FILE,
+    Progress,
+    Steps,
+    copy_side_files,
+    rotary_caches,
+)
 from edgepipe.stages.export.genai_config import FILE as GENAI_CONFIG
 from edgepipe.stages.export.genai_config import genai_config
+from edgepipe.stages.export.layers.attention import (
+    Heads,
+    group_query_attention,
+    project_qkv,
+    shared_inputs,
+)
+from edgepipe.stages.export.layers.dtypes import LayerDtypes, cast
+from edgepipe.stages.export.layers.layout import Layout
+from edgepipe.stages.export.layers.linear import Linears, quant_label
+from edgepipe.stages.export.layers.mlp import swiglu_mlp
+from edgepipe.stages.export.layers.norms import skip_rms_norm
+from edgepipe.stages.export.layers.qk_norm import head_rms_norm
+from edgepipe.stages.export.layers.rotary import rotary_embedding
+from edgepipe.stages.quantize.gptq_inputs import LayerCalibrator
+from edgepipe.stages.quantize.plan import quantize_embedding
 
 if TYPE_CHECKING:
     from edgepipe.stages.export.fp16guard import Fp16Guard
-    from edgepipe.stages.quantize.plan import QuantizedWeight, QuantPlan, QuantSpec
+    from edgepipe.stages.quantize.plan import QuantPlan, QuantSpec
+
 
 ACTIVATION_DTYPES = {"float32": np.float32, "float16": np.float16}
 MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-)
-
-# gate_proj and up_proj as one MatMul + Split (True) or two MatMuls (False). Measured on a
-# shape-exact Qwen2.5-0.5B, fp32, 1 ORT thread, best of 4 (shared 2-core box): prefill of 128
-# tokens 923-1023 ms packed vs 952-1061 ms separate, decode 94.5-102 vs 93.3-103 ms per token:
-# within noise. int4 (block 32, accuracy_level 4, 2 threads, quiet machine, 10 alternating
-# rounds of 128 + 64 tokens): decode 31.5 vs 29.7 tok/s packed, prefill 187 vs 196 tok/s - a
-# trade, not a win, so the two MatMuls stay (per-weight quantization overrides stay simple).
-PACK_MLP = False
-# Rows per chunk when streaming [vocab, hidden] tables (8192 x 2560 fp32 = 80 MiB).
-TABLE_CHUNK_ROWS = 8192
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -85,25 +87,21 @@ class ExportResult:
     files: list[Path] = field(default_factory=list)
 
 
-def rotary_caches(
-    head_dim: int, theta: float, length: int, dtype: np.dtype
-) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin caches `[length, head_dim / 2]` for non-interleaved rotary.
+@dataclass(frozen=True)
+class _QuantizedTable:
+    """The quantized embedding as GatherBlockQuantized stores it; a tied lm_head reads it too."""
 
-    Computed in float32 the way transformers does (inv_freq, then position * inv_freq), so the
-    angles match the reference bit for bit before the final cast.
-    """
-    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
-    freqs = np.outer(np.arange(length, dtype=np.float32), inv_freq).astype(np.float32)
-    # cos/sin of the float32 angles evaluated in float64: float32 libm kernels differ by a few
-    # ulps between numpy and torch at large angles; this is the exact value of the same angle.
-    angles = freqs.astype(np.float64)
-    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+    data: ir.Value
+    scales: ir.Value
+    zero_points: ir.Value | None
+    spec: QuantSpec
+    bits: int
+    block_size: int
+    packed_shape: tuple[int, int, int]  # [vocab, n_blocks, blob]: MatMulNBits' 3-D view
 
 
 class _DecoderBuilder:
-    """One export: holds the writer, the config and the per-dtype constants."""
+    """One export: walks the model once, writing each layer with the pieces its layout picks."""
 
     def __init__(
         self,
@@ -114,38 +112,31 @@ class _DecoderBuilder:
         dtype: np.dtype,
         quant: QuantPlan | None,
         all_logits: bool,
-        rotary_in_attention: bool,
+        layout: Layout,
         context_length: int,
         progress: Progress | None,
         calibration_ids: np.ndarray | None = None,
-        packed_qkv: bool = True,
-        fused_bias: bool = True,
         fp16_guard: Fp16Guard | None = None,
     ):
         self.cfg = cfg
         self.fam = cfg.family
         self.weights = weights
-        self.w = writer
+        self.writer = writer
         self.dtype = np.dtype(dtype)
         self.ir_dtype = ir_dtype(self.dtype)
-        self.quant = quant
         self.all_logits = all_logits
-        self.rotary_in_attention = rotary_in_attention
+        self.layout = layout
+        self.dtypes = LayerDtypes.of(self.dtype, fp16_guard)
+        self.heads = Heads(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
         self.context_length = context_length
-        self.progress = progress
-        self.pack_mlp = PACK_MLP
-        self.packed_qkv = packed_qkv
-        self.fused_bias = fused_bias
-        self.guard = fp16_guard
-        residual32 = fp16_guard is not None and fp16_guard.residual
-        # The residual stream and its norms: float32 under the fp16 guard.
-        self.norm_dtype = np.dtype(np.float32) if residual32 else self.dtype
-        self.quantized: dict[str, str] = {}
-        self._step = 0
-        self._steps = cfg.num_hidden_layers + 2
+        self.steps = Steps(progress, cfg.num_hidden_layers)
+        self.linears = Linears(
+            writer, self._read, dtype=self.dtype, quant=quant, fused_bias=layout.fused_bias
+        )
+        self.quantized = self.linears.quantized
+        # gptq only: the calibration tokens, and per layer the float weights they ran through.
         self.calibration_ids = calibration_ids
-        self._calibrator = None
-        self._acts = None  # the current layer's calibration activations (gptq)
+        self._calibrator: LayerCalibrator | None = None
         self._layer_cache: dict[str, np.ndarray] = {}
 
     # -- weights ---------------------------------------------------------------------------
@@ -157,8 +148,6 @@ class _DecoderBuilder:
 
     def _start_calibration(self) -> None:
         """Embed the calibration tokens (gptq) without loading the whole embedding table."""
-        from edgepipe.stages.quantize.gptq_inputs import LayerCalibrator
-
         ids = np.asarray(self.calibration_ids, np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
             raise InvalidInput(f"calibration ids must lie in [0, {self.cfg.vocab_size})")
@@ -174,120 +163,55 @@ class _DecoderBuilder:
         names += [t.format(i=i) for t in self.fam.bias.values()]
         names += [t.format(i=i) for t in self.fam.norms.values()]
         self._layer_cache = {n: self.weights.read(n, np.float32) for n in names}
-        self._acts = self._calibrator.advance(self._layer_cache)
-
-    def _float_weight(self, name: str, array: np.ndarray, dtype=None) -> ir.Value:
-        return self.w.weight(name, array.astype(dtype or self.dtype, copy=False))
-
-    def _spec(self, hf_name: str) -> QuantSpec | None:
-        return None if self.quant is None else self.quant.spec_for(hf_name)
-
-    def _quantized_inputs(
-        self, prefix: str, qw: QuantizedWeight, dtype=None
-    ) -> list[ir.Value | None]:
-        scales = self.w.weight(f"{prefix}.scales", qw.scales.astype(dtype or self.dtype))
-        zp = None
-        if qw.zero_points is not None:
-            zp = self.w.weight(f"{prefix}.zero_points", qw.zero_points)
-        return [scales, zp]
-
-    def linear(
-        self,
-        name: str,
-        x: ir.Value,
-        hf_names: list[str],
-        bias_names: list[str] | None = None,
-        spec_name: str | None = None,
-        dtype=None,
-    ) -> ir.Value:
-        """y = x @ Wᵀ (+ b) for HF weights `[N, K]`, packed along N when several are given.
-
-        `spec_name` looks the quantization spec up under another name (tied lm_head); `dtype`
-        is x's and y's dtype (default: the activation dtype).
-        """
-        spec = self._spec(spec_name or hf_names[0])
-        if spec_name is None and any(self._spec(n) != spec for n in hf_names[1:]):
-            # Packing needs one spec; quantize each part on its own and concatenate outputs.
-            parts = [
-                self.linear(
-                    f"{name}_{k}", x, [n], None if not bias_names else [bias_names[k]], None, dtype
-                )
-                for k, n in enumerate(hf_names)
-            ]
-            return self.w.op("Concat", f"{name}/concat", parts, {"axis": -1})
-        w_kn = np.concatenate([self._read(n).T for n in hf_names], axis=1)
-        bias = None
-        if bias_names:
-            b = np.concatenate([self._read(n) for n in bias_names])
-            bias = self._float_weight(f"{name}.bias", b, dtype)
-        if spec is None:
-            weight = self._float_weight(f"{name}.weight", w_kn, dtype)
-            del w_kn
-            y = self.w.op("MatMul", f"{name}/MatMul", [x, weight])
-            return y if bias is None else self.w.op("Add", f"{name}/Add", [y, bias])
-        from edgepipe.stages.quantize.plan import quantize_weight
-
-        calibration = None
-        if self._acts is not None and spec_name is None:
-            calibration = self._acts.for_weight(hf_names[0])  # packed parts share one input
-        qw = quantize_weight(w_kn, spec, name=spec_name or hf_names[0], calibration=calibration)
-        del w_kn
-        for n in [spec_name] if spec_name else hf_names:
-            self.quantized[n] = f"int{spec.bits}/b{spec.block_size}/{spec.method}"
-        packed = self.w.weight(f"{name}.qweight", qw.packed)
-        if not self.fused_bias:
-            y = self._matmul_nbits(name, x, packed, qw, spec, None, dtype)
-            return y if bias is None else self.w.op("Add", f"{name}/Add", [y, bias])
-        return self._matmul_nbits(name, x, packed, qw, spec, bias, dtype)
-
-    def _matmul_nbits(
-        self,
-        name: str,
-        x: ir.Value,
-        packed: ir.Value,
-        qw: QuantizedWeight,
-        spec: QuantSpec,
-        bias: ir.Value | None,
-        dtype=None,
-    ) -> ir.Value:
-        scales, zp = self._quantized_inputs(name, qw, dtype)
-        inputs: list[ir.Value | None] = [x, packed, scales, zp]
-        if bias is not None:
-            inputs += [None, bias]  # g_idx unused
-        attrs = {
-            "K": qw.K,
-            "N": qw.N,
-            "bits": qw.bits,
-            "block_size": qw.block_size,
-            "accuracy_level": spec.accuracy_level,
-        }
-        # DirectML's MatMulNBits (the unfused-bias layout) takes exactly four inputs: keep the
-        # zero-point slot even when it is empty (symmetric weights).
-        keep = 1 if self.fused_bias else 4
-        while len(inputs) > keep and inputs[-1] is None:
-            inputs.pop()
-        return self.w.op("MatMulNBits", f"{name}/MatMulNBits", inputs, attrs, domain=MS_DOMAIN)
-
-    def _to(self, name: str, x: ir.Value, src: np.dtype, dst: np.dtype) -> ir.Value:
-        """x cast from `src` to `dst` (the fp16 guard's edges); x itself when they agree."""
-        if np.dtype(src) == np.dtype(dst):
-            return x
-        suffix = "to_fp32" if np.dtype(dst) == np.float32 else "to_fp16"
-        return self.w.op("Cast", f"{name}/{suffix}", [x], {"to": ir_dtype(dst)})
-
-    def _tick(self, what: str) -> None:
-        self._step += 1
-        if self.progress is not None:
-            self.progress(what, self._step, self._steps)
+        self.linears.calibration = self._calibrator.advance(self._layer_cache)
 
     # -- graph -----------------------------------------------------------------------------
 
     def build(self) -> ir.Model:
-        cfg, w = self.cfg, self.w
+        """Write every node and weight; returns the model (weights stay in the data file)."""
+        if self.calibration_ids is not None:
+            self._start_calibration()
+        cfg, writer = self.cfg, self.writer
         ids = tensor_input("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
         mask = tensor_input(
             "attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"]
         )
+        pasts, presents = self._cache_values()
+        cos, sin = rotary_caches(cfg.head_dim, cfg.rope_theta, self.context_length, self.dtype)
+        self.shared = shared_inputs(writer, ids, mask, cos, sin, self.layout)
+
+        hidden, table = self._embedding(ids)
+        hidden = cast(writer, "embed_tokens", hidden, self.dtype, self.dtypes.residual)
+        self.steps.tick("embedding")
+        residual = None
+        for layer in range(cfg.num_hidden_layers):
+            hidden, residual = self._layer(layer, hidden, residual, pasts)
+            self.steps.tick(f"layer {layer}")
+        normed = self._skip_norm("final_norm", hidden, residual, self.fam.final_norm)[0]
+        normed = cast(writer, "final_norm", normed, self.dtypes.residual, self.dtype)
+        if not self.all_logits:
+            normed = writer.op(
+                "Slice",
+                "lm_head/last_position",
+                [
+                    normed,
+                    writer.const("lm_head/starts", np.array([-1], np.int64)),
+                    writer.const("lm_head/ends", np.array([np.iinfo(np.int64).max], np.int64)),
+                    writer.const("lm_head/axes", np.array([1], np.int64)),
+                ],
+            )
+        logits = self._lm_head(normed, table)
+        self.steps.tick("lm_head")
+        out_seq = "sequence_length" if self.all_logits else 1
+        logits_out = tensor_input("logits", self.ir_dtype, ["batch_size", out_seq, cfg.vocab_size])
+        writer.op("Identity", "logits/Identity", [logits], output_names=["logits"])
+        # Rebind the graph outputs to the node outputs carrying their names.
+        outputs = [self._named_output(logits_out)] + [self._named_output(p) for p in presents]
+        return writer.model([ids, mask, *pasts], outputs)
+
+    def _cache_values(self) -> tuple[list[ir.Value], list[ir.Value]]:
+        """The past_key_values inputs and the present outputs' templates, key then value."""
+        cfg = self.cfg
         kv_shape = ["batch_size", cfg.num_key_value_heads, "past_sequence_length", cfg.head_dim]
         present_shape = [
             "batch_size",
@@ -304,105 +228,46 @@ class _DecoderBuilder:
                 presents.append(
                     tensor_input(f"present.{layer}.{kind}", self.ir_dtype, present_shape)
                 )
-
-        # Attention bookkeeping shared by every layer (contract: both int32, from the mask).
-        mask_sum = w.op(
-            "ReduceSum",
-            "mask/ReduceSum",
-            [mask, w.const("mask/axes", np.array([1], np.int64))],
-            {"keepdims": 0},
-        )
-        seqlens = w.op("Sub", "mask/Sub", [mask_sum, w.const("mask/one", np.array(1, np.int64))])
-        self.seqlens_k = w.op("Cast", "mask/seqlens_k", [seqlens], {"to": ir.DataType.INT32})
-        mask_shape = w.op("Shape", "mask/Shape", [mask])
-        total = w.op(
-            "Gather",
-            "mask/total_gather",
-            [mask_shape, w.const("mask/idx1", np.array(1, np.int64))],
-            {"axis": 0},
-        )
-        self.total_len = w.op(
-            "Cast", "mask/total_sequence_length", [total], {"to": ir.DataType.INT32}
-        )
-        if not self.rotary_in_attention:
-            self.position_ids = self._position_ids(ids, mask)
-        cos, sin = rotary_caches(cfg.head_dim, cfg.rope_theta, self.context_length, self.dtype)
-        self.cos = w.weight("rotary.cos_cache", cos)
-        self.sin = w.weight("rotary.sin_cache", sin)
-
-        hidden, embed_q = self._embedding(ids)
-        hidden = self._to("embed_tokens", hidden, self.dtype, self.norm_dtype)
-        self._tick("embedding")
-        residual = None
-        for layer in range(cfg.num_hidden_layers):
-            hidden, residual = self._layer(layer, hidden, residual, pasts, presents)
-            self._tick(f"layer {layer}")
-        normed = self._skip_norm("final_norm", hidden, residual, self.fam.final_norm)[0]
-        normed = self._to("final_norm", normed, self.norm_dtype, self.dtype)
-        if not self.all_logits:
-            normed = w.op(
-                "Slice",
-                "lm_head/last_position",
-                [
-                    normed,
-                    w.const("lm_head/starts", np.array([-1], np.int64)),
-                    w.const("lm_head/ends", np.array([np.iinfo(np.int64).max], np.int64)),
-                    w.const("lm_head/axes", np.array([1], np.int64)),
-                ],
-            )
-        logits = self._lm_head(normed, embed_q)
-        self._tick("lm_head")
-        out_seq = "sequence_length" if self.all_logits else 1
-        logits_out = tensor_input("logits", self.ir_dtype, ["batch_size", out_seq, cfg.vocab_size])
-        w.op("Identity", "logits/Identity", [logits], output_names=["logits"])
-        # Rebind the graph outputs to the node outputs carrying their names.
-        outputs = [self._named_output(logits_out)] + [self._named_output(p) for p in presents]
-        return w.model([ids, mask, *pasts], outputs)
+        return pasts, presents
 
     def _named_output(self, template: ir.Value) -> ir.Value:
-        for node in reversed(self.w.nodes):
+        for node in reversed(self.writer.nodes):
             for out in node.outputs:
                 if out.name == template.name:
                     out.type, out.shape = template.type, template.shape
                     return out
         raise AssertionError(f"no node produces {template.name}")
 
-    def _position_ids(self, ids: ir.Value, mask: ir.Value) -> ir.Value:
-        # Position of each new token = (number of attended tokens up to it) - 1, taken over the
-        # last sequence_length columns of the mask; padded slots clamp to 0.
-        w = self.w
-        cum = w.op("CumSum", "pos/CumSum", [mask, w.const("pos/axis", np.array(1, np.int64))])
-        pos = w.op("Sub", "pos/Sub", [cum, w.const("pos/one", np.array(1, np.int64))])
-        pos = w.op("Max", "pos/Max", [pos, w.const("pos/zero", np.array(0, np.int64))])
-        seq = w.op(
-            "Gather",
-            "pos/seq_len",
-            [w.op("Shape", "pos/ids_shape", [ids]), w.const("pos/idx1", np.array([1], np.int64))],
-            {"axis": 0},
-        )
-        neg = w.op("Neg", "pos/neg_seq", [seq])
-        return w.op(
-            "Slice",
-            "pos/last",
-            [
-                pos,
-                neg,
-                w.const("pos/end", np.array([np.iinfo(np.int64).max], np.int64)),
-                w.const("pos/slice_axis", np.array([1], np.int64)),
-            ],
-        )
-
-    def _embedding(self, ids: ir.Value) -> tuple[ir.Value, Any]:
+    def _embedding(self, ids: ir.Value) -> tuple[ir.Value, _QuantizedTable | None]:
         name, cfg = self.fam.embed, self.cfg
-        shape = (cfg.vocab_size, cfg.hidden_size)
-        spec = self._spec(name)
+        spec = self.linears.spec(name)
         if spec is None:
-            chunks = self.weights.read_chunks(name, TABLE_CHUNK_ROWS, self.dtype)
-            weight = self.w.stream_weight("embed_tokens.weight", self.dtype, shape, chunks)
+            shape = (cfg.vocab_size, cfg.hidden_size)
+            chunks = self.weights.read_chunks(name, common.TABLE_CHUNK_ROWS, self.dtype)
+            weight = self.writer.stream_weight("embed_tokens.weight", self.dtype, shape, chunks)
             self.embed_weight = weight
-            return self.w.op("Gather", "embed_tokens/Gather", [weight, ids], {"axis": 0}), None
-        from edgepipe.stages.quantize.plan import quantize_embedding
+            return self.writer.op("Gather", "embed_tokens/Gather", [weight, ids], {"axis": 0}), None
+        table = self._quantized_table(name, spec)
+        attrs = {
+            "bits": table.bits,
+            "block_size": table.block_size,
+            "gather_axis": 0,
+            "quantize_axis": 1,
+        }
+        inputs = [table.data, ids, table.scales]
+        inputs += [table.zero_points] if table.zero_points is not None else []
+        out = self.writer.op(
+            "GatherBlockQuantized",
+            "embed_tokens/GatherBlockQuantized",
+            inputs,
+            attrs,
+            domain=MS_DOMAIN,
+        )
+        return out, table
 
+    def _quantized_table(self, name: str, spec: QuantSpec) -> _QuantizedTable:
+        """Quantize and store the [vocab, hidden] table `name` chunk by chunk."""
+        cfg = self.cfg
         # Rows are quantized independently (blocks run along hidden), so the table is quantized
         # chunk by chunk and never whole in memory; scales and zero points are small.
         scales_parts: list[np.ndarray] = []
@@ -410,7 +275,7 @@ class _DecoderBuilder:
         layout: dict[str, Any] = {}
 
         def packed_chunks():
-            for chunk in self.weights.read_chunks(name, TABLE_CHUNK_ROWS):
+            for chunk in self.weights.read_chunks(name, common.TABLE_CHUNK_ROWS):
                 qw = quantize_embedding(chunk, spec)
                 layout.update(bits=qw.bits, block_size=qw.block_size, packed=qw.packed.shape[1:])
                 scales_parts.append(qw.scales.astype(self.dtype))
@@ -420,276 +285,214 @@ class _DecoderBuilder:
 
         blob = spec.block_size * spec.bits // 8
         n_blocks = -(-cfg.hidden_size // spec.block_size)
-        data = self.w.stream_weight(
+        data = self.writer.stream_weight(
             "embed_tokens.qweight", np.uint8, (cfg.vocab_size, n_blocks * blob), packed_chunks()
         )
         if layout["packed"] != (n_blocks, blob):
             raise AssertionError(f"unexpected embedding layout {layout}")
-        self.quantized[name] = f"int{spec.bits}/b{spec.block_size}/{spec.method}"
-        scales = self.w.weight("embed_tokens.scales", np.concatenate(scales_parts))
-        zp = (
-            self.w.weight("embed_tokens.zero_points", np.concatenate(zp_parts))
-            if zp_parts
-            else None
-        )
-        attrs = {
-            "bits": layout["bits"],
-            "block_size": layout["block_size"],
-            "gather_axis": 0,
-            "quantize_axis": 1,
-        }
-        inputs = [data, ids, scales] + ([zp] if zp is not None else [])
-        out = self.w.op(
-            "GatherBlockQuantized",
-            "embed_tokens/GatherBlockQuantized",
-            inputs,
-            attrs,
-            domain=MS_DOMAIN,
-        )
-        packed_shape = (cfg.vocab_size, n_blocks, blob)
-        return out, (
-            cfg.hidden_size,
-            cfg.vocab_size,
-            layout["bits"],
-            layout["block_size"],
-            packed_shape,
-            spec,
+        self.quantized[name] = quant_label(spec)
+        scales = self.writer.weight("embed_tokens.scales", np.concatenate(scales_parts))
+        zp = None
+        if zp_parts:
+            zp = self.writer.weight("embed_tokens.zero_points", np.concatenate(zp_parts))
+        return _QuantizedTable(
             data,
             scales,
             zp,
+            spec,
+            layout["bits"],
+            layout["block_size"],
+            (cfg.vocab_size, n_blocks, blob),
         )
 
-    def _lm_head(self, x: ir.Value, embed_q: Any) -> ir.Value:
-        cfg, w = self.cfg, self.w
-        if cfg.tie_word_embeddings and embed_q is not None:
-            k, n, bits, block_size, shape, spec, data, scales, zp = embed_q
+    def _lm_head(self, x: ir.Value, table: _QuantizedTable | None) -> ir.Value:
+        cfg, writer = self.cfg, self.writer
+        if cfg.tie_word_embeddings and table is not None:
             # The tied lm_head reads the embedding's quantized bytes: one copy on disk, viewed
             # 3-D as MatMulNBits requires (its 8-bit prepack rejects the 2-D gather layout).
-            packed = w.alias("lm_head.qweight", data, shape)
-            inputs: list[ir.Value | None] = [x, packed, scales, zp]
+            packed = writer.alias("lm_head.qweight", table.data, table.packed_shape)
+            inputs: list[ir.Value | None] = [x, packed, table.scales, table.zero_points]
             while inputs[-1] is None:
                 inputs.pop()
             attrs = {
-                "K": k,
-                "N": n,
-                "bits": bits,
-                "block_size": block_size,
-                "accuracy_level": spec.accuracy_level,
+                "K": cfg.hidden_size,
+                "N": cfg.vocab_size,
+                "bits": table.bits,
+                "block_size": table.block_size,
+                "accuracy_level": table.spec.accuracy_level,
             }
-            return w.op("MatMulNBits", "lm_head/MatMulNBits", inputs, attrs, domain=MS_DOMAIN)
-        if cfg.tie_word_embeddings and self._spec(self.fam.lm_head) is None:
+            return writer.op("MatMulNBits", "lm_head/MatMulNBits", inputs, attrs, domain=MS_DOMAIN)
+        if cfg.tie_word_embeddings and self.linears.spec(self.fam.lm_head) is None:
             # Gemm with transB reads the [vocab, hidden] embedding as is: one copy, no transpose.
             return self._gemm_transposed(x, self.embed_weight)
         if cfg.tie_word_embeddings:
             # Float embedding, quantized lm_head: the quantized copy is a second, smaller one.
-            return self.linear("lm_head", x, [self.fam.embed], spec_name=self.fam.lm_head)
-        if self._spec(self.fam.lm_head) is None:
+            return self.linears("lm_head", x, [self.fam.embed], spec_name=self.fam.lm_head)
+        if self.linears.spec(self.fam.lm_head) is None:
             shape = (cfg.vocab_size, cfg.hidden_size)
-            chunks = self.weights.read_chunks(self.fam.lm_head, TABLE_CHUNK_ROWS, self.dtype)
-            weight = self.w.stream_weight("lm_head.weight", self.dtype, shape, chunks)
+            chunks = self.weights.read_chunks(self.fam.lm_head, common.TABLE_CHUNK_ROWS, self.dtype)
+            weight = writer.stream_weight("lm_head.weight", self.dtype, shape, chunks)
             return self._gemm_transposed(x, weight)
-        return self.linear("lm_head", x, [self.fam.lm_head])
+        return self.linears("lm_head", x, [self.fam.lm_head])
 
     def _gemm_transposed(self, x: ir.Value, weight_vh: ir.Value) -> ir.Value:
-        w = self.w
-        shape = w.op("Shape", "lm_head/x_shape", [x])
-        flat = w.op(
-            "Reshape",
-            "lm_head/flatten",
-            [x, w.const("lm_head/flat_shape", np.array([-1, self.cfg.hidden_size], np.int64))],
+        writer = self.writer
+        shape = writer.op("Shape", "lm_head/x_shape", [x])
+        flat_shape = np.array([-1, self.cfg.hidden_size], np.int64)
+        flat = writer.op(
+            "Reshape", "lm_head/flatten", [x, writer.const("lm_head/flat_shape", flat_shape)]
         )
-        y = w.op("Gemm", "lm_head/Gemm", [flat, weight_vh], {"transB": 1})
-        out_shape = w.op(
-            "Concat",
-            "lm_head/out_shape",
+        y = writer.op("Gemm", "lm_head/Gemm", [flat, weight_vh], {"transB": 1})
+        batch_seq = writer.op(
+            "Slice",
+            "lm_head/batch_seq",
             [
-                w.op(
-                    "Slice",
-                    "lm_head/batch_seq",
-                    [
-                        shape,
-                        w.const("lm_head/s0", np.array([0], np.int64)),
-                        w.const("lm_head/s2", np.array([2], np.int64)),
-                    ],
-                ),
-                w.const("lm_head/vocab", np.array([self.cfg.vocab_size], np.int64)),
+                shape,
+                writer.const("lm_head/s0", np.array([0], np.int64)),
+                writer.const("lm_head/s2", np.array([2], np.int64)),
             ],
-            {"axis": 0},
         )
-        return w.op("Reshape", "lm_head/unflatten", [y, out_shape])
+        vocab = writer.const("lm_head/vocab", np.array([self.cfg.vocab_size], np.int64))
+        out_shape = writer.op("Concat", "lm_head/out_shape", [batch_seq, vocab], {"axis": 0})
+        return writer.op("Reshape", "lm_head/unflatten", [y, out_shape])
 
     def _skip_norm(
         self, name: str, x: ir.Value, residual: ir.Value | None, gamma_name: str
     ) -> tuple[ir.Value, ir.Value]:
-        """RMSNorm(x + residual) in the norm dtype; returns (normed, new residual)."""
-        gamma = self._float_weight(f"{name}.weight", self._read(gamma_name), self.norm_dtype)
-        eps = self.cfg.rms_norm_eps
-        if residual is None:
-            out = self.w.op(
-                "SimplifiedLayerNormalization",
-                f"{name}/SimplifiedLayerNorm",
-                [x, gamma],
-                {"epsilon": eps, "axis": -1, "stash_type": 1},
-            )
-            return out, x
-        out_names = [f"{name}/SkipSimplifiedLayerNorm/output_{k}" for k in range(4)]
-        # mean and inv_std_var stay unused: DirectML's kernel refuses the node when they are.
-        out_names[1] = out_names[2] = ""
-        outs = self.w.op(
-            "SkipSimplifiedLayerNormalization",
-            f"{name}/SkipSimplifiedLayerNorm",
-            [x, residual, gamma],
-            {"epsilon": eps},
-            domain=MS_DOMAIN,
-            output_names=out_names,
-        )
-        return outs[0], outs[3]
+        """RMSNorm(x + residual) in the residual dtype; returns (normed, new residual)."""
+        residual_dtype = self.dtypes.residual
+        gamma = self.linears.float_weight(f"{name}.weight", self._read(gamma_name), residual_dtype)
+        return skip_rms_norm(self.writer, name, x, residual, gamma, self.cfg.rms_norm_eps)
 
     def _head_norm(self, name: str, x: ir.Value, heads: int, gamma_name: str) -> ir.Value:
-        """Qwen3's RMSNorm over each head: reshape to [..., heads, head_dim], norm, reshape back."""
-        w, d = self.w, self.cfg.head_dim
-        gamma = self._float_weight(f"{name}.weight", self._read(gamma_name))
-        split = w.op(
-            "Reshape",
-            f"{name}/split_heads",
-            [x, w.const(f"{name}/heads_shape", np.array([0, 0, heads, d], np.int64))],
-        )
-        normed = w.op(
-            "SimplifiedLayerNormalization",
-            f"{name}/SimplifiedLayerNorm",
-            [split, gamma],
-            {"epsilon": self.cfg.rms_norm_eps, "axis": -1, "stash_type": 1},
-        )
-        return w.op(
-            "Reshape",
-            f"{name}/merge_heads",
-            [normed, w.const(f"{name}/merged_shape", np.array([0, 0, heads * d], np.int64))],
+        gamma = self.linears.float_weight(f"{name}.weight", self._read(gamma_name))
+        return head_rms_norm(
+            self.writer,
+            name,
+            x,
+            gamma,
+            heads=heads,
+            head_dim=self.cfg.head_dim,
+            eps=self.cfg.rms_norm_eps,
         )
 
-    def _rotary(self, name: str, x: ir.Value, heads: int) -> ir.Value:
-        return self.w.op(
-            "RotaryEmbedding",
-            f"{name}/RotaryEmbedding",
-            [x, self.position_ids, self.cos, self.sin],
-            {"interleaved": 0, "num_heads": heads, "rotary_embedding_dim": self.cfg.head_dim},
-            domain=MS_DOMAIN,
-        )
-
-    def _layer(self, i: int, hidden, residual, pasts, presents):
+    def _layer(self, i: int, hidden, residual, pasts):
         if self._calibrator is not None:
             self._calibrate_layer(i)
         try:
-            return self._layer_graph(i, hidden, residual, pasts, presents)
+            return self._layer_graph(i, hidden, residual, pasts)
         finally:
-            self._layer_cache, self._acts = {}, None
+            self._layer_cache, self.linears.calibration = {}, None
 
-    def _layer_graph(self, i: int, hidden, residual, pasts, presents):
-        cfg, fam, w = self.cfg, self.fam, self.w
-        p = f"layers.{i}"
-        names = {k: t.format(i=i) for k, t in fam.layer.items()}
+    def _layer_graph(self, i: int, hidden, residual, pasts):
+        """One decoder layer; the fp16 guard's dtypes decide where Casts go."""
+        writer, dtypes, p = self.writer, self.dtypes, f"layers.{i}"
+        names = {k: t.format(i=i) for k, t in self.fam.layer.items()}
         normed, residual = self._skip_norm(f"{p}.input_norm", hidden, residual, names["input_norm"])
-        normed = self._to(f"{p}.input_norm", normed, self.norm_dtype, self.dtype)
+        normed = cast(writer, f"{p}.input_norm", normed, dtypes.residual, self.dtype)
+        attn = self._attention(i, normed, names, pasts)
 
-        qkv_names = [names["q"], names["k"], names["v"]]
-        bias_names = [fam.bias[k].format(i=i) for k in ("q", "k", "v")] if fam.qkv_bias else None
-        q_dim = cfg.num_attention_heads * cfg.head_dim
-        kv_dim = cfg.num_key_value_heads * cfg.head_dim
-        separate = fam.qk_norm or not self.rotary_in_attention or not self.packed_qkv
-        if self.packed_qkv:
-            qkv = self.linear(f"{p}.attn.qkv_proj", normed, qkv_names, bias_names)
-        else:  # three projections and no Split (DirectML's GQA takes q, k and v apart)
-            biases = bias_names or [None, None, None]
-            q, k, v = (
-                self.linear(f"{p}.attn.{kind}_proj", normed, [n], b and [b])
-                for kind, n, b in zip("qkv", qkv_names, biases, strict=True)
-            )
-        if separate and self.packed_qkv:
-            q, k, v = w.op(
-                "Split",
-                f"{p}.attn.qkv_split",
-                [qkv, w.const(f"{p}.attn.qkv_sizes", np.array([q_dim, kv_dim, kv_dim], np.int64))],
-                {"axis": -1},
-                num_outputs=3,
-            )
-        if separate:
-            if fam.qk_norm:
-                q = self._head_norm(
-                    f"{p}.attn.q_norm", q, cfg.num_attention_heads, fam.norms["q_norm"].format(i=i)
-                )
-                k = self._head_norm(
-                    f"{p}.attn.k_norm", k, cfg.num_key_value_heads, fam.norms["k_norm"].format(i=i)
-                )
-            if not self.rotary_in_attention:
-                q = self._rotary(f"{p}.attn.q_rotary", q, cfg.num_attention_heads)
-                k = self._rotary(f"{p}.attn.k_rotary", k, cfg.num_key_value_heads)
-            qkv_inputs = [q, k, v]
-        else:
-            qkv_inputs = [qkv, None, None]
-        gqa_inputs = [
-            *qkv_inputs,
-            pasts[2 * i],
-            pasts[2 * i + 1],
-            self.seqlens_k,
-            self.total_len,
-        ]
-        if self.rotary_in_attention:
-            gqa_inputs += [self.cos, self.sin]
-        attn, _, _ = w.op(
-            "GroupQueryAttention",
-            f"{p}.attn.GroupQueryAttention",
-            gqa_inputs,
-            {
-                "num_heads": cfg.num_attention_heads,
-                "kv_num_heads": cfg.num_key_value_heads,
-                "do_rotary": int(self.rotary_in_attention),
-                "rotary_interleaved": 0,
-                "scale": float(cfg.head_dim**-0.5),
-            },
-            domain=MS_DOMAIN,
-            output_names=[f"{p}.attn/output_0", f"present.{i}.key", f"present.{i}.value"],
-        )
-        # The fp16 guard runs o_proj and the MLP of layers it names in float32.
-        guard, f32 = self.guard, np.dtype(np.float32)
-        o_dtype = f32 if guard and i in guard.fp32_attention else self.dtype
-        attn = self._to(f"{p}.attn", attn, self.dtype, o_dtype)
-        attn_out = self.linear(f"{p}.attn.o_proj", attn, [names["o"]], dtype=o_dtype)
-        attn_out = self._to(f"{p}.attn.o_proj", attn_out, o_dtype, self.norm_dtype)
+        o_dtype = dtypes.o_proj(i)
+        attn = cast(writer, f"{p}.attn", attn, self.dtype, o_dtype)
+        attn_out = self.linears(f"{p}.attn.o_proj", attn, [names["o"]], dtype=o_dtype)
+        attn_out = cast(writer, f"{p}.attn.o_proj", attn_out, o_dtype, dtypes.residual)
 
         normed, residual = self._skip_norm(f"{p}.post_norm", attn_out, residual, names["post_norm"])
-        mlp_dtype = f32 if guard and i in guard.fp32_mlp else self.dtype
-        normed = self._to(f"{p}.post_norm", normed, self.norm_dtype, mlp_dtype)
-        if self.pack_mlp:
-            gate_up = self.linear(
-                f"{p}.mlp.gate_up_proj", normed, [names["gate"], names["up"]], dtype=mlp_dtype
-            )
-            size = w.const(f"{p}.mlp.split_sizes", np.array([cfg.intermediate_size] * 2, np.int64))
-            gate, up = w.op(
-                "Split", f"{p}.mlp.gate_up_split", [gate_up, size], {"axis": -1}, num_outputs=2
-            )
-        else:
-            gate = self.linear(f"{p}.mlp.gate_proj", normed, [names["gate"]], dtype=mlp_dtype)
-            up = self.linear(f"{p}.mlp.up_proj", normed, [names["up"]], dtype=mlp_dtype)
-        silu = w.op("Mul", f"{p}.mlp.silu", [gate, w.op("Sigmoid", f"{p}.mlp.sigmoid", [gate])])
-        act = w.op("Mul", f"{p}.mlp.act", [silu, up])
-        down = self.linear(f"{p}.mlp.down_proj", act, [names["down"]], dtype=mlp_dtype)
-        return self._to(f"{p}.mlp.down_proj", down, mlp_dtype, self.norm_dtype), residual
+        mlp_dtype = dtypes.mlp(i)
+        normed = cast(writer, f"{p}.post_norm", normed, dtypes.residual, mlp_dtype)
+        mlp_weights = (names["gate"], names["up"], names["down"])
+        down = swiglu_mlp(writer, self.linears, f"{p}.mlp", normed, mlp_weights, mlp_dtype)
+        return cast(writer, f"{p}.mlp.down_proj", down, mlp_dtype, dtypes.residual), residual
 
+    def _attention(self, i: int, x: ir.Value, names: dict[str, str], pasts) -> ir.Value:
+        """Layer i's attention up to (not including) o_proj, laid out per `self.layout`."""
+        fam, layout, heads, p = self.fam, self.layout, self.heads, f"layers.{i}.attn"
+        weights = [names["q"], names["k"], names["v"]]
+        biases = [fam.bias[k].format(i=i) for k in ("q", "k", "v")] if fam.qkv_bias else None
+        qkv = project_qkv(self.writer, self.linears, p, x, weights, biases, heads, layout)
+        if layout.separate_qkv:
+            q, k, v = qkv
+            if layout.qk_norm:
+                q = self._head_norm(f"{p}.q_norm", q, heads.q, fam.norms["q_norm"].format(i=i))
+                k = self._head_norm(f"{p}.k_norm", k, heads.kv, fam.norms["k_norm"].format(i=i))
+            if not layout.rotary_in_attention:
+                q = self._rotary(f"{p}.q_rotary", q, heads.q)
+                k = self._rotary(f"{p}.k_rotary", k, heads.kv)
+            qkv = [q, k, v]
+        past = (pasts[2 * i], pasts[2 * i + 1])
+        present = (f"present.{i}.key", f"present.{i}.value")
+        return group_query_attention(self.writer, p, qkv, past, present, self.shared, heads, layout)
 
-def copy_side_files(model_dir: Path, out_dir: Path) -> list[Path]:
-    """Copy the tokenizer files and generation_config.json of `model_dir` that exist."""
-    copied = []
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
-        src = model_dir / name
-        if src.is_file() and src.resolve() != (out_dir / name).resolve():
-            shutil.copyfile(src, out_dir / name)
-            copied.append(out_dir / name)
-    return copied
+    def _rotary(self, name: str, x: ir.Value, heads: int) -> ir.Value:
+        shared = self.shared
+        return rotary_embedding(
+            self.writer,
+            name,
+            x,
+            shared.positions,
+            shared.cos,
+            shared.sin,
+            heads=heads,
+            head_dim=self.cfg.head_dim,
+        )
 
 
 def _needs_calibration(quant: QuantPlan) -> bool:
     from edgepipe.stages.quantize.plan import gptq_needs_calibration
 
     return gptq_needs_calibration(quant)
+
+
+def _checked_inputs(
+    model_dir: Path, activation_dtype: str, quant: QuantPlan | None, context_length: int | None
+) -> tuple[DecoderConfig, SafetensorsModel, int]:
+    """The model's config, its weights (names and shapes checked) and the context length."""
+    if activation_dtype not in ACTIVATION_DTYPES:
+        raise InvalidInput(
+            f"activation_dtype: {activation_dtype!r}; allowed: {list(ACTIVATION_DTYPES)}"
+        )
+    cfg = read_config(model_dir)
+    weights = SafetensorsModel(model_dir)
+    check_weights(cfg, weights)
+    if cfg.head_dim % 16:
+        # ORT's GroupQueryAttention kernels reject other head sizes at run time; say so now.
+        raise InvalidInput(
+            f"{model_dir / 'config.json'}: head_dim {cfg.head_dim} is not supported: "
+            "GroupQueryAttention needs a multiple of 16 (every Qwen2.5/Qwen3 size is 64 or 128)"
+        )
+    if quant is not None:
+        quant.check_patterns(expected_shapes(cfg))
+    ctx = int(context_length or cfg.max_position_embeddings)
+    if ctx < 1:
+        raise InvalidInput(f"context_length: {ctx}; must be a positive number of tokens")
+    return cfg, weights, ctx
+
+
+def _calibration_ids(quant: QuantPlan | None, ids: np.ndarray | None) -> np.ndarray | None:
+    """The calibration tokens the export runs: None unless `quant` uses a calibrated method."""
+    if quant is None or not _needs_calibration(quant):
+        return None
+    if ids is None:
+        raise InvalidInput(
+            "quant: a calibrated method (gptq) needs calibration_ids (token ids of "
+            "calibration text); pass them, or use method rtn or hqq"
+        )
+    return ids
+
+
+def _write_graph(
+    cfg: DecoderConfig, weights: SafetensorsModel, out_dir: Path, **options: Any
+) -> tuple[_DecoderBuilder, int]:
+    """Write model.onnx and model.onnx.data; returns the builder (what it quantized) and the
+    bytes of both files. `options` are `_DecoderBuilder`'s keyword arguments."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = GraphWriter(out_dir / DATA_FILE, DATA_FILE)
+    try:
+        builder = _DecoderBuilder(cfg, weights, writer, **options)
+        model = builder.build()
+    finally:
+        writer.close()
+    return builder, save_model(model, out_dir / MODEL_FILE) + writer.bytes_written
 
 
 def build_decoder(
@@ -726,7 +529,8 @@ def build_decoder(
         packed_qkv: q, k and v as one MatMul (True) or three (False: no Split; DirectML).
         fused_bias: Qwen2's q/k/v bias as MatMulNBits' bias input (True) or an Add after a
             four-input MatMulNBits (False: DirectML's kernel takes no bias).
-        fp16_guard: float16 only: which parts stay in float32 (see edgepipe.stages.export.fp16guard).
+        fp16_guard: float16 only: which parts stay in float32 (see
+            edgepipe.stages.export.fp16guard).
 
     Returns:
         ExportResult with paths, a config summary and bytes written.
@@ -734,57 +538,29 @@ def build_decoder(
     Raises:
         InvalidInput: bad folder, config, weights or arguments (every problem listed).
     """
-    if activation_dtype not in ACTIVATION_DTYPES:
-        raise InvalidInput(
-            f"activation_dtype: {activation_dtype!r}; allowed: {list(ACTIVATION_DTYPES)}"
-        )
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    cfg = read_config(model_dir)
-    weights = SafetensorsModel(model_dir)
-    check_weights(cfg, weights)
-    if cfg.head_dim % 16:
-        # ORT's GroupQueryAttention kernels reject other head sizes at run time; say so now.
-        raise InvalidInput(
-            f"{model_dir / 'config.json'}: head_dim {cfg.head_dim} is not supported: "
-            "GroupQueryAttention needs a multiple of 16 (every Qwen2.5/Qwen3 size is 64 or 128)"
-        )
-    if quant is not None:
-        quant.check_patterns(expected_shapes(cfg))
-    ctx = int(context_length or cfg.max_position_embeddings)
-    if ctx < 1:
-        raise InvalidInput(f"context_length: {ctx}; must be a positive number of tokens")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writer = GraphWriter(out_dir / DATA_FILE, DATA_FILE)
-    try:
-        builder = _DecoderBuilder(
-            cfg,
-            weights,
-            writer,
-            dtype=ACTIVATION_DTYPES[activation_dtype],
-            quant=quant,
-            all_logits=all_logits,
-            rotary_in_attention=rotary_in_attention,
-            context_length=ctx,
-            progress=progress,
-            calibration_ids=calibration_ids,
-            packed_qkv=packed_qkv,
-            fused_bias=fused_bias,
-            fp16_guard=fp16_guard if activation_dtype == "float16" else None,
-        )
-        if quant is not None and _needs_calibration(quant):
-            if calibration_ids is None:
-                raise InvalidInput(
-                    "quant: a calibrated method (gptq) needs calibration_ids (token ids of "
-                    "calibration text); pass them, or use method rtn or hqq"
-                )
-            builder._start_calibration()
-        model = builder.build()
-    finally:
-        writer.close()
-    graph_bytes = save_model(model, out_dir / MODEL_FILE)
+    cfg, weights, ctx = _checked_inputs(model_dir, activation_dtype, quant, context_length)
+    layout = Layout(
+        packed_qkv=packed_qkv,
+        rotary_in_attention=rotary_in_attention,
+        fused_bias=fused_bias,
+        qk_norm=cfg.family.qk_norm,
+    )
+    builder, bytes_written = _write_graph(
+        cfg,
+        weights,
+        out_dir,
+        dtype=ACTIVATION_DTYPES[activation_dtype],
+        quant=quant,
+        all_logits=all_logits,
+        layout=layout,
+        context_length=ctx,
+        progress=progress,
+        calibration_ids=_calibration_ids(quant, calibration_ids),
+        fp16_guard=fp16_guard if activation_dtype == "float16" else None,
+    )
     gc_path = out_dir / GENAI_CONFIG
-    gc = genai_config(cfg, context_length=ctx)
-    gc_path.write_text(json.dumps(gc, indent=4) + "\n")
+    gc_path.write_text(json.dumps(genai_config(cfg, context_length=ctx), indent=4) + "\n")
     files = [out_dir / MODEL_FILE, out_dir / DATA_FILE, gc_path]
     files += copy_side_files(model_dir, out_dir)
     return ExportResult(
@@ -793,7 +569,7 @@ def build_decoder(
         data_path=out_dir / DATA_FILE,
         genai_config_path=gc_path,
         config=cfg.summary(),
-        bytes_written=graph_bytes + writer.bytes_written,
+        bytes_written=bytes_written,
         activation_dtype=activation_dtype,
         quantized=builder.quantized,
         files=files,

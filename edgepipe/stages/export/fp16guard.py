@@ -13,8 +13,8 @@ stream and each sublayer's output exposed, and returns their largest magnitudes 
 `plan_guard` turns the float32 maxima into an `Fp16Guard`: a sublayer (attention's o_proj, or
 the whole MLP) whose output comes within `HEADROOM` of the fp16 range runs in float32, and then
 the residual stream and its norms (`SkipSimplifiedLayerNormalization`) run in float32 too, with
-Casts at their edges. `edgepipe.stages.export.dynamic.build_decoder(fp16_guard=...)` builds that graph; the
-attention itself (GroupQueryAttention) always stays in the activation dtype.
+Casts at their edges. `edgepipe.stages.export.dynamic.build_decoder(fp16_guard=...)` builds
+that graph; the attention itself (GroupQueryAttention) always stays in the activation dtype.
 """
 
 from __future__ import annotations

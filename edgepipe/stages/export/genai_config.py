@@ -3,7 +3,8 @@
 Every artifact carries one so that it also loads in onnxruntime-genai based apps (tested, not
 assumed): the dynamic decoder in genai's plain `decoder` schema, the static prefill + decode
 graphs in its `decoder-pipeline` schema (genai parses it; edgepipe.runtime drives them).
-`edgepipe.stages.package` later adds the recipe's sampling defaults and the profile's provider options.
+`edgepipe.stages.package` later adds the recipe's sampling defaults and the profile's provider
+options.
 """
 
 from __future__ import annotations

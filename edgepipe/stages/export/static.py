@@ -26,15 +26,15 @@ computed without repeating KV: q is laid out `[kv_heads, group * S, head_dim]` a
 from precomputed `[kv_capacity, head_dim / 2]` tables by position; RMSNorm is
 `x * 1 / sqrt(mean(x * x) + eps) * gamma` from ReduceMean, Sqrt and Div.
 
-Weights are quantized as they stream (`edgepipe.stages.quantize.qdq`): `DequantizeLinear` nodes over int8/int4
-initializers (per-channel, or low-power block quantization for int4), so calibration sees the
-weights the device computes with, and the activation QDQ stage only adds activation pairs.
+Weights are quantized as they stream (`edgepipe.stages.quantize.qdq`): `DequantizeLinear` nodes
+over int8/int4 initializers (per-channel, or low-power block quantization for int4), so
+calibration sees the weights the device computes with, and the activation QDQ stage only adds
+activation pairs.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,23 +46,26 @@ from edgepipe.arch.spec import DecoderConfig, check_weights, expected_shapes, re
 from edgepipe.errors import InvalidInput
 from edgepipe.formats.onnx_writer import GraphWriter, save_model, tensor_input
 from edgepipe.formats.safetensors import SafetensorsModel
-from edgepipe.stages.export import dynamic as export
-from edgepipe.stages.export.dynamic import TABLE_CHUNK_ROWS, rotary_caches
+from edgepipe.stages.export import common
+from edgepipe.stages.export.common import (
+    DATA_FILE,
+    Progress,
+    Steps,
+    copy_side_files,
+    rotary_caches,
+)
 from edgepipe.stages.export.genai_config import FILE as GENAI_CONFIG
 from edgepipe.stages.export.genai_config import static_genai_config
 from edgepipe.stages.quantize.qdq import StaticQuant, quantize_linear, quantize_rows, quantize_table
 
 PREFILL_FILE = "prefill.onnx"
 DECODE_FILE = "decode.onnx"
-DATA_FILE = "model.onnx.data"
 # The additive mask is (mask - 1) * MASK_PENALTY: masked scores drop by this many logits. Big
 # enough that a masked position's softmax weight is below 1e-40 even when its raw score beats
 # the best attended one by 60, small enough that the 16-bit quantized score range stays fine
 # (a 200-logit range gives 0.003-logit steps).
 MASK_PENALTY = 100.0
 OPSET = 21  # QuantizeLinear/DequantizeLinear with 16-bit, int4 and block quantization
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -96,7 +99,7 @@ class _Graph:
     """One of the two graphs: its writer, its fixed sequence length and its name."""
 
     def __init__(self, writer: GraphWriter, seq: int, tag: str):
-        self.w, self.seq, self.tag = writer, seq, tag
+        self.writer, self.seq, self.tag = writer, seq, tag
 
 
 class _StaticBuilder:
@@ -116,34 +119,33 @@ class _StaticBuilder:
         self.cfg, self.fam, self.weights = cfg, cfg.family, weights
         self.chunk, self.capacity = chunk, kv_capacity
         self.quant = quant
-        self.progress = progress
         self.graphs = [
             _Graph(writer, chunk, "prefill"),
             _Graph(GraphWriter.sibling(writer), 1, "decode"),
         ]
         self.quantized: dict[str, str] = {}
-        self._step, self._steps = 0, cfg.num_hidden_layers + 2
+        self.steps = Steps(progress, cfg.num_hidden_layers)
 
     # -- weights: stored once, an initializer in each graph ---------------------------------
 
     def _share(self, name: str, first: ir.Value) -> list[ir.Value]:
         shape = list(first.shape.numpy())
-        return [first] + [g.w.alias(name, first, shape) for g in self.graphs[1:]]
+        return [first] + [g.writer.alias(name, first, shape) for g in self.graphs[1:]]
 
     def _float(self, name: str, array: np.ndarray) -> list[ir.Value]:
-        return self._share(name, self.graphs[0].w.weight(name, array.astype(np.float32)))
+        return self._share(name, self.graphs[0].writer.weight(name, array.astype(np.float32)))
 
     def _stored(self, name: str, stored) -> list[ir.Value]:
-        """Write one `edgepipe.stages.quantize.qdq.Stored` tensor (plain numpy or packed int4)."""
-        w = self.graphs[0].w
+        """Write one `qdq.Stored` tensor (plain numpy or packed int4)."""
+        writer = self.graphs[0].writer
         if stored.packed:
-            first = w.packed_weight(name, stored.data, stored.ir_dtype, stored.shape)
+            first = writer.packed_weight(name, stored.data, stored.ir_dtype, stored.shape)
         else:
-            first = w.weight(name, stored.data)
+            first = writer.weight(name, stored.data)
         return self._share(name, first)
 
     def _dequantized(self, prefix: str, q) -> list[ir.Value]:
-        """DequantizeLinear nodes (in each graph) over a `edgepipe.stages.quantize.qdq.QuantizedTensor`."""
+        """DequantizeLinear nodes (in each graph) over a `qdq.QuantizedTensor`."""
         per_graph: list[list[ir.Value]] = [[] for _ in self.graphs]
         for part, stored in q.tensors.items():
             for values, value in zip(
@@ -153,7 +155,7 @@ class _StaticBuilder:
         outs = []
         for g, values in zip(self.graphs, per_graph, strict=True):
             by_part = dict(zip(q.tensors, values, strict=True))
-            outs.append(q.emit(g.w, prefix, by_part))
+            outs.append(q.emit(g.writer, prefix, by_part))
         return outs
 
     def _apply(self, name: str, q, xs: list[ir.Value], bias: np.ndarray | None) -> list[ir.Value]:
@@ -164,21 +166,16 @@ class _StaticBuilder:
         for i, (g, x, weight) in enumerate(zip(self.graphs, xs, weights, strict=True)):
             if q.op == "Gemm":
                 inputs = [x, weight] + ([biases[i]] if biases else [])
-                outs.append(g.w.op("Gemm", f"{name}/Gemm", inputs, {"transB": 1}))
+                outs.append(g.writer.op("Gemm", f"{name}/Gemm", inputs, {"transB": 1}))
                 continue
-            y = g.w.op("MatMul", f"{name}/MatMul", [x, weight])
-            outs.append(y if biases is None else g.w.op("Add", f"{name}/Add", [y, biases[i]]))
+            y = g.writer.op("MatMul", f"{name}/MatMul", [x, weight])
+            outs.append(y if biases is None else g.writer.op("Add", f"{name}/Add", [y, biases[i]]))
         return outs
-
-    def _tick(self, what: str) -> None:
-        self._step += 1
-        if self.progress is not None:
-            self.progress(what, self._step, self._steps)
 
     # -- graph pieces (each call adds the op to every graph) ----------------------------------
 
     def _const(self, g: _Graph, name: str, array) -> ir.Value:
-        return g.w.const(name, np.asarray(array))
+        return g.writer.const(name, np.asarray(array))
 
     def linear(self, name: str, xs: list[ir.Value], hf_names: list[str], bias: list[str] | None):
         """A linear over `[S, K]` hidden states from HF weights `[N, K]` (joined along N)."""
@@ -196,42 +193,50 @@ class _StaticBuilder:
         gammas = self._float(f"{name}.weight", self.weights.read(gamma_name))
         outs = []
         for g, x, gamma in zip(self.graphs, xs, gammas, strict=True):
-            w = g.w
-            square = w.op("Mul", f"{name}/square", [x, x])
-            mean = w.op(
+            writer = g.writer
+            square = writer.op("Mul", f"{name}/square", [x, x])
+            mean = writer.op(
                 "ReduceMean",
                 f"{name}/mean",
                 [square, self._const(g, f"{name}/axes", np.array([-1], np.int64))],
                 {"keepdims": 1},
             )
             eps = self._const(g, f"{name}/eps", np.array(self.cfg.rms_norm_eps, np.float32))
-            root = w.op("Sqrt", f"{name}/sqrt", [w.op("Add", f"{name}/add_eps", [mean, eps])])
+            root = writer.op(
+                "Sqrt", f"{name}/sqrt", [writer.op("Add", f"{name}/add_eps", [mean, eps])]
+            )
             one = self._const(g, f"{name}/one", np.array(1.0, np.float32))
-            inv = w.op("Div", f"{name}/inv_rms", [one, root])
-            normed = w.op("Mul", f"{name}/normalize", [x, inv])
-            outs.append(w.op("Mul", f"{name}/scale", [normed, gamma]))
+            inv = writer.op("Div", f"{name}/inv_rms", [one, root])
+            normed = writer.op("Mul", f"{name}/normalize", [x, inv])
+            outs.append(writer.op("Mul", f"{name}/scale", [normed, gamma]))
         return outs
 
     def _reshape(self, g: _Graph, name: str, x: ir.Value, shape) -> ir.Value:
         target = self._const(g, f"{name}/shape", np.array(shape, np.int64))
-        return g.w.op("Reshape", name, [x, target])
+        return g.writer.op("Reshape", name, [x, target])
 
     def _rotary(self, g: _Graph, name: str, x: ir.Value, cos: ir.Value, sin: ir.Value):
         """Non-interleaved rotary on `[S, heads, head_dim]`: (a, b) -> (a c - b s, b c + a s)."""
-        w, half = g.w, self.cfg.head_dim // 2
+        writer, half = g.writer, self.cfg.head_dim // 2
         sizes = self._const(g, f"{name}/halves", np.array([half, half], np.int64))
-        a, b = w.op("Split", f"{name}/split", [x, sizes], {"axis": -1}, num_outputs=2)
-        first = w.op(
+        a, b = writer.op("Split", f"{name}/split", [x, sizes], {"axis": -1}, num_outputs=2)
+        first = writer.op(
             "Sub",
             f"{name}/first",
-            [w.op("Mul", f"{name}/a_cos", [a, cos]), w.op("Mul", f"{name}/b_sin", [b, sin])],
+            [
+                writer.op("Mul", f"{name}/a_cos", [a, cos]),
+                writer.op("Mul", f"{name}/b_sin", [b, sin]),
+            ],
         )
-        second = w.op(
+        second = writer.op(
             "Add",
             f"{name}/second",
-            [w.op("Mul", f"{name}/b_cos", [b, cos]), w.op("Mul", f"{name}/a_sin", [a, sin])],
+            [
+                writer.op("Mul", f"{name}/b_cos", [b, cos]),
+                writer.op("Mul", f"{name}/a_sin", [a, sin]),
+            ],
         )
-        return w.op("Concat", f"{name}/concat", [first, second], {"axis": -1})
+        return writer.op("Concat", f"{name}/concat", [first, second], {"axis": -1})
 
     # -- the decoder ---------------------------------------------------------------------------
 
@@ -268,12 +273,12 @@ class _StaticBuilder:
             self._attention_inputs(g, graph_inputs[1], graph_inputs[2], cos_t, sin_t)
 
         hidden = self._embedding()
-        self._tick("embedding")
+        self.steps.tick("embedding")
         for layer in range(cfg.num_hidden_layers):
             hidden = self._layer(layer, hidden)
-            self._tick(f"layer {layer}")
+            self.steps.tick(f"layer {layer}")
         last = [
-            g.w.op(
+            g.writer.op(
                 "Slice",
                 "final/last_slot",
                 [
@@ -287,15 +292,15 @@ class _StaticBuilder:
         ]
         normed = self.rms_norm("final_norm", last, self.fam.final_norm)
         logits = self._lm_head(normed)
-        self._tick("lm_head")
+        self.steps.tick("lm_head")
         models = []
         for g, graph_inputs, lg, presents in zip(
             self.graphs, inputs, logits, self.presents, strict=True
         ):
             lg = self._reshape(g, "logits/batch", lg, [1, 1, cfg.vocab_size])
-            out = self._graph_output(g.w, lg, "logits", [1, 1, cfg.vocab_size])
+            out = self._graph_output(g.writer, lg, "logits", [1, 1, cfg.vocab_size])
             models.append(
-                g.w.model(
+                g.writer.model(
                     graph_inputs, [out, *presents], opset=OPSET, contrib_ops=False, name=g.tag
                 )
             )
@@ -303,34 +308,38 @@ class _StaticBuilder:
 
     def _attention_inputs(self, g: _Graph, pos, mask, cos_table, sin_table) -> None:
         """Per-graph tensors every layer shares: rotary rows of the chunk and the additive mask."""
-        w, half, group = (
-            g.w,
+        writer, half, group = (
+            g.writer,
             self.cfg.head_dim // 2,
             self.cfg.num_attention_heads // self.cfg.num_key_value_heads,
         )
         for table, out in ((cos_table, self.cos), (sin_table, self.sin)):
             name = table.name.split(".")[-1]
-            rows = w.op("Gather", f"rotary/{name}_rows", [table, pos], {"axis": 0})
+            rows = writer.op("Gather", f"rotary/{name}_rows", [table, pos], {"axis": 0})
             out.append(self._reshape(g, f"rotary/{name}_heads", rows, [g.seq, 1, half]))
         one = self._const(g, "mask/one", np.array(1.0, np.float32))
         penalty = self._const(g, "mask/penalty", np.array(MASK_PENALTY, np.float32))
-        additive = w.op(
-            "Mul", "mask/additive", [w.op("Sub", "mask/minus_one", [mask, one]), penalty]
+        additive = writer.op(
+            "Mul", "mask/additive", [writer.op("Sub", "mask/minus_one", [mask, one]), penalty]
         )
         rows = self._reshape(g, "mask/rows", additive, [1, g.seq, self.capacity + g.seq])
         repeats = self._const(g, "mask/repeats", np.array([1, group, 1], np.int64))
-        self.masks.append(w.op("Tile", "mask/per_group", [rows, repeats]))
+        self.masks.append(writer.op("Tile", "mask/per_group", [rows, repeats]))
 
     def _embedding(self) -> list[ir.Value]:
         name, cfg = self.fam.embed, self.cfg
         spec = None if self.quant is None else self.quant.embedding
         if spec is None:
-            chunks = self.weights.read_chunks(name, TABLE_CHUNK_ROWS, np.float32)
+            chunks = self.weights.read_chunks(name, common.TABLE_CHUNK_ROWS, np.float32)
             shape = (cfg.vocab_size, cfg.hidden_size)
-            first = self.graphs[0].w.stream_weight("embed_tokens.weight", np.float32, shape, chunks)
+            first = self.graphs[0].writer.stream_weight(
+                "embed_tokens.weight", np.float32, shape, chunks
+            )
             tables = self._share("embed_tokens.weight", first)
         else:
-            q = quantize_table(lambda: self.weights.read_chunks(name, TABLE_CHUNK_ROWS), spec)
+            q = quantize_table(
+                lambda: self.weights.read_chunks(name, common.TABLE_CHUNK_ROWS), spec
+            )
             self.quantized[name] = q.label
             tables = self._dequantized("embed_tokens", q)
         # Batch 1: hidden states are [S, hidden] from here on (Gemm takes 2-D inputs).
@@ -338,7 +347,7 @@ class _StaticBuilder:
             self._reshape(
                 g,
                 "embed_tokens/rows",
-                g.w.op("Gather", "embed_tokens/Gather", [table, ids], {"axis": 0}),
+                g.writer.op("Gather", "embed_tokens/Gather", [table, ids], {"axis": 0}),
                 [g.seq, self.cfg.hidden_size],
             )
             for g, table, ids in zip(self.graphs, tables, self.ids, strict=True)
@@ -351,7 +360,7 @@ class _StaticBuilder:
         # The [vocab, hidden] table is the weight itself (vocab rows are the output channels):
         # quantized one row chunk at a time; a tied model stores a second copy here, because the
         # Gather above needs one scale for the whole table and the lm_head wants one per row.
-        q = quantize_rows(lambda: self.weights.read_chunks(source, TABLE_CHUNK_ROWS), spec)
+        q = quantize_rows(lambda: self.weights.read_chunks(source, common.TABLE_CHUNK_ROWS), spec)
         if spec is not None:
             self.quantized[fam.lm_head] = q.label
         return self._apply("lm_head", q, xs, None)
@@ -398,7 +407,7 @@ class _StaticBuilder:
         ]
         out = self.linear(f"{p}.attn.o_proj", attn, [names["o"]], None)
         hidden = [
-            g.w.op("Add", f"{p}.attn_residual", [h, o])
+            g.writer.op("Add", f"{p}.attn_residual", [h, o])
             for g, h, o in zip(self.graphs, hidden, out, strict=True)
         ]
         normed = self.rms_norm(f"{p}.post_norm", hidden, names["post_norm"])
@@ -406,48 +415,50 @@ class _StaticBuilder:
         up = self.linear(f"{p}.mlp.up_proj", normed, [names["up"]], None)
         act = []
         for g, gt, u in zip(self.graphs, gate, up, strict=True):
-            silu = g.w.op("Mul", f"{p}.mlp.silu", [gt, g.w.op("Sigmoid", f"{p}.mlp.sigmoid", [gt])])
-            act.append(g.w.op("Mul", f"{p}.mlp.act", [silu, u]))
+            silu = g.writer.op(
+                "Mul", f"{p}.mlp.silu", [gt, g.writer.op("Sigmoid", f"{p}.mlp.sigmoid", [gt])]
+            )
+            act.append(g.writer.op("Mul", f"{p}.mlp.act", [silu, u]))
         down = self.linear(f"{p}.mlp.down_proj", act, [names["down"]], None)
         return [
-            g.w.op("Add", f"{p}.mlp_residual", [h, o])
+            g.writer.op("Add", f"{p}.mlp_residual", [h, o])
             for g, h, o in zip(self.graphs, hidden, down, strict=True)
         ]
 
     def _attention(self, g: _Graph, i, q, k, v, cos, sin, mask, pasts, presents) -> ir.Value:
-        cfg, w, p = self.cfg, g.w, f"layers.{i}.attn"
+        cfg, writer, p = self.cfg, g.writer, f"layers.{i}.attn"
         heads, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         group, s, cap = heads // kvh, g.seq, self.capacity
         q = self._rotary(g, f"{p}.q_rotary", q, cos, sin)
         k = self._rotary(g, f"{p}.k_rotary", k, cos, sin)
         scale = self._const(g, f"{p}.scale", np.array(d**-0.5, np.float32))
-        q = w.op("Mul", f"{p}.q_scaled", [q, scale])
+        q = writer.op("Mul", f"{p}.q_scaled", [q, scale])
         perm = {"perm": [1, 0, 2]}
         # [S, heads, d] -> [heads, S, d] -> [kv_heads, group * S, d]: head h = kv * group + g.
         q = self._reshape(
-            g, f"{p}.q_groups", w.op("Transpose", f"{p}.q_t", [q], perm), [kvh, group * s, d]
+            g, f"{p}.q_groups", writer.op("Transpose", f"{p}.q_t", [q], perm), [kvh, group * s, d]
         )
-        k_new = w.op("Transpose", f"{p}.k_t", [k], perm)
-        v_new = w.op("Transpose", f"{p}.v_t", [v], perm)
+        k_new = writer.op("Transpose", f"{p}.k_t", [k], perm)
+        v_new = writer.op("Transpose", f"{p}.v_t", [v], perm)
         for kind, new in (("key", k_new), ("value", v_new)):
             out = self._reshape(g, f"present.{i}.{kind}", new, [1, kvh, s, d])
-            presents.append(self._graph_output(w, out, f"present.{i}.{kind}", [1, kvh, s, d]))
+            presents.append(self._graph_output(writer, out, f"present.{i}.{kind}", [1, kvh, s, d]))
         past_k = self._reshape(g, f"{p}.past_k", pasts[2 * i], [kvh, cap, d])
         past_v = self._reshape(g, f"{p}.past_v", pasts[2 * i + 1], [kvh, cap, d])
-        keys = w.op("Concat", f"{p}.keys", [past_k, k_new], {"axis": 1})
-        values = w.op("Concat", f"{p}.values", [past_v, v_new], {"axis": 1})
-        keys_t = w.op("Transpose", f"{p}.keys_t", [keys], {"perm": [0, 2, 1]})
-        scores = w.op("MatMul", f"{p}.scores", [q, keys_t])
-        scores = w.op("Add", f"{p}.masked_scores", [scores, mask])
-        probs = w.op("Softmax", f"{p}.probs", [scores], {"axis": -1})
-        ctx = w.op("MatMul", f"{p}.context", [probs, values])
+        keys = writer.op("Concat", f"{p}.keys", [past_k, k_new], {"axis": 1})
+        values = writer.op("Concat", f"{p}.values", [past_v, v_new], {"axis": 1})
+        keys_t = writer.op("Transpose", f"{p}.keys_t", [keys], {"perm": [0, 2, 1]})
+        scores = writer.op("MatMul", f"{p}.scores", [q, keys_t])
+        scores = writer.op("Add", f"{p}.masked_scores", [scores, mask])
+        probs = writer.op("Softmax", f"{p}.probs", [scores], {"axis": -1})
+        ctx = writer.op("MatMul", f"{p}.context", [probs, values])
         ctx = self._reshape(g, f"{p}.context_heads", ctx, [heads, s, d])
-        ctx = w.op("Transpose", f"{p}.context_t", [ctx], perm)
+        ctx = writer.op("Transpose", f"{p}.context_t", [ctx], perm)
         return self._reshape(g, f"{p}.context_merged", ctx, [s, heads * d])
 
     @staticmethod
-    def _graph_output(w: GraphWriter, value: ir.Value, name: str, shape) -> ir.Value:
-        out = w.op("Identity", f"{name}/Identity", [value], output_names=[name])
+    def _graph_output(writer: GraphWriter, value: ir.Value, name: str, shape) -> ir.Value:
+        out = writer.op("Identity", f"{name}/Identity", [value], output_names=[name])
         out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(shape)
         return out
 
@@ -468,8 +479,8 @@ def build_static_decoder(
         out_dir: export folder (created; files of the same names are replaced).
         chunk: prefill graph length in tokens (the profile's `prefill_chunk`).
         kv_capacity: KV cache slots both graphs read (the profile's `kv_capacity`).
-        quant: weight quantization (`edgepipe.stages.quantize.qdq.StaticQuant`); None keeps float weights (the
-            fp32 reference graphs).
+        quant: weight quantization (`edgepipe.stages.quantize.qdq.StaticQuant`); None keeps
+            float weights (the fp32 reference graphs).
         progress: called as progress(step_name, done, total).
 
     Returns:
@@ -519,7 +530,7 @@ def build_static_decoder(
     )
     gc_path.write_text(json.dumps(config, indent=4) + "\n")
     files = [out_dir / PREFILL_FILE, out_dir / DECODE_FILE, out_dir / DATA_FILE, gc_path]
-    files += export.copy_side_files(model_dir, out_dir)
+    files += copy_side_files(model_dir, out_dir)
     return StaticExportResult(
         out_dir=out_dir,
         prefill_path=out_dir / PREFILL_FILE,
