@@ -687,12 +687,6 @@ def copy_side_files(model_dir: Path, out_dir: Path) -> list[Path]:
     return copied
 
 
-def _needs_calibration(quant: QuantPlan) -> bool:
-    from edgepipe.stages.quantize.plan import gptq_needs_calibration
-
-    return gptq_needs_calibration(quant)
-
-
 def build_decoder(
     model_dir: Path | str,
     out_dir: Path | str,
@@ -772,7 +766,7 @@ def build_decoder(
             fused_bias=fused_bias,
             fp16_guard=fp16_guard if activation_dtype == "float16" else None,
         )
-        if quant is not None and _needs_calibration(quant):
+        if quant is not None and quant.needs_calibration:
             if calibration_ids is None:
                 raise InvalidInput(
                     "quant: a calibrated method (gptq) needs calibration_ids (token ids of "
