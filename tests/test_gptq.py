@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgepipe.stages.quantize.blocks import QuantSpec
 from edgepipe.stages.quantize.gptq import hessian, inverse_cholesky_upper
-from edgepipe.stages.quantize.plan import QuantSpec, quantize_weight
+from edgepipe.stages.quantize.plan import quantize_weight
 from tests.test_hqq import correlated_inputs, output_error
 from tests.test_quantize import matmul_nbits_session
 
