@@ -256,8 +256,9 @@ class QuantPlan:
             if block_size is None:
                 raise ValueError(f"{r.profile}: MatMulNBits needs a block size (static profile?)")
             method = side_method if side else r.method
-            # hqq fits a zero point per block: its side tables are asymmetric whatever the body.
-            symmetric = r.symmetric and method != "hqq"
+            # hqq fits a zero point per block: its side tables are asymmetric whatever the body
+            # says (a symmetric hqq body is refused by the schema, and by QuantSpec).
+            symmetric = r.symmetric and not (side and method == "hqq")
             fzp = float_zero_points and not side
             bits = 4 if weights == "int4" else 8
             return QuantSpec(bits, block_size, symmetric, method, r.accuracy_level, fzp)
