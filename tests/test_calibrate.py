@@ -1,4 +1,5 @@
-"""Tests for edgepipe.stages.quantize.gptq_inputs: the numpy layer forward against transformers' decoder layers."""
+"""Tests for edgepipe.arch.reference (the numpy layer forward, against transformers' decoder
+layers) and edgepipe.stages.quantize.gptq_inputs (GPTQ's layer-by-layer calibration)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from edgepipe.arch.reference import LayerConfig, layer_forward, rms_norm
 from edgepipe.errors import InvalidInput
-from edgepipe.stages.quantize.gptq_inputs import (
-    LayerCalibrator,
-    LayerConfig,
-    layer_forward,
-    rms_norm,
-)
+from edgepipe.stages.quantize.gptq_inputs import LayerCalibrator
 
 
 def _tiny_layer(model_type: str):

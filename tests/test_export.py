@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgepipe.arch.spec import expected_shapes, read_config
+from edgepipe.arch.families import read_config
+from edgepipe.arch.spec import expected_shapes
 from edgepipe.errors import InvalidInput
 from edgepipe.formats.safetensors import write_safetensors
 from edgepipe.stages.export.dynamic import build_decoder

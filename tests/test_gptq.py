@@ -1,12 +1,13 @@
-"""Tests for edgepipe.stages.quantize.gptq: exact packing, lower output error than rtn, Hessian factor."""
+"""Tests for edgepipe.stages.quantize.gptq: exact packing, lower error than rtn, Hessian factor."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgepipe.stages.quantize.gptq import _inverse_cholesky_upper, hessian
-from edgepipe.stages.quantize.plan import QuantSpec, quantize_weight
+from edgepipe.stages.quantize.blocks import QuantSpec
+from edgepipe.stages.quantize.gptq import hessian, inverse_cholesky_upper
+from edgepipe.stages.quantize.plan import quantize_weight
 from tests.fixtures.quantize import (
     correlated_inputs,
     correlation_mix,
@@ -52,6 +53,6 @@ def test_gptq_survives_dead_inputs_and_rank_deficient_calibration():
 def test_inverse_cholesky_factor_reconstructs_inverse_hessian():
     rng = np.random.default_rng(0)
     h = hessian(rng.standard_normal((700, 300)))
-    u = _inverse_cholesky_upper(h, damp=0.0)
+    u = inverse_cholesky_upper(h, damp=0.0)
     np.testing.assert_allclose(np.triu(u), u)
     np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), atol=1e-12, rtol=1e-7)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from edgepipe.errors import InvalidInput
+from edgepipe.stages.quantize.blocks import QuantSpec
 from edgepipe.stages.quantize.hqq import quantize_hqq, shrink_lp
-from edgepipe.stages.quantize.plan import QuantSpec, quantize_weight
+from edgepipe.stages.quantize.plan import quantize_weight
 from tests.fixtures.quantize import correlated_inputs, matmul_nbits_session, output_error
 
 

@@ -425,7 +425,12 @@ def test_shard_builds_only_its_slice():
 
 def test_export_cache_key_covers_the_code_the_export_imports():
     names = {path.relative_to(path.parents[1]).as_posix() for path in export_modules()}
-    assert {"export/dynamic.py", "arch/presets.py", "quantize/plan.py", "formats/safetensors.py"} <= names
+    assert {
+        "export/dynamic.py",
+        "arch/presets.py",
+        "quantize/plan.py",
+        "formats/safetensors.py",
+    } <= names
     assert "build/run.py" not in names and "validate/dynamic.py" not in names
 
 

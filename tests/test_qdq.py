@@ -10,8 +10,7 @@ import pytest
 
 from edgepipe.errors import InvalidInput
 from edgepipe.runtime.engines.static import StaticPipeline
-from edgepipe.schema import ResolvedPrecision
-from edgepipe.schema.models import Override
+from edgepipe.schema import Override, ResolvedPrecision
 from edgepipe.stages.export.static import DATA_FILE, DECODE_FILE, PREFILL_FILE, build_static_decoder
 from edgepipe.stages.quantize.qdq import (
     StaticQuant,

@@ -1,26 +1,30 @@
-"""Tests for edgepipe.stages.quantize.plan: packing against ORT's kernels, methods, plans and errors."""
+"""Tests for edgepipe.stages.quantize (blocks, rtn, plan): packing against ORT's kernels,
+methods, plans and errors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from edgepipe import schema
 from edgepipe.errors import InvalidInput
-from edgepipe.stages.quantize.plan import (
-    METHODS,
-    QuantPlan,
+from edgepipe.stages.quantize.blocks import (
+    METHOD_NAMES,
     QuantSpec,
-    embedding_spec,
     from_codes,
-    gptq_needs_calibration,
     pack_codes,
     pack_zero_points,
-    quantize_embedding,
-    quantize_rtn,
-    quantize_weight,
     unpack_codes,
     unpack_zero_points,
 )
+from edgepipe.stages.quantize.plan import (
+    METHODS,
+    QuantPlan,
+    embedding_spec,
+    quantize_embedding,
+    quantize_weight,
+)
+from edgepipe.stages.quantize.rtn import quantize_rtn
 from tests.fixtures.quantize import gather_session, matmul_nbits_session
 
 BITS = (4, 8)
@@ -176,7 +180,9 @@ def test_plan_resolves_exclude_overrides_embedding_and_lm_head():
     assert plan.spec_for("model.layers.0.self_attn.q_proj.bias") is None
     assert plan.spec_for("model.layers.0.input_layernorm.weight") is None
     assert plan.spec_for("model.layers.1.mlp.down_proj.weight") is None  # excluded
-    assert plan.spec_for("model.layers.0.mlp.down_proj.weight") is None  # last override wins
+    assert plan.spec_for("model.layers.0.mlp.down_proj.weight") == QuantSpec(
+        8, 64, False
+    )  # first wins
     assert plan.spec_for("model.layers.2.mlp.down_proj.weight") == QuantSpec(8, 64, False)
     assert plan.spec_for("model.embed_tokens.weight") == QuantSpec(8, 32, False)
     assert plan.spec_for("lm_head.weight") == QuantSpec(8, 32, False)  # follows the embedding
@@ -203,31 +209,57 @@ def test_plan_pattern_matching_nothing_is_reported_with_its_field():
     assert "precision.overrides[0].pattern" in info.value.problems[1]
 
 
-def test_plan_reports_every_bad_field_at_once():
-    with pytest.raises(InvalidInput) as info:
-        QuantPlan.from_precision("int3", block_size=100, embedding="int2")
-    text = "\n".join(info.value.problems)
-    assert "precision.weights" in text and "precision.embedding" in text
-    assert "int4, int8, fp16, fp32" in text
+def test_plan_takes_the_resolved_precision_of_a_recipe_as_is():
+    recipe = schema.load_recipe("qwen3-0.6b")
+    resolved = recipe.precision_for("cpu-x64")
+    plan = QuantPlan.from_resolved(resolved)
+    bits = {"int4": 4, "int8": 8}
+    body = plan.spec_for("model.layers.0.mlp.up_proj.weight")
+    assert (body.bits, body.block_size) == (bits[resolved.weights], resolved.block_size)
+    assert (body.symmetric, body.method) == (resolved.symmetric, resolved.method)
+    assert body.accuracy_level == resolved.accuracy_level
+    assert plan.spec_for("lm_head.weight").bits == bits[resolved.lm_head]
 
 
-def test_gptq_plan_needs_calibration_text():
+def test_plan_overrides_follow_the_schema_order_first_match_wins():
+    resolved = schema.ResolvedPrecision(
+        profile="p", weights="int4", method="rtn", block_size=32, symmetric=False,
+        accuracy_level=0, embedding="int4", lm_head="int4",
+        overrides=(
+            schema.Override(pattern="*down_proj*", weights="int8"),
+            schema.Override(pattern="*proj*", weights="fp16"),
+        ),
+    )  # fmt: skip
+    plan = QuantPlan.from_resolved(resolved)
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+        want = resolved.for_weight(name)
+        got = plan.spec_for(name)
+        assert (None if got is None else (f"int{got.bits}", got.block_size)) == (
+            None if want[0] == "fp16" else want
+        )
+
+
+def test_static_precision_is_not_a_matmul_nbits_plan():
+    resolved = schema.load_recipe("qwen3-0.6b").precision_for("qnn-htp")
+    with pytest.raises(ValueError, match="block size"):
+        QuantPlan.from_resolved(resolved)
+
+
+def test_gptq_plan_needs_calibration():
     plan = QuantPlan.from_precision("int4", method="gptq")
-    assert gptq_needs_calibration(plan)
+    assert plan.needs_calibration
     assert plan.spec_for("model.embed_tokens.weight").method == "rtn"
-    assert not gptq_needs_calibration(QuantPlan.from_precision("int4", method="hqq"))
-    with pytest.raises(InvalidInput, match=r"precision\.method.*calibration"):
-        QuantPlan.from_precision("int4", method="gptq", has_calibration_text=False)
-    QuantPlan.from_precision("int4", method="gptq", has_calibration_text=True)
+    assert not QuantPlan.from_precision("int4", method="hqq").needs_calibration
+    assert not QuantPlan.from_precision("int4").needs_calibration
 
 
 def test_registered_methods_are_the_schema_methods_and_documented():
     import typing
     from pathlib import Path
 
-    from edgepipe.schema import models
+    from edgepipe.schema.common import Method
 
-    assert set(typing.get_args(models.Method)) == set(METHODS)
+    assert set(typing.get_args(Method)) == set(METHODS) == set(METHOD_NAMES)
     contracts = (Path(__file__).parents[1] / "docs" / "contracts.md").read_text()
     for name in METHODS:
         assert name in contracts

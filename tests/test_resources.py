@@ -24,7 +24,7 @@ def test_installed_wheel_reads_the_force_included_copies(tmp_path, monkeypatch):
     package = tmp_path / "site-packages" / "edgepipe"
     (package / "_shipped" / "recipes").mkdir(parents=True)
     (package / "_shipped" / "recipes" / "r1.yaml").write_text("name: r1\n")
-    monkeypatch.setattr(resources, "_PACKAGE_DIR", package)
+    monkeypatch.setattr(resources, "PACKAGE_DIR", package)
     assert resources.shipped_dir(resources.RECIPES) == package / "_shipped" / "recipes"
     assert resources.recipe_files() == {"r1": package / "_shipped" / "recipes" / "r1.yaml"}
     assert resources.profile_files() == {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import textwrap
 import typing
 from pathlib import Path
@@ -11,8 +10,8 @@ import pytest
 
 from edgepipe import schema
 from edgepipe.errors import InvalidInput
-from edgepipe.schema import models
 from edgepipe.schema import shipped as resources
+from edgepipe.schema.recipe import BuiltinText
 
 SHIPPED_PROFILES = sorted(resources.profile_files())
 SHIPPED_RECIPES = sorted(resources.recipe_files())
@@ -99,7 +98,7 @@ def test_hub_recipes_pin_a_commit_sha(loaded_recipes):
     hub = [r for r in loaded_recipes.values() if r.source.hub]
     assert len(hub) == 8
     for recipe in hub:
-        assert models._SHA.match(recipe.source.hub.revision), recipe.name
+        assert schema.COMMIT_SHA.match(recipe.source.hub.revision), recipe.name
         assert recipe.source.hub.id.startswith("Qwen/")
 
 
@@ -294,6 +293,15 @@ BAD_RECIPES = {
     "hqq on the static graph": (
         {"+": "precision: {method: hqq}\n"},
         ["mine.yaml: precision.method: hqq makes int4 weights with float zero points"],
+    ),
+    "symmetric hqq": (
+        {"+": "precision: {method: hqq, symmetric: true}\n"},
+        ["mine.yaml: precision.symmetric: hqq optimizes a zero point per block, so it is "
+         "asymmetric only"],
+    ),
+    "gptq without calibration text": (
+        {"calibration: {builtin: mixed, max_tokens: 64}\n": "", "+": "precision: {method: gptq}\n"},
+        ["mine.yaml: calibration: method gptq needs calibration text"],
     ),
     "thinking on a qwen2 model": (
         {"+": "generation: {enable_thinking: true}\n"},
@@ -509,15 +517,23 @@ def test_file_kind_tells_recipes_from_profiles(tmp_path):
 
 
 def test_preset_names_follow_the_presets_registry():
-    names = schema.preset_names()
-    if importlib.util.find_spec("edgepipe.arch.presets") is None:
-        assert names == schema.FALLBACK_PRESETS
-    else:
-        from edgepipe.arch.presets import PRESETS
+    from edgepipe.arch.presets import PRESETS
 
-        assert names == tuple(PRESETS)
+    names = schema.preset_names()
+    assert names == tuple(PRESETS)
     assert {"tiny-qwen2", "tiny-qwen3"} <= set(names)
 
 
 def test_builtin_text_names_match_the_shipped_samples():
-    assert typing.get_args(models.BuiltinText) == resources.BUILTIN_TEXTS
+    assert typing.get_args(BuiltinText) == resources.BUILTIN_TEXTS
+
+
+def test_profile_providers_are_the_runtime_provider_names():
+    from typing import get_args
+
+    from edgepipe.runtime import providers
+    from edgepipe.schema.profile import Provider
+
+    expected = {providers.CPU_PROVIDER, providers.DML_PROVIDER, providers.QNN_PROVIDER}
+    assert set(get_args(Provider)) == expected
+    assert set(get_args(Provider)) <= set(providers.PROVIDER_PACKAGES)

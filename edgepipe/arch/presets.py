@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from edgepipe.arch.qwen2 import QWEN2
 from edgepipe.arch.qwen3 import QWEN3
-from edgepipe.arch.spec import QWEN2, ArchShape, FamilySpec
+from edgepipe.arch.spec import ArchShape, DecoderConfig, FamilySpec, expected_shapes
 from edgepipe.errors import InvalidInput
 from edgepipe.formats.safetensors import INDEX_FILE, SINGLE_FILE, write_safetensors
 
@@ -95,8 +96,6 @@ def preset_config(spec: PresetSpec, dtype: str = "bfloat16") -> dict[str, Any]:
 
 def preset_tensors(spec: PresetSpec) -> dict[str, tuple[int, ...]]:
     """Every weight name and shape in save_pretrained's order."""
-    from edgepipe.arch.spec import DecoderConfig, expected_shapes
-
     s = spec.shape
     cfg = DecoderConfig(
         family=spec.family,

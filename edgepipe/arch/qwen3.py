@@ -1,4 +1,4 @@
-"""Qwen3 family spec.
+"""Qwen3 family spec (data only).
 
 Qwen3 differs from Qwen2 in three ways the builder cares about: no bias on q/k/v, an RMSNorm
 over each head of q and of k (`q_norm`, `k_norm`, weight [head_dim]) applied before rotary,

@@ -1,15 +1,14 @@
-"""Qwen2 / Qwen2.5 family spec, and the config reading shared with Qwen3.
+"""The architecture-family machinery every family shares: its description and config checks.
 
-Qwen2 is a Llama-style decoder: RMSNorm, rotary attention with grouped KV heads and a bias
-on q/k/v (not on o_proj), SwiGLU MLP. Real configs:
-https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json (and -1.5B, -3B).
+A family (`edgepipe.arch.qwen2`, `edgepipe.arch.qwen3`) is a `FamilySpec`: data the builder
+reads instead of branching on the family's name. `decoder_config` checks a config.json against
+its family; `expected_shapes` and `check_weights` check the weights against the config. The
+registry of families and `read_config` live in `edgepipe.arch.families`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgepipe.errors import InvalidInput
@@ -23,7 +22,12 @@ SUPPORTED_ROPE_TYPES = ("default",)
 
 @dataclass(frozen=True)
 class ArchShape:
-    """The numbers that fix a model's shape (one row of docs/models.md's table)."""
+    """The numbers that fix a model's shape (one row of a family's `shapes`).
+
+    Attributes:
+        config_url: the real model's Hub page, whose config.json the row copies (empty for a
+            shape read from a config on disk).
+    """
 
     hidden_size: int
     num_hidden_layers: int
@@ -70,47 +74,13 @@ class FamilySpec:
     shapes: dict[str, ArchShape] = field(default_factory=dict)
 
 
-QWEN2 = FamilySpec(
-    name="qwen2",
-    architectures=("Qwen2ForCausalLM",),
-    model_types=("qwen2",),
-    qkv_bias=True,
-    qk_norm=False,
-    bias={
-        "q": "model.layers.{i}.self_attn.q_proj.bias",
-        "k": "model.layers.{i}.self_attn.k_proj.bias",
-        "v": "model.layers.{i}.self_attn.v_proj.bias",
-    },
-    shapes={
-        "qwen2.5-0.5b": ArchShape(
-            896, 24, 14, 2, 64, 4864, config_url="https://huggingface.co/Qwen/Qwen2.5-0.5B"
-        ),
-        "qwen2.5-1.5b": ArchShape(
-            1536, 28, 12, 2, 128, 8960, config_url="https://huggingface.co/Qwen/Qwen2.5-1.5B"
-        ),
-        "qwen2.5-3b": ArchShape(
-            2048, 36, 16, 2, 128, 11008, config_url="https://huggingface.co/Qwen/Qwen2.5-3B"
-        ),
-    },
-)
-
-
-@dataclass(frozen=True)
-class DecoderConfig:
-    """The fields of config.json the builder uses, checked."""
+@dataclass(frozen=True, kw_only=True)
+class DecoderConfig(ArchShape):
+    """The fields of config.json the builder uses, checked: the shape plus what runs it."""
 
     family: FamilySpec
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    intermediate_size: int
     rms_norm_eps: float
     rope_theta: float
-    tie_word_embeddings: bool
-    max_position_embeddings: int
     bos_token_id: int | None
     eos_token_id: list[int]
     raw: dict[str, Any]
@@ -132,32 +102,6 @@ class DecoderConfig:
         }
 
 
-def families() -> tuple[FamilySpec, ...]:
-    """Every supported family."""
-    from edgepipe.arch.qwen3 import QWEN3
-
-    return (QWEN2, QWEN3)
-
-
-def family_for(config: dict[str, Any], where: str = "config.json") -> FamilySpec:
-    """Pick the family from `architectures` (or `model_type`); InvalidInput lists supported."""
-    archs = config.get("architectures") or []
-    model_type = config.get("model_type")
-    for fam in families():
-        if any(a in fam.architectures for a in archs):
-            return fam
-    if not archs:
-        for fam in families():
-            if model_type in fam.model_types:
-                return fam
-    supported = [a for f in families() for a in f.architectures]
-    types = [t for f in families() for t in f.model_types]
-    raise InvalidInput(
-        f"{where}: architectures {archs} / model_type {model_type!r} is not supported; "
-        f"supported architectures: {supported} (model_type {types})"
-    )
-
-
 def _rope(config: dict[str, Any], where: str) -> float:
     # transformers 5 writes `rope_parameters` ({rope_theta, rope_type}); older configs write
     # `rope_theta` and `rope_scaling` at the top level. Accept both.
@@ -174,23 +118,17 @@ def _rope(config: dict[str, Any], where: str) -> float:
     return float(theta)
 
 
-def read_config(model_dir: Path | str) -> DecoderConfig:
-    """Read and check `model_dir/config.json`.
+def decoder_config(config: dict[str, Any], family: FamilySpec, where: str) -> DecoderConfig:
+    """Check a parsed config.json of `family` and keep the fields the builder uses.
+
+    Args:
+        config: the parsed config.json.
+        family: its family (see `edgepipe.arch.families.family_for`).
+        where: the file, for messages.
 
     Raises:
-        InvalidInput: missing file, unsupported family or rope scaling, missing fields.
+        InvalidInput: missing fields, a missing head_dim the family needs, rope scaling.
     """
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise InvalidInput(
-            f"{path}: config.json not found; a model folder needs config.json and "
-            "model.safetensors (or sharded *.safetensors with model.safetensors.index.json)"
-        )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"{path}: not valid JSON ({exc})") from exc
-    fam = family_for(config, str(path))
     required = (
         "vocab_size",
         "hidden_size",
@@ -201,18 +139,20 @@ def read_config(model_dir: Path | str) -> DecoderConfig:
     missing = [k for k in required if k not in config]
     if missing:
         raise InvalidInput(
-            f"{path}: missing fields {missing}", [f"{path}: {k}: missing" for k in missing]
+            f"{where}: missing fields {missing}", [f"{where}: {k}: missing" for k in missing]
         )
     heads = int(config["num_attention_heads"])
     head_dim = config.get("head_dim")
     if head_dim is None:
-        if not fam.head_dim_fallback:
-            raise InvalidInput(f"{path}: head_dim: missing ({fam.name} needs it in config.json)")
+        if not family.head_dim_fallback:
+            raise InvalidInput(
+                f"{where}: head_dim: missing ({family.name} needs it in config.json)"
+            )
         head_dim = int(config["hidden_size"]) // heads
     eos = config.get("eos_token_id")
     eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     return DecoderConfig(
-        family=fam,
+        family=family,
         vocab_size=int(config["vocab_size"]),
         hidden_size=int(config["hidden_size"]),
         num_hidden_layers=int(config["num_hidden_layers"]),
@@ -221,7 +161,7 @@ def read_config(model_dir: Path | str) -> DecoderConfig:
         head_dim=int(head_dim),
         intermediate_size=int(config["intermediate_size"]),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope(config, str(path)),
+        rope_theta=_rope(config, where),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
         bos_token_id=config.get("bos_token_id"),

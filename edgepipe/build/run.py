@@ -109,21 +109,7 @@ class BuildPlan:
         """The `edgepipe.stages.quantize.plan.QuantPlan` of this build (None: nothing quantized)."""
         from edgepipe.stages.quantize.plan import QuantPlan
 
-        r = self.resolved
-        # The schema lets the FIRST matching override win, QuantPlan the LAST: reverse.
-        overrides = [(o.pattern, o.weights, o.block_size) for o in reversed(r.overrides)]
-        plan = QuantPlan.from_precision(
-            r.weights,
-            method=r.method,
-            block_size=r.block_size or 32,
-            symmetric=r.symmetric,
-            accuracy_level=r.accuracy_level,
-            embedding=r.embedding,
-            lm_head=r.lm_head,
-            exclude=list(r.exclude),
-            overrides=overrides,
-            has_calibration_text=self.recipe.calibration is not None,
-        )
+        plan = QuantPlan.from_resolved(self.resolved)
         return plan if plan.is_quantized else None
 
     def supported_here(self) -> str | None:
@@ -200,7 +186,7 @@ def plan_builds(
             recipe = _with_precision(recipe, precision)
         try:
             profile = (
-                recipe._profile(entry.profile)
+                recipe.profile(entry.profile)
                 if entry.profile in recipe.targets
                 else schema.load_profile(entry.profile)
             )
@@ -290,7 +276,7 @@ def _export(
         report(f"{step} {done}/{total}")
 
     kwargs = {}
-    if quant is not None and any(spec.method == "gptq" for spec in quant.specs()):
+    if quant is not None and quant.needs_calibration:
         kwargs["calibration_ids"] = _calibration_ids(plan, model_dir)
     result = build_decoder(
         model_dir,
@@ -428,7 +414,7 @@ def build_code_hash(roots: tuple[str, ...] = EXPORT_ROOTS) -> str:
 
 
 def _calibration_hash(plan: BuildPlan, quant) -> str | None:
-    if quant is None or not any(spec.method == "gptq" for spec in quant.specs()):
+    if quant is None or not quant.needs_calibration:
         return None
     return content_hash(plan.recipe.calibration.read())
 

@@ -1,5 +1,9 @@
 """Recipes and device profiles: pydantic models, YAML loading, and problem reports.
 
+Modules: `recipe` (what to build), `profile` (where it runs), `precision` (THE precision
+resolver), `loading` (YAML files → models, every problem at once), `common` (shared pieces),
+`shipped` (the recipes and profiles that ship with edgepipe).
+
 A *recipe* (recipes/*.yaml) says what to build; a *device profile* (device_profiles/*.yaml)
 says where it runs. Both forbid unknown keys. The loaders report every problem at once as
 `file: field.path: message` and raise `edgepipe.errors.InvalidInput`; closed sets list their
@@ -12,6 +16,7 @@ allowed values. Later stages never merge precision settings by hand:
         plan = recipe.precision_for(profile)
 """
 
+from edgepipe.schema.common import QUANTIZED, FieldProblems
 from edgepipe.schema.loading import (
     file_kind,
     load_profile,
@@ -20,23 +25,26 @@ from edgepipe.schema.loading import (
     shipped_recipes,
     validate_files,
 )
-from edgepipe.schema.models import (
-    FALLBACK_PRESETS,
-    PROVIDER_PACKAGES,
-    QUANTIZED,
-    ContextSize,
-    DecoderLayout,
-    DeviceProfile,
-    FieldProblems,
-    Generation,
-    HubSource,
+from edgepipe.schema.precision import (
     Override,
     PartialPrecision,
     PrecisionPlan,
-    PresetSource,
-    QnnOptions,
-    Recipe,
     ResolvedPrecision,
+    resolve_precision,
+)
+from edgepipe.schema.profile import (
+    PROVIDER_PACKAGES,
+    ContextSize,
+    DecoderLayout,
+    DeviceProfile,
+    QnnOptions,
+)
+from edgepipe.schema.recipe import (
+    COMMIT_SHA,
+    Generation,
+    HubSource,
+    PresetSource,
+    Recipe,
     Sampling,
     Source,
     TextSample,
@@ -45,7 +53,7 @@ from edgepipe.schema.models import (
 )
 
 __all__ = [
-    "FALLBACK_PRESETS",
+    "COMMIT_SHA",
     "PROVIDER_PACKAGES",
     "QUANTIZED",
     "ContextSize",
@@ -69,6 +77,7 @@ __all__ = [
     "load_profile",
     "load_recipe",
     "preset_names",
+    "resolve_precision",
     "shipped_profiles",
     "shipped_recipes",
     "validate_files",

@@ -20,7 +20,9 @@ from pydantic import BaseModel, ValidationError
 
 from edgepipe.errors import InvalidInput
 from edgepipe.schema import shipped as resources
-from edgepipe.schema.models import DeviceProfile, FieldProblems, Recipe, _resolve_precision
+from edgepipe.schema.common import FieldProblems
+from edgepipe.schema.profile import DeviceProfile
+from edgepipe.schema.recipe import Recipe
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -171,23 +173,24 @@ def _recipe_problems(
         return None, problems
     profiles = dict(profiles or {})
     known = {**dict.fromkeys(resources.profile_files()), **profiles}
-    context = {"base_dir": path.parent, "profiles": known}
+    context = {"base_dir": path.parent, "profiles": known, "path": path}
     try:
         recipe = Recipe.model_validate(data, context=context)
     except ValidationError as exc:
         return None, _format_errors(where, Recipe, exc)
-    recipe._path = path
-    recipe._profiles.update({t: profiles[t] for t in recipe.targets if t in profiles})
     problems = _check_file_name(where, recipe.name, path)
     fields: list[tuple[str, str]] = []
+    loaded: dict[str, DeviceProfile] = {}
     for i, target in enumerate(recipe.targets):
         try:
-            profile = recipe._profile(target)
+            profile = profiles.get(target) or load_profile(_target_ref(path, target))
         except InvalidInput as exc:
             fields.append((f"targets[{i}]", f"profile {target!r} does not load: "
                            f"{exc.problems[0]} (run: edgepipe validate {target})"))  # fmt: skip
             continue
-        fields += _resolve_precision(recipe, profile)[1]
+        loaded[target] = profile
+        fields += recipe.precision_problems(profile)[1]
+    recipe.use_profiles(loaded)
     source = recipe.source
     if source.path is not None and not (source.path / "config.json").is_file():
         fields.append(("source.path", f"{source.path} holds no config.json (a Hugging Face "
@@ -201,6 +204,11 @@ def _recipe_problems(
                        "thinking_budget"))  # fmt: skip
     problems += [f"{where}: {f}: {m}" for f, m in fields]
     return recipe, list(dict.fromkeys(problems))
+
+
+def _target_ref(recipe_path: Path, target: str) -> str | Path:
+    # A target is a profile name, or a profile file relative to the recipe's folder.
+    return recipe_path.parent / target if resources.looks_like_path(target) else target
 
 
 def _read_config(folder: Path) -> dict | None:

@@ -25,7 +25,8 @@ YAML_SUFFIXES = (".yaml", ".yml")
 BUILTIN_TEXT_FILES = ("prose", "code", "cjk")
 BUILTIN_TEXTS = (*BUILTIN_TEXT_FILES, "mixed")
 
-_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # edgepipe/
+#: The edgepipe package folder; shipped files sit beside it (checkout) or inside it (wheel).
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def shipped_dir(kind: str) -> Path:
@@ -40,10 +41,10 @@ def shipped_dir(kind: str) -> Path:
     """
     if kind not in (RECIPES, PROFILES):
         raise ValueError(f"kind must be {RECIPES!r} or {PROFILES!r}, got {kind!r}")
-    checkout = _PACKAGE_DIR.parent
+    checkout = PACKAGE_DIR.parent
     if (checkout / "pyproject.toml").is_file() and (checkout / kind).is_dir():
         return checkout / kind
-    return _PACKAGE_DIR / "_shipped" / kind
+    return PACKAGE_DIR / "_shipped" / kind
 
 
 def _yaml_files(folder: Path) -> dict[str, Path]:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from edgepipe.arch.spec import DecoderConfig, check_weights, expected_shapes, read_config
+from edgepipe.arch.families import read_config
+from edgepipe.arch.spec import DecoderConfig, check_weights, expected_shapes
 from edgepipe.errors import InvalidInput
 from edgepipe.formats.onnx_writer import MS_DOMAIN, GraphWriter, ir_dtype, save_model, tensor_input
 from edgepipe.formats.safetensors import SafetensorsModel, read_tensor
@@ -437,12 +438,6 @@ class _DecoderBuilder:
         )
 
 
-def _needs_calibration(quant: QuantPlan) -> bool:
-    from edgepipe.stages.quantize.plan import gptq_needs_calibration
-
-    return gptq_needs_calibration(quant)
-
-
 def _checked_inputs(
     model_dir: Path, activation_dtype: str, quant: QuantPlan | None, context_length: int | None
 ) -> tuple[DecoderConfig, SafetensorsModel, int]:
@@ -470,7 +465,7 @@ def _checked_inputs(
 
 def _calibration_ids(quant: QuantPlan | None, ids: np.ndarray | None) -> np.ndarray | None:
     """The calibration tokens the export runs: None unless `quant` uses a calibrated method."""
-    if quant is None or not _needs_calibration(quant):
+    if quant is None or not quant.needs_calibration:
         return None
     if ids is None:
         raise InvalidInput(

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from edgepipe.arch.spec import DecoderConfig, check_weights, expected_shapes, read_config
+from edgepipe.arch.families import read_config
+from edgepipe.arch.spec import DecoderConfig, check_weights, expected_shapes
 from edgepipe.errors import InvalidInput
 from edgepipe.formats.onnx_writer import GraphWriter, save_model, tensor_input
 from edgepipe.formats.safetensors import SafetensorsModel

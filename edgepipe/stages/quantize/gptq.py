@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgepipe.errors import BuildFailed
-from edgepipe.stages.quantize.plan import QuantizedWeight, QuantSpec, from_codes, padded_nk
+from edgepipe.stages.quantize.blocks import QuantizedWeight, QuantSpec, from_codes, padded_nk
 
 #: Dampening added to H's diagonal, as a fraction of its mean diagonal.
 DAMP = 0.01
@@ -54,7 +54,7 @@ def _lower_triangular_inverse(lower: np.ndarray) -> np.ndarray:
     return out
 
 
-def _inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
+def inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
     """Upper Cholesky factor U of `(H + damp·mean(diag H)·I)⁻¹` (so `H⁻¹ = UᵀU`).
 
     With J the order-reversing permutation, `chol(J H J) = J U⁻¹ J`, so one Cholesky and one
@@ -121,7 +121,7 @@ def quantize_gptq(
     # curvature so H stays invertible; their weights are quantized as rtn would.
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    u = _inverse_cholesky_upper(h, damp).astype(np.float32)
+    u = inverse_cholesky_upper(h, damp).astype(np.float32)
 
     nb = kp // bs
     codes = np.empty((n, kp), dtype=np.uint8)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgepipe.stages.quantize.plan import QuantizedWeight, QuantSpec, from_codes, padded_nk
+from edgepipe.stages.quantize.blocks import QuantizedWeight, QuantSpec, from_codes, padded_nk
 
 # Defaults from the HQQ paper's weight-only setting.
 LP_NORM = 0.7

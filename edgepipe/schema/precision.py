@@ -1,0 +1,236 @@
+"""THE precision resolver: a recipe's precision plan × a device profile → `ResolvedPrecision`.
+
+Every stage takes the precision of a build from here (`Recipe.precision_for(profile)`, which
+calls `resolve_precision`); the quantizer consumes the result as is
+(`edgepipe.stages.quantize.plan.QuantPlan.from_resolved`). Nothing else merges precision
+fields. Merge order, per field: the profile's entry in the recipe (`precision.profiles.<name>`),
+then the recipe's plan, then the profile's defaults. For one weight, `exclude` wins, then the
+FIRST matching override (docs/contracts.md).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from pydantic import ConfigDict, Field
+
+from edgepipe.schema.common import QUANTIZED, BlockSize, Method, Precision, SidePrecision, Strict
+from edgepipe.schema.profile import DeviceProfile
+
+# The kernels a quantized embedding / lm_head needs in a dynamic graph.
+_SIDE_KERNELS = {
+    "embedding": "com.microsoft::GatherBlockQuantized",
+    "lm_head": "com.microsoft::MatMulNBits",
+}
+
+
+class Override(Strict):
+    """Weights whose name matches `pattern` (fnmatch) use another precision or block size."""
+
+    pattern: str
+    weights: Precision
+    block_size: BlockSize | None = None
+
+
+class PartialPrecision(Strict):
+    """Precision fields a profile entry may override; absent fields keep the recipe's value."""
+
+    weights: Precision | None = None
+    method: Method | None = None
+    block_size: BlockSize | None = None
+    symmetric: bool | None = None
+    accuracy_level: int | None = Field(None, ge=0, le=4)
+    embedding: SidePrecision | None = None
+    lm_head: SidePrecision | None = None
+    exclude: list[str] | None = None
+    overrides: list[Override] | None = None
+
+
+class PrecisionPlan(PartialPrecision):
+    """The recipe's precision plan. Absent fields fall back to the target profile's defaults.
+
+    `profiles` maps a target name to fields that replace these for that target (lists are
+    replaced, not extended). `block_size` here applies to dynamic (MatMulNBits) targets only;
+    a static target keeps its profile's per-channel scales unless its own entry sets one, and
+    a recipe-wide `method: gptq` means rtn on a static target (its calibration text tunes the
+    activation scales instead).
+    """
+
+    method: Method = "rtn"
+    embedding: SidePrecision = "same"
+    lm_head: SidePrecision = "same"
+    exclude: list[str] = Field(default_factory=list)
+    overrides: list[Override] = Field(default_factory=list)
+    profiles: dict[str, PartialPrecision] = Field(default_factory=dict)
+
+
+class ResolvedPrecision(Strict):
+    """The precision plan for one recipe × profile, with every default filled in.
+
+    `block_size` is None only for static graphs, meaning one scale per output channel.
+    `embedding` and `lm_head` never hold "same".
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: str
+    weights: Precision
+    method: Method
+    block_size: int | None
+    symmetric: bool
+    accuracy_level: int
+    embedding: Precision
+    lm_head: Precision
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = ()
+
+    def for_weight(self, name: str) -> tuple[Precision, int | None] | None:
+        """Precision and block size for one body weight, or None when it stays unquantized.
+
+        Args:
+            name: the weight's name in the source checkpoint, e.g.
+                `model.layers.0.mlp.down_proj.weight`.
+
+        `exclude` wins over `overrides`; the first matching override wins. The embedding and
+        lm_head are chosen by the exporter from `embedding` / `lm_head`, not here.
+        """
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+            return None
+        for rule in self.overrides:
+            if fnmatch.fnmatchcase(name, rule.pattern):
+                return rule.weights, rule.block_size or self.block_size
+        return self.weights, self.block_size
+
+
+def resolve_precision(
+    plan: PrecisionPlan, profile: DeviceProfile, *, has_calibration: bool
+) -> tuple[ResolvedPrecision, list[tuple[str, str]]]:
+    """Merge a recipe's precision plan for one profile, and check that the result fits it.
+
+    Args:
+        plan: the recipe's `precision` block.
+        profile: the target profile.
+        has_calibration: whether the recipe has calibration text.
+
+    Returns:
+        The resolved precision, and every problem as `(field path, message)` (empty when the
+        plan fits the profile). Field paths point at the recipe section that chose the value.
+    """
+    resolved = _merge(plan, profile)
+    return resolved, _problems(plan, profile, resolved, has_calibration)
+
+
+def _merge(plan: PrecisionPlan, profile: DeviceProfile) -> ResolvedPrecision:
+    part = plan.profiles.get(profile.name) or PartialPrecision()
+    dynamic = profile.graph_variant == "dynamic"
+
+    def pick(field: str, default: Any) -> Any:
+        for value in (getattr(part, field), getattr(plan, field)):
+            if value is not None:
+                return value
+        return default
+
+    weights = pick("weights", profile.default_precision)
+    if dynamic:
+        block_size = pick("block_size", profile.default_block_size)
+        method = pick("method", "rtn")
+    else:
+        # A static graph keeps its profile's scales (per-channel) unless its own entry says
+        # otherwise: the recipe-wide block_size is a MatMulNBits setting.
+        block_size = part.block_size or profile.default_block_size
+        # A recipe-wide gptq tunes MatMulNBits weights; a static target rounds to nearest (its
+        # calibration text tunes the activation scales) unless its own entry says otherwise.
+        method = part.method or ("rtn" if plan.method == "gptq" else pick("method", "rtn"))
+    return ResolvedPrecision(
+        profile=profile.name,
+        weights=weights,
+        method=method,
+        block_size=block_size,
+        symmetric=pick("symmetric", profile.default_symmetric),
+        accuracy_level=pick("accuracy_level", profile.accuracy_level),
+        embedding=_side(pick("embedding", "same"), "embedding", weights, profile),
+        lm_head=_side(pick("lm_head", "same"), "lm_head", weights, profile),
+        exclude=tuple(pick("exclude", [])),
+        overrides=tuple(pick("overrides", [])),
+    )
+
+
+def _side(value: str, field: str, weights: str, profile: DeviceProfile) -> str:
+    # "same" follows the body weights only where the profile has a kernel for a quantized
+    # embedding / lm_head; elsewhere it stays at the activation dtype.
+    if value != "same":
+        return value
+    dynamic = profile.graph_variant == "dynamic"
+    if not dynamic and field == "embedding" and weights == "int4":
+        # A static graph's token table has one scale (Gather keeps its input's scale), and
+        # 4-bit codes with one scale for the whole table lose it (tiny-qwen2 w4a16: logits
+        # cosine 0.52 with an int4 table, see benchmarks/static_htp.py): "same" is int8.
+        return "int8"
+    if weights in QUANTIZED and (not dynamic or profile.accepts_op(_SIDE_KERNELS[field])):
+        return weights
+    return "fp16" if profile.activation_dtype == "float16" else "fp32"
+
+
+def _problems(
+    plan: PrecisionPlan,
+    profile: DeviceProfile,
+    resolved: ResolvedPrecision,
+    has_calibration: bool,
+) -> list[tuple[str, str]]:
+    key = f"precision.profiles.{profile.name}" if profile.name in plan.profiles else "precision"
+    dynamic = profile.graph_variant == "dynamic"
+    accepted = profile.weight_precisions
+    refused = f"is not accepted by profile {profile.name} ({', '.join(accepted)})"
+    problems = [
+        (f"{key}.{f}", f"{getattr(resolved, f)} {refused}")
+        for f in ("weights", "embedding", "lm_head")
+        if getattr(resolved, f) not in accepted
+    ]
+    problems += [
+        (f"{key}.overrides[{i}].weights", f"{rule.weights} {refused}")
+        for i, rule in enumerate(resolved.overrides)
+        if rule.weights not in accepted
+    ]
+    if dynamic and resolved.weights in QUANTIZED and resolved.block_size is None:
+        problems.append((f"{key}.block_size", "MatMulNBits needs a block size (16..256)"))
+    problems += _method_problems(key, profile, resolved)
+    if not dynamic and resolved.exclude:
+        message = (
+            f"{profile.name} runs quantized weights only (the HTP has no float MatMul in a "
+            "QDQ graph); use an override with int8 instead"
+        )
+        problems.append((f"{key}.exclude", message))
+    if not has_calibration and (resolved.method == "gptq" or not dynamic):
+        why = "method gptq" if dynamic else f"the static QDQ graph of {profile.name}"
+        message = (
+            f"{why} needs calibration text; add calibration: {{builtin: mixed}} (or {{file: ...}})"
+        )
+        problems.append(("calibration", message))
+    return problems
+
+
+def _method_problems(
+    key: str, profile: DeviceProfile, resolved: ResolvedPrecision
+) -> list[tuple[str, str]]:
+    dynamic = profile.graph_variant == "dynamic"
+    if resolved.method == "hqq" and (resolved.weights != "int4" or not dynamic):
+        message = (
+            "hqq makes int4 weights with float zero points, which only MatMulNBits takes; "
+            f"use rtn or gptq for {profile.name}"
+        )
+        return [(f"{key}.method", message)]
+    if resolved.method == "hqq" and resolved.symmetric:
+        message = (
+            "hqq optimizes a zero point per block, so it is asymmetric only; set symmetric: "
+            "false or use method rtn/gptq"
+        )
+        return [(f"{key}.symmetric", message)]
+    if not dynamic and resolved.method == "gptq":
+        # Only a profile entry can ask for it: a recipe-wide gptq resolves to rtn here.
+        message = (
+            f"static QDQ weights of {profile.name} are rounded to nearest (rtn); the "
+            "calibration text tunes the activation scales"
+        )
+        return [(f"{key}.method", message)]
+    return []
