@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgepipe.arch.tokenizer import build_qwen_tokenizer
 from edgepipe.build.cache import StageCache, build_code_hash, content_hash
 from edgepipe.build.plan import BuildPlan
 from edgepipe.errors import InvalidInput
@@ -122,8 +123,6 @@ def model_facts(plan: BuildPlan, folder: Path) -> tuple[str, int]:
 
 def _text_ids(plan: BuildPlan, which: str, family: str, vocab_size: int, limit: int) -> list[int]:
     """The recipe's `which` text (`evaluation` or `calibration`) as at most `limit` token ids."""
-    from edgepipe.arch.tokenizer import build_qwen_tokenizer
-
     sample = getattr(plan.recipe, which)
     tokens = build_qwen_tokenizer(family).encode(sample.read(), add_special_tokens=False)
     ids = tokens.ids[: min(sample.max_tokens, limit)]
