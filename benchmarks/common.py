@@ -239,17 +239,19 @@ def write_json(path: Path, data) -> None:
 
 
 # `edgepipe build`'s export + quantize stage for one profile, in a child process: the recipe
-# is resolved by edgepipe.build.run exactly as `edgepipe build RECIPE -p PROFILE` resolves it.
+# is resolved by edgepipe.build.plan exactly as `edgepipe build RECIPE -p PROFILE` resolves it.
 _EDGEPIPE_BUILD_CHILD = """
 import json, sys
 from edgepipe.stages.export.dynamic import build_decoder
-from edgepipe.build.run import build_code_hash, plan_builds
+from edgepipe.build.cache import build_code_hash
+from edgepipe.build.dynamic import EXPORT_ROOTS
+from edgepipe.build.plan import plan_builds
 (plan,) = plan_builds([sys.argv[1]], [sys.argv[2]])
 quant = plan.quant_plan()
 result = build_decoder(sys.argv[3], sys.argv[4], activation_dtype=plan.activation_dtype,
                        quant=quant, all_logits=False)
 specs = sorted({f"{s.bits}/{s.block_size}/{s.symmetric}/{s.accuracy_level}" for s in quant.specs()})
-print(json.dumps({"code_hash": build_code_hash(), "bytes_written": result.bytes_written,
+print(json.dumps({"code_hash": build_code_hash(EXPORT_ROOTS), "bytes_written": result.bytes_written,
                   "quant": specs}))
 """
 
@@ -297,7 +299,7 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
         model_dir: the source folder (`source_model`).
         cache: the benchmark cache; artifacts go to `builds/NAME/KIND/`, records beside.
         rebuild: build even when a record exists. An edgepipe record is also stale when the
-            export code changed (`edgepipe.build.run.build_code_hash`).
+            export code changed (`edgepipe.build.cache.build_code_hash`).
 
     Returns:
         `artifact`, `artifact_bytes` (model.onnx + data), `wall_s`, `peak_rss_mib`, load.
@@ -307,9 +309,10 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
     record_path = folder / f"{kind}.json"
     code_hash = None
     if kind == "edgepipe":
-        from edgepipe.build.run import build_code_hash
+        from edgepipe.build.cache import build_code_hash
+        from edgepipe.build.dynamic import EXPORT_ROOTS
 
-        code_hash = build_code_hash()
+        code_hash = build_code_hash(EXPORT_ROOTS)
     if record_path.is_file() and out.is_dir() and not rebuild:
         record = json.loads(record_path.read_text())
         if record.get("code_hash") == code_hash and record.get("rc") == 0:

@@ -15,7 +15,6 @@ from edgepipe.stages.package import (
     package_artifact,
     update_genai_config,
 )
-from edgepipe.stages.source import as_plain
 from tests.fixtures.toy import build_toy_artifact
 
 
@@ -26,8 +25,8 @@ def packaged(tmp_path_factory, qwen3_tokenizer_dir):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (folder / name).unlink()
     (folder / "generation_config.json").unlink()
-    recipe = as_plain(load_recipe("tiny-qwen3"))
-    profile = as_plain(load_profile("cpu-x64"))
+    recipe = load_recipe("tiny-qwen3").model_dump(mode="json")
+    profile = load_profile("cpu-x64").model_dump(mode="json")
     manifest = package_artifact(
         folder,
         recipe=recipe,
@@ -93,11 +92,19 @@ def test_generation_defaults_reach_both_configs(packaged):
     assert search["past_present_share_buffer"] is True  # the export's own keys stay
 
 
-def test_runtime_generates_from_the_packaged_artifact(packaged):
+def test_runtime_runs_the_packaged_artifact_like_the_unpackaged_model(
+    packaged, tmp_path, qwen3_tokenizer_dir
+):
     from edgepipe.runtime import Generator
 
-    result = Generator(packaged[0]).generate("Hello", max_new_tokens=4, temperature=0)
-    assert len(result.token_ids) == 4
+    # Packaging rewrote the tokenizer files and the configs: the runtime must still encode,
+    # decode and stop exactly as with the model's own files.
+    unpackaged = build_toy_artifact(tmp_path / "toy", qwen3_tokenizer_dir)
+    params = {"max_new_tokens": 4, "do_sample": False}
+    ours = Generator(packaged[0]).generate("Hello", **params)
+    theirs = Generator(unpackaged).generate("Hello", **params)
+    assert ours.prompt_token_ids == theirs.prompt_token_ids
+    assert (ours.token_ids, ours.text) == (theirs.token_ids, theirs.text)
 
 
 def test_zero_temperature_means_greedy():

@@ -14,13 +14,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import yaml
 
-from edgepipe.build.cache import ENTRY_FILE, StageCache, sha256_file
+from edgepipe.build.cache import ENTRY_FILE, StageCache, export_modules, sha256_file
+from edgepipe.build.dynamic import EXPORT_ROOTS
+from edgepipe.build.plan import plan_builds
 from edgepipe.build.publish import OLD_PREFIX, TMP_PREFIX, publish
-from edgepipe.build.run import BuildOptions, build_all, export_modules, plan_builds
+from edgepipe.build.run import BuildOptions, build_all
 from edgepipe.cli.main import main
 from edgepipe.runtime.artifact import load_artifact
 from edgepipe.schema import shipped as resources
@@ -104,27 +108,64 @@ def test_int4_artifact_is_smaller_than_fp32(built):
 
 
 @pytest.mark.parametrize(("recipe", "precision"), BUILDS)
-def test_onnxruntime_genai_loads_and_generates(built, recipe, precision):
+def test_onnxruntime_genai_generates_the_same_greedy_tokens_as_edgepipe_runtime(
+    built, recipe, precision
+):
     import onnxruntime_genai as og
+
+    from edgepipe.runtime import Generator
 
     folder = built[(recipe, precision)].artifact
     model = og.Model(folder)
-    tokenizer = og.Tokenizer(model)
+    prompt = [int(t) for t in og.Tokenizer(model).encode("Hello, world")]
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=24)
+    params.set_search_options(do_sample=False, max_length=24, repetition_penalty=1.0)
     generator = og.Generator(model, params)
-    generator.append_tokens(tokenizer.encode("Hello, world"))
+    generator.append_tokens(prompt)
     while not generator.is_done():
         generator.generate_next_token()
-    assert len(generator.get_sequence(0)) > 3
+    genai_tokens = [int(t) for t in generator.get_sequence(0)][len(prompt) :]
+
+    # The same greedy search in edgepipe.runtime, stopping where genai stops.
+    genai_config = json.loads((Path(folder) / "genai_config.json").read_text())
+    eos = genai_config["model"]["eos_token_id"]
+    ours = Generator(folder).generate(
+        prompt,
+        max_new_tokens=24 - len(prompt),
+        do_sample=False,
+        repetition_penalty=1.0,
+        stop_token_ids=eos if isinstance(eos, list) else [eos],
+    )
+    assert genai_tokens and ours.token_ids == genai_tokens
 
 
-def test_edgepipe_runtime_runs_the_artifact(built):
+def _greedy_without_kv_cache(model: Path, prompt: list[int], steps: int) -> list[int]:
+    """Greedy tokens from the artifact's graph run on the whole sequence at every step, with an
+    empty past: what the runtime's KV-cache decoding must reproduce."""
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    ids = list(prompt)
+    for _ in range(steps):
+        feeds = {
+            "input_ids": np.array([ids], np.int64),
+            "attention_mask": np.ones((1, len(ids)), np.int64),
+        }
+        for past in session.get_inputs():
+            if past.name.startswith("past_key_values."):
+                dtype = np.float16 if past.type == "tensor(float16)" else np.float32
+                feeds[past.name] = np.zeros((1, past.shape[1], 0, past.shape[3]), dtype)
+        logits = session.run(["logits"], feeds)[0]
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_edgepipe_runtime_decodes_the_artifact_like_a_full_recompute(built):
     from edgepipe.runtime import Generator
 
-    generator = Generator(built[("tiny-qwen3", "int4")].artifact, verify_checksums=True)
-    result = generator.generate("Hello", max_new_tokens=5, temperature=0)
-    assert len(result.token_ids) == 5
+    folder = Path(built[("tiny-qwen3", "int4")].artifact)
+    generator = Generator(folder, verify_checksums=True)
+    result = generator.generate("Hello", max_new_tokens=5, do_sample=False, stop_token_ids=[])
+    expected = _greedy_without_kv_cache(folder / "model.onnx", result.prompt_token_ids, 5)
+    assert result.token_ids == expected
 
 
 @pytest.mark.slow
@@ -146,6 +187,16 @@ def test_unchanged_recipe_reuses_the_cached_export(built, build_cache, tmp_path)
     assert again.cached
     first = Path(built[("tiny-qwen2", "fp32")].artifact)
     assert _model_bytes(Path(again.artifact)) == _model_bytes(first)
+
+
+def test_no_cache_neither_reuses_nor_stores_an_export(built, build_cache, tmp_path, capsys):
+    entries = sorted(p.name for p in (build_cache / "export").iterdir())
+    argv = ["build", "tiny-qwen2", "-p", "cpu-x64", "--precision", "fp32", "-o", str(tmp_path)]
+    assert main([*argv, "--cache-dir", str(build_cache), "--no-cache", "--json"]) == 0
+    (build,) = json.loads(capsys.readouterr().out)["builds"]
+    assert build["status"] == "built" and build["cached"] is False  # the entry exists: not read
+    assert sorted(p.name for p in (build_cache / "export").iterdir()) == entries  # nor written
+    assert load_artifact(Path(build["artifact"])).manifest["export"]["cached"] is False
 
 
 def test_corrupted_cache_entry_is_detected_and_rebuilt(built, build_cache, tmp_path):
@@ -170,10 +221,15 @@ def test_corrupted_cache_entry_is_detected_and_rebuilt(built, build_cache, tmp_p
 def test_without_transformers_validation_uses_the_unquantized_export(
     built, build_cache, tmp_path, monkeypatch
 ):
-    import edgepipe.build.run as pipeline
+    import importlib.util
 
     # What `pip install 'edgepipe[build]'` (no torch, no transformers) gets.
-    monkeypatch.setattr(pipeline, "importlib_available", lambda module: False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("torch", "transformers") else real(name, *a),
+    )
     plans = plan_builds(["tiny-qwen3"], ["cpu-x64"], "int4")
     (result,) = build_all(plans, BuildOptions(tmp_path, "int4", build_cache))
     assert result.status == "built", result.error
@@ -221,17 +277,9 @@ def test_failing_build_on_a_cached_export_says_where_the_entry_is(tmp_path):
     assert f"export reused from the stage cache: {cache / 'export'}" in second.error
 
 
-@pytest.mark.slow
-def test_killed_build_leaves_previous_artifact_and_next_build_succeeds(built, tmp_path):
-    out = tmp_path / "dist"
-    final = out / "tiny-qwen2" / "cpu-x64"
-    publish_src = tmp_path / "previous"
-    import shutil
-
-    shutil.copytree(built[("tiny-qwen2", "fp32")].artifact, publish_src)
-    publish(publish_src, final)
-    before = {p.name: sha256_file(p) for p in final.iterdir()}
-
+def _signal_cli_build(out: Path, sig: int, after: float = 0.0) -> int:
+    """Start `python -m edgepipe build tiny-qwen2 -p cpu-x64 --no-cache` into `out`, send it
+    `sig` `after` seconds once its temp folder appears, and return its exit status."""
     argv = [sys.executable, "-m", "edgepipe", "build", "tiny-qwen2", "-p", "cpu-x64"]
     argv += ["-o", str(out), "--no-cache", "--json"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -244,11 +292,27 @@ def test_killed_build_leaves_previous_artifact_and_next_build_succeeds(built, tm
             assert child.poll() is None, "the build ended before its temp folder appeared"
             assert time.monotonic() < deadline, "no temp folder appeared"
             time.sleep(0.05)
-        time.sleep(0.5)  # let it write part of the export
-        child.send_signal(signal.SIGKILL)
+        time.sleep(after)
+        child.send_signal(sig)
     finally:
         child.wait(timeout=60)
-    assert child.returncode == -signal.SIGKILL
+    return child.returncode
+
+
+@pytest.mark.slow
+def test_killed_build_leaves_previous_artifact_and_next_build_succeeds(built, tmp_path):
+    out = tmp_path / "dist"
+    final = out / "tiny-qwen2" / "cpu-x64"
+    publish_src = tmp_path / "previous"
+    import shutil
+
+    shutil.copytree(built[("tiny-qwen2", "fp32")].artifact, publish_src)
+    publish(publish_src, final)
+    before = {p.name: sha256_file(p) for p in final.iterdir()}
+
+    # Half a second in: the export has written part of its files.
+    returncode = _signal_cli_build(out, signal.SIGKILL, after=0.5)
+    assert returncode == -signal.SIGKILL
     leftovers = list(out.glob(f"{TMP_PREFIX}*"))
     assert leftovers  # what a killed build leaves: only its temp folder...
     assert {p.name: sha256_file(p) for p in final.iterdir()} == before  # ...old artifact intact
@@ -424,14 +488,11 @@ def test_shard_builds_only_its_slice():
 
 
 def test_export_cache_key_covers_the_code_the_export_imports():
-    names = {path.relative_to(path.parents[1]).as_posix() for path in export_modules()}
-    assert {
-        "export/dynamic.py",
-        "arch/presets.py",
-        "quantize/plan.py",
-        "formats/safetensors.py",
-    } <= names
-    assert "build/run.py" not in names and "validate/dynamic.py" not in names
+    package = REPO / "edgepipe"
+    files = {path.relative_to(package).as_posix() for path in export_modules(EXPORT_ROOTS)}
+    exporter = {"stages/export/dynamic.py", "stages/quantize/plan.py", "formats/safetensors.py"}
+    assert exporter | {"arch/presets.py"} <= files
+    assert not {"build/run.py", "build/dynamic.py", "stages/validate/dynamic.py"} & files
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -452,23 +513,9 @@ def test_parallel_jobs_build_every_pair(built, build_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_removes_the_temp_folder_on_the_way_out(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
+def test_an_interrupted_build_exits_130_and_removes_its_temp_folder(tmp_path, sig):
     out = tmp_path / "dist"
-    argv = [sys.executable, "-m", "edgepipe", "build", "tiny-qwen2", "-p", "cpu-x64"]
-    argv += ["-o", str(out), "--no-cache", "--json"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen(
-        argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob(f"{TMP_PREFIX}*")):
-            assert child.poll() is None, "the build ended before its temp folder appeared"
-            assert time.monotonic() < deadline, "no temp folder appeared"
-            time.sleep(0.05)
-        child.send_signal(signal.SIGTERM)
-    finally:
-        child.wait(timeout=60)
-    assert child.returncode == 130  # the CLI's exit code for an interrupted build
+    assert _signal_cli_build(out, sig) == 130  # the CLI's exit code for an interrupted build
     assert not list(out.glob(f"{TMP_PREFIX}*"))
     assert not (out / "tiny-qwen2").exists()

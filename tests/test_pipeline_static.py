@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from edgepipe.build.cache import sha256_file
-from edgepipe.build.run import BuildOptions, build_all, plan_builds
+from edgepipe.build.plan import plan_builds
+from edgepipe.build.run import BuildOptions, build_all
 from edgepipe.cli.main import main
 from edgepipe.runtime import Generator
 from edgepipe.runtime.artifact import load_artifact
@@ -63,7 +64,10 @@ def check_artifact(report: dict, recipe: str) -> None:
     assert len(result.token_ids) == 2
 
 
+# Both CLI builds take minutes (real vocabulary, simulated HTP): slow, like every full build.
+# Under `-m "not slow"` the static pipeline is still built end to end by `small_static_build`.
 @needs_qnn
+@pytest.mark.slow
 def test_tiny_qwen3_builds_for_qnn_htp_from_the_command_line(tmp_path):
     report, _ = cli_build("recipes/tiny-qwen3.yaml", tmp_path)
     check_artifact(report, "tiny-qwen3")

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch  # noqa: F401  (the test extra installs it: fail, don't skip, when it's broken)
+import transformers  # noqa: F401
 
 from edgepipe.stages.validate.reference import transformers_greedy, transformers_logits
 from edgepipe.stages.validate.runner import DecoderRunner
-
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
 
 IDS = [1, 17, 993, 40, 5, 123, 7, 300, 2, 64]
 

@@ -34,11 +34,13 @@ def test_run_streams_the_greedy_text(toy, capsys):
     assert capsys.readouterr().out == expected.text + "\n"
 
 
-def test_run_json_prints_result_and_metrics(toy, capsys):
-    code = run_cli(["run", str(toy), "Hello", "--max-new-tokens", "5", "--json"])
+def test_run_json_prints_the_python_apis_result_and_metrics(toy, capsys):
+    code = run_cli(["run", str(toy), "Hello", "--max-new-tokens", "5", "--greedy", "--json"])
     data = json.loads(capsys.readouterr().out)
+    expected = Generator(toy).generate("Hello", max_new_tokens=5, do_sample=False)
     assert code == 0
-    assert len(data["token_ids"]) <= 5
+    assert data["prompt_token_ids"] == expected.prompt_token_ids
+    assert data["token_ids"] == expected.token_ids and data["text"] == expected.text
     assert {"time_to_first_token_s", "decode_tokens_per_s", "kv_bytes"} <= set(data["metrics"])
 
 

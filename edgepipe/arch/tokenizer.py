@@ -21,14 +21,21 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 import tokenizers
 
+# The special-token ids are defined once in `tokens`; kept importable from here, the module
+# that builds the vocabulary they belong to.
+from edgepipe.arch.tokens import END_THINK_ID as END_THINK_ID
+from edgepipe.arch.tokens import ENDOFTEXT_ID as ENDOFTEXT_ID
+from edgepipe.arch.tokens import IM_END_ID as IM_END_ID
+from edgepipe.arch.tokens import IM_START_ID as IM_START_ID
+from edgepipe.arch.tokens import THINK_ID as THINK_ID
 from edgepipe.errors import InvalidInput, require
+from edgepipe.formats.files import atomic_write_text
 
 Family = Literal["qwen2", "qwen3"]
 FAMILIES: tuple[str, ...] = ("qwen2", "qwen3")
@@ -79,11 +86,6 @@ QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = QWEN2_ADDED_TOKENS + (
     ("</think>", False),  # 151668
 )
 
-ENDOFTEXT_ID = 151643
-IM_START_ID = 151644
-IM_END_ID = 151645
-THINK_ID = 151667
-END_THINK_ID = 151668
 
 # Both official tokenizer_config.json files (Qwen2.5-Instruct, Qwen3) say 131072.
 MODEL_MAX_LENGTH = 131072
@@ -252,19 +254,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "edgepipe" / "tokenizer"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def tokenizer_json_text(family: Family = "qwen3", cache_dir: Path | None = None) -> str:
     """The Qwen `tokenizer.json` text for `family`, built once and then read from the cache.
 
@@ -292,7 +281,7 @@ def tokenizer_json_text(family: Family = "qwen3", cache_dir: Path | None = None)
     text = json.dumps(_tokenizer_json(_load_ranks(data), family), ensure_ascii=False)
     # A read-only home or a full disk only costs a rebuild next time.
     with contextlib.suppress(OSError):
-        _atomic_write_text(cache_file, text)
+        atomic_write_text(cache_file, text)
     return text
 
 
@@ -405,7 +394,7 @@ def write_tokenizer_files(
     out.mkdir(parents=True, exist_ok=True)
     config = tokenizer_config(family, eos_token)
     files = [out / "tokenizer.json", out / "tokenizer_config.json", out / "chat_template.jinja"]
-    _atomic_write_text(files[0], tokenizer_json_text(family, cache_dir))
-    _atomic_write_text(files[1], json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    _atomic_write_text(files[2], config["chat_template"])
+    atomic_write_text(files[0], tokenizer_json_text(family, cache_dir))
+    atomic_write_text(files[1], json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(files[2], config["chat_template"])
     return files

@@ -15,8 +15,11 @@ leaves an entry that looks complete.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -26,7 +29,8 @@ from pathlib import Path
 
 ENTRY_FILE = "entry.json"
 # Bump when the entry layout or key recipe changes, so old entries stop matching.
-CACHE_FORMAT = 1
+# 2: every export entry carries the source's config.json (`edgepipe.build.shared.export_step`).
+CACHE_FORMAT = 2
 
 
 def default_cache_root() -> Path:
@@ -71,6 +75,56 @@ def hash_tree(folder: Path, *, exclude: tuple[str, ...] = ()) -> dict[str, str]:
         if rel not in exclude:
             out[rel] = sha256_file(path)
     return out
+
+
+def export_modules(roots: tuple[str, ...]) -> list[Path]:
+    """Source files of `roots` and of every edgepipe module they import, transitively.
+
+    Read from the import statements (nothing is imported), so adding a module needs no list
+    to be kept.
+
+    Args:
+        roots: dotted module names, e.g. `("edgepipe.stages.export.dynamic",)`.
+    """
+    seen: dict[str, Path] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, AttributeError, ValueError):  # `from module import function`
+            continue
+        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+            continue
+        path = Path(spec.origin)
+        seen[name] = path
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                base = node.module if node.level == 0 else None
+                if base and base.startswith("edgepipe"):
+                    todo.append(base)
+                    todo.extend(f"{base}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                todo.extend(a.name for a in node.names if a.name.startswith("edgepipe"))
+    return sorted(set(seen.values()))
+
+
+@functools.cache
+def build_code_hash(roots: tuple[str, ...]) -> str:
+    """sha256 of the source code of `export_modules(roots)`, once per process: the code a
+    process runs is what it imported, even if the files are edited while it runs.
+
+    Part of the export cache keys: the version number does not change while the code does (a
+    checkout between releases, a local edit), and a stale export served from the cache would
+    be wrong silently, e.g. a preset whose random draw changed.
+    """
+    package = Path(__file__).resolve().parents[1]  # edgepipe/
+    return content_hash(
+        {path.relative_to(package).as_posix(): sha256_file(path) for path in export_modules(roots)}
+    )
 
 
 def canonical_json(value) -> bytes:

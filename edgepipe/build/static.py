@@ -1,12 +1,13 @@
 """`edgepipe build` for static (NPU) profiles such as qnn-htp, on a machine without the NPU.
 
-The stages of `edgepipe.build.run` with static parts:
+The stages of `edgepipe.build.dynamic`, with static parts:
 
-* **export**: `edgepipe.stages.export.static` writes the prefill + decode graphs twice: with quantized
-  weights (DequantizeLinear over int8/int4 codes) and in fp32 (the reference). Both cached.
-* **export (QDQ)**: `edgepipe.stages.quantize.qdq.calibrate_and_quantize` runs the recipe's calibration text
-  through the graphs and adds the activation QDQ pairs (16-bit for w8a16 / w4a16). Cached by
-  the calibration text too.
+* **export**: `edgepipe.stages.export.static` writes the prefill + decode graphs twice: with
+  quantized weights (DequantizeLinear over int8/int4 codes) and in fp32 (the reference). Both
+  cached.
+* **export (QDQ)**: `edgepipe.stages.quantize.qdq.calibrate_and_quantize` runs the recipe's
+  calibration text through the graphs and adds the activation QDQ pairs (16-bit for w8a16 /
+  w4a16). Cached by the calibration text too.
 * **optimize**: nothing is rewritten: the QNN provider compiles the QDQ graphs itself, and
   onnxruntime's CPU-side fusions would remove QDQ pairs the HTP needs.
 * **validate**: `edgepipe.stages.validate.static` compiles both graphs on the simulated HTP with CPU
@@ -21,17 +22,30 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
-from edgepipe.build.cache import ENTRY_FILE, StageCache, content_hash
+from edgepipe.build.cache import ENTRY_FILE, StageCache
+from edgepipe.build.plan import BuildPlan
+from edgepipe.build.shared import (
+    BuildResult,
+    Report,
+    StageProgress,
+    applicable_thresholds,
+    cached_step,
+    calibration_hash,
+    calibration_ids,
+    evaluation_ids,
+    export_key,
+    export_step,
+    model_facts,
+    package_build,
+)
 from edgepipe.errors import BuildFailed
 from edgepipe.stages.export.static import DECODE_FILE, PREFILL_FILE
 
 FILES = (PREFILL_FILE, DECODE_FILE)
-QNN = "QNNExecutionProvider"
 # The modules whose code decides the static export's and the QDQ stage's bytes (and what they
-# import from edgepipe, found by `edgepipe.build.run.export_modules`).
+# import from edgepipe, found by `edgepipe.build.cache.export_modules`).
 STATIC_EXPORT_ROOTS = (
     "edgepipe.stages.export.static",
     "edgepipe.stages.quantize.qdq",
@@ -39,14 +53,21 @@ STATIC_EXPORT_ROOTS = (
     "edgepipe.runtime.engines.static",
 )
 GRAPH_EXTENSIONS = (".onnx", ".data")
+QNN = "QNNExecutionProvider"
+# Why the optimize stage leaves static graphs alone (the manifest's optimization record).
+NOT_OPTIMIZED = (
+    "static QDQ graphs are compiled by the QNN provider (EPContext graphs); "
+    "onnxruntime's CPU-side fusions would remove QDQ pairs the HTP needs"
+)
 
 
-def static_supported_here(profile) -> str | None:
-    """Why a static profile cannot be built on this machine (None when it can)."""
-    if profile.provider != "QNNExecutionProvider":
+def supported_here(plan: BuildPlan) -> str | None:
+    """Why a static build cannot be made on this machine (None when it can)."""
+    profile = plan.profile
+    if profile.provider != QNN:
         return (
             f"profile {profile.name}: static graphs are built and verified for "
-            f"QNNExecutionProvider only, not {profile.provider}"
+            f"{QNN} only, not {profile.provider}"
         )
     if profile.qnn is None or profile.qnn.backend_type != "htp":
         return f"profile {profile.name}: qnn.backend_type must be htp for a static build"
@@ -58,84 +79,64 @@ def static_supported_here(profile) -> str | None:
     return None
 
 
-def _static_quant(plan):
-    from edgepipe.stages.quantize.qdq import StaticQuant
-
-    return StaticQuant.from_resolved(plan.resolved)
-
-
-def _export_key(plan, quant) -> dict:
-    from edgepipe.build.run import build_code_hash
-
-    return {
-        "source": plan.source.identity(),
-        "code": build_code_hash(STATIC_EXPORT_ROOTS),
-        "graph_variant": "static",
-        "chunk": plan.profile.prefill_chunk,
-        "kv_capacity": plan.profile.kv_capacity,
-        "quant": asdict(quant) if quant is not None else None,
-    }
+def _export_inputs(plan: BuildPlan, quant) -> dict:
+    return export_key(
+        plan,
+        quant,
+        STATIC_EXPORT_ROOTS,
+        chunk=plan.profile.prefill_chunk,
+        kv_capacity=plan.profile.kv_capacity,
+    )
 
 
-def _export(plan, quant, cache: StageCache, work: Path, name: str, report) -> tuple[Path, bool]:
+def _export(plan: BuildPlan, quant, cache: StageCache, work: Path, name: str, report: Report):
     """The static export folder for `quant` (None = fp32), from the cache or exported now."""
     from edgepipe.stages.export.static import build_static_decoder
 
-    key = cache.key("export", _export_key(plan, quant))
-    hit = cache.lookup("export", key)
-    if hit is not None:
-        report(f"{name}: reused from the stage cache")
-        return hit, True
-    model_dir = plan.source.materialize(work, report)
-    report(f"{name}: exporting the prefill and decode graphs")
-    out = work / name
-    build_static_decoder(
-        model_dir,
-        out,
-        chunk=plan.profile.prefill_chunk,
-        kv_capacity=plan.profile.kv_capacity,
-        quant=quant,
-        progress=lambda step, done, total: report(f"{name}: {step} {done}/{total}"),
-    )
-    shutil.copyfile(model_dir / "config.json", out / "config.json")
-    cache.store("export", key, out)
-    return out, False
+    def export(model_dir: Path, out: Path) -> None:
+        report(f"{name}: exporting the prefill and decode graphs")
+        build_static_decoder(
+            model_dir,
+            out,
+            chunk=plan.profile.prefill_chunk,
+            kv_capacity=plan.profile.kv_capacity,
+            quant=quant,
+            progress=lambda step, done, total: report(f"{name}: {step} {done}/{total}"),
+        )
+
+    inputs = _export_inputs(plan, quant)
+    return export_step(plan, cache, inputs, work / name, export, report, label=name)
 
 
-def _qdq(plan, quant, export_dir: Path, cache: StageCache, work: Path, report) -> tuple[Path, dict]:
-    """The calibrated QDQ graphs (cached by the export key and the calibration text)."""
-    from edgepipe.build.run import _calibration_ids
+def _qdq(plan: BuildPlan, quant, export_dir: Path, cache: StageCache, work: Path, report):
+    """The calibrated QDQ graphs and their record (cached by the export key and the
+    calibration text)."""
     from edgepipe.stages.quantize.qdq import calibrate_and_quantize
 
     activation = plan.profile.qnn.activation_quantization
-    key = cache.key(
-        "qdq",
-        {
-            **_export_key(plan, quant),
-            "calibration": content_hash(plan.recipe.calibration.read()),
-            "calibration_tokens": plan.recipe.calibration.max_tokens,
-            "activation_type": activation,
-        },
-    )
-    hit = cache.lookup("qdq", key)
-    if hit is not None:
-        report("QDQ graphs reused from the stage cache")
-        return hit, json.loads((hit / "qdq.json").read_text(encoding="utf-8"))
-    config = json.loads((export_dir / "config.json").read_text(encoding="utf-8"))
-    out = work / "qdq"
-    record = calibrate_and_quantize(
-        export_dir,
-        out,
-        _calibration_ids(plan, export_dir).tolist(),
-        files=FILES,
-        num_layers=int(config["num_hidden_layers"]),
-        pad_token_id=_pad_id(export_dir),
-        activation_type=activation,
-        progress=report,
-    )
-    (out / "qdq.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    cache.store("qdq", key, out)
-    return out, record
+    inputs = {
+        **_export_inputs(plan, quant),
+        "calibration": calibration_hash(plan),
+        "calibration_tokens": plan.recipe.calibration.max_tokens,
+        "activation_type": activation,
+    }
+
+    def produce(out: Path) -> None:
+        config = json.loads((export_dir / "config.json").read_text(encoding="utf-8"))
+        record = calibrate_and_quantize(
+            export_dir,
+            out,
+            calibration_ids(plan, *model_facts(plan, export_dir)),
+            files=FILES,
+            num_layers=int(config["num_hidden_layers"]),
+            pad_token_id=_pad_id(export_dir),
+            activation_type=activation,
+            progress=report,
+        )
+        (out / "qdq.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    folder, _ = cached_step(cache, "qdq", inputs, work / "qdq", produce, report, "QDQ graphs")
+    return folder, json.loads((folder / "qdq.json").read_text(encoding="utf-8"))
 
 
 def _pad_id(folder: Path) -> int:
@@ -154,84 +155,51 @@ def _assemble(export_dir: Path, qdq_dir: Path, artifact: Path) -> None:
             shutil.copy2(path, artifact / path.name)
 
 
-def build_static_into(plan, options, tmp: Path, result, stages, start: float) -> None:
-    """`edgepipe.build.run._build_into` for a static profile (same stages, same result fields)."""
-    from edgepipe.build.run import _applicable_thresholds, _evaluation_ids, package_build
-    from edgepipe.stages.validate.graph_check import check_graph
+def _validate(
+    plan: BuildPlan, artifact: Path, export_dir: Path, reference_dir: Path, stages
+) -> tuple[dict, dict]:
+    """The validate stage: the profile's op/dtype check of both graphs, then the simulated HTP
+    against the fp32 graphs.
+
+    Returns:
+        (validation report, provider-check record).
+
+    Raises:
+        BuildFailed: the op/dtype check failed.
+    """
+    from edgepipe.stages.validate.graph_check import check_graph, provider_status
     from edgepipe.stages.validate.static import validate_static
 
-    cache = StageCache(options.cache_dir, enabled=options.use_cache)
-    work = tmp / "work"
-    work.mkdir()
-    stages("source", plan.source.kind)
-    quant = _static_quant(plan)
-    stages("export")
-    report = stages.sub("export")
-    export_dir, result.cached = _export(plan, quant, cache, work, "export", report)
-    reference_dir, _ = _export(plan, None, cache, work, "reference", report)
-    qdq_dir, qdq_record = _qdq(plan, quant, export_dir, cache, work, report)
-
-    config = json.loads((export_dir / "config.json").read_text(encoding="utf-8"))
-    family = plan.recipe.resolve_family(config)
-    vocab = int(config["vocab_size"])
-
-    stages("optimize")
-    artifact = tmp / "artifact"
-    _assemble(export_dir, qdq_dir, artifact)
-    optimization = {
-        "level": plan.profile.optimization_level,
-        "provider": plan.profile.provider,
-        "applied": False,
-        "reason": (
-            "static QDQ graphs are compiled by the QNN provider (EPContext graphs); "
-            "onnxruntime's CPU-side fusions would remove QDQ pairs the HTP needs"
-        ),
-    }
-
-    stages("validate")
     # The profile's op set and dtypes first: cheap, and names an op the HTP compile would
     # only report as a failed partition.
     checks = {name: check_graph(artifact / name, plan.profile) for name in FILES}
-    static_failures = [f"{name}: {f}" for name, c in checks.items() for f in c["failures"]]
-    if static_failures:
-        raise BuildFailed(f"{plan.name}: static check failed: " + "; ".join(static_failures))
+    failures = [f"{name}: {f}" for name, c in checks.items() for f in c["failures"]]
+    if failures:
+        raise BuildFailed(f"{plan.name}: static check failed: " + "; ".join(failures))
+    config = json.loads((export_dir / "config.json").read_text(encoding="utf-8"))
     validation = validate_static(
         artifact,
         reference_dir,
-        _evaluation_ids(plan, family, vocab),
+        evaluation_ids(plan, *model_facts(plan, export_dir)),
         files=FILES,
         num_layers=int(config["num_hidden_layers"]),
         pad_token_id=_pad_id(export_dir),
         provider_options=plan.profile.session_provider_options(),
-        thresholds=_applicable_thresholds(plan),
+        thresholds=applicable_thresholds(plan),
         progress=stages.sub("validate"),
     )
     validation["static_checks"] = {"passed": True, "graphs": checks}
-    provider_check = {
-        "provider": plan.profile.provider,
-        "architecture": plan.profile.architecture,
-        "ran_on": {"provider": f"{QNN} ({plan.profile.qnn.backend_type}, simulated)"},
-        "provider_run": True,
-        "note": (
-            f"{plan.profile.provider} ran here with its {plan.profile.qnn.backend_type} backend "
-            "in simulation (onnxruntime-qnn on x86-64): every node was placed on the HTP with "
-            "CPU fallback disabled and its logits were checked. No Snapdragon device ran, so "
-            "the build records no device timings."
-        ),
-    }
-    validation["provider_run"] = True
-    validation["provider_note"] = provider_check["note"]
-    result.validation = validation
-    result.quality = validation["quality"]
-    if not validation["passed"]:
-        raise BuildFailed(
-            f"{plan.name}: validation failed on the simulated HTP against the fp32 reference: "
-            + "; ".join(validation["failures"])
-        )
+    # Validation compiled every node for the HTP with CPU fallback disabled: the provider ran.
+    provider = provider_status(plan.profile, QNN, simulated_backend=plan.profile.qnn.backend_type)
+    validation["provider_run"] = provider["provider_run"]
+    validation["provider_note"] = provider["note"]
+    return validation, provider
 
-    stages("package")
+
+def _static_section(plan: BuildPlan, quant, qdq_record: dict, validation: dict) -> dict:
+    """The manifest's `static` section (see docs/contracts.md)."""
     qnn = plan.profile.qnn
-    static = {
+    return {
         "chunk": plan.profile.prefill_chunk,
         "kv_capacity": plan.profile.kv_capacity,
         "graphs": dict(zip(("prefill", "decode"), FILES, strict=True)),
@@ -250,6 +218,56 @@ def build_static_into(plan, options, tmp: Path, result, stages, start: float) ->
             "weight_sharing": "onnx (one model.onnx.data); one context binary per graph",
         },
     }
+
+
+def build_into(
+    plan: BuildPlan,
+    cache: StageCache,
+    tmp: Path,
+    result: BuildResult,
+    stages: StageProgress,
+    start: float,
+) -> None:
+    """Run every stage of a static build inside `tmp`, leaving the artifact in `tmp/artifact`
+    (the same stages and result fields as `edgepipe.build.dynamic.build_into`).
+
+    Raises:
+        BuildFailed: a check or a threshold failed.
+    """
+    from edgepipe.stages.quantize.qdq import StaticQuant
+
+    work = tmp / "work"
+    work.mkdir()
+    stages("source", plan.source.kind)
+    quant = StaticQuant.from_resolved(plan.resolved)
+    stages("export")
+    report = stages.sub("export")
+    export_dir, result.cached = _export(plan, quant, cache, work, "export", report)
+    reference_dir, _ = _export(plan, None, cache, work, "reference", report)
+    qdq_dir, qdq_record = _qdq(plan, quant, export_dir, cache, work, report)
+
+    stages("optimize")
+    artifact = tmp / "artifact"
+    _assemble(export_dir, qdq_dir, artifact)
+    optimization = {
+        "level": plan.profile.optimization_level,
+        "provider": plan.profile.provider,
+        "applied": False,
+        "reason": NOT_OPTIMIZED,
+    }
+
+    stages("validate")
+    validation, provider = _validate(plan, artifact, export_dir, reference_dir, stages)
+    result.validation = validation
+    result.quality = validation["quality"]
+    if not validation["passed"]:
+        raise BuildFailed(
+            f"{plan.name}: validation failed on the simulated HTP against the fp32 reference: "
+            + "; ".join(validation["failures"])
+        )
+
+    stages("package")
+    family, _ = model_facts(plan, export_dir)
     manifest = package_build(
         plan,
         artifact,
@@ -260,8 +278,8 @@ def build_static_into(plan, options, tmp: Path, result, stages, start: float) ->
             "validation": validation,
             "quality": result.quality,
             "optimization": optimization,
-            "provider_check": provider_check,
+            "provider_check": provider,
         },
-        static=static,
+        static=_static_section(plan, quant, qdq_record, validation),
     )
     result.size_bytes = manifest["size_bytes"]

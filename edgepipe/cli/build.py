@@ -63,7 +63,8 @@ def build_command(args) -> int:
     from pathlib import Path
 
     from edgepipe.build.matrix import parse_shard
-    from edgepipe.build.run import BuildOptions, exit_code, plan_builds, report_json
+    from edgepipe.build.plan import plan_builds
+    from edgepipe.build.run import BuildOptions, exit_code, report_json
     from edgepipe.errors import InvalidInput
     from edgepipe.schema import shipped as resources
 
@@ -120,7 +121,8 @@ def _run_with_progress(plans, options, jobs, *, quiet: bool):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from edgepipe.build.run import STAGES, build_all
+    from edgepipe.build.run import build_all
+    from edgepipe.build.shared import STAGES
 
     console = Console(stderr=True)
     columns = (
@@ -214,7 +216,7 @@ def matrix_command(args) -> int:
     `strategy.matrix: ${{ fromJSON(...) }}`); `--format json` lists the pairs and the shards.
     """
     from edgepipe.build.matrix import format_matrix
-    from edgepipe.build.run import matrix_entries
+    from edgepipe.build.plan import matrix_entries
     from edgepipe.errors import InvalidInput
     from edgepipe.schema import shipped as resources
 

@@ -1,8 +1,11 @@
 """The `edgepipe` command line: `main()` and the parser.
 
-Each group of subcommands is a module of this package with a `register(subparsers)` function
-(catalog: list, validate; run: run, chat, bench; build: build, matrix); those modules import
-heavy dependencies only inside their handlers, so `edgepipe run` never pays for the build side. The handler returns the process exit code.
+Each group of subcommands is a module of `edgepipe.cli` with a `register(subparsers)` function
+(catalog: list, validate; run: run, chat, bench; build: build, matrix) that registers its
+handlers through `edgepipe.cli.command.add_command`. Those modules import heavy dependencies
+and the build side only inside their handlers, so `edgepipe run` never pays for the build
+side. A handler returns the process exit code; the errors every command shares are turned
+into exit codes here (2 invalid input, 1 a failed build, 130 interrupted, 141 a closed pipe).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ COMMAND_MODULES = (catalog, run, build)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `edgepipe` argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
         prog="edgepipe",
         description="Build Qwen models into device-tuned ONNX Runtime artifacts, and run them.",
@@ -31,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `edgepipe` command line.
+
+    Args:
+        argv: the arguments after the program name (None: `sys.argv[1:]`).
+
+    Returns:
+        The process exit code.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:

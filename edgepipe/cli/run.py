@@ -1,8 +1,9 @@
 """`edgepipe run`, `edgepipe chat` and `edgepipe bench`: the runtime from the command line.
 
-Only `edgepipe.runtime` is imported, inside the handlers, so these commands never load the
-build side. Runtime errors (`GeneratorError`, bad parameter values) print `error: ...` and exit
-with code 2, like the build side's `InvalidInput`.
+Only `edgepipe.runtime` is imported, inside the handlers (plus the stdlib-only
+`edgepipe.process`), so these commands never load the build side. Runtime errors
+(`GeneratorError`, bad parameter values) print `error: ...` and exit with code 2, like the
+build side's `InvalidInput`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import sys
 import time
 
 from edgepipe.cli.command import add_command
+from edgepipe.process import peak_rss_bytes
 
 # Sampling flags shared by run and chat; any of them (without --greedy) turns sampling on.
 _SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "seed")
 
 
 def register(subparsers) -> None:
+    """Add the `run`, `chat` and `bench` subcommands."""
     run = add_command(subparsers, "run", cmd_run)
     _artifact_args(run)
     run.add_argument("prompt", help="prompt text, or - to read it from stdin")
@@ -199,16 +202,6 @@ def cmd_chat(args) -> int:
     /exit quits. The KV cache is kept between turns.
     """
     return _chat(args)
-
-
-def peak_rss_bytes() -> int | None:
-    """Peak resident memory of this process, or None where `resource` is unavailable."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
 @_guarded

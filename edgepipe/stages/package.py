@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from edgepipe.arch.tokens import CHAT_EOS_IDS, ENDOFTEXT_ID
 from edgepipe.build.cache import content_hash, hash_tree, tool_versions
 from edgepipe.errors import BuildFailed
+from edgepipe.formats.files import write_json
+from edgepipe.process import peak_rss_bytes
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -29,24 +31,6 @@ GENAI_PROVIDER_KEYS = {
     "CUDAExecutionProvider": "cuda",
     "WebGpuExecutionProvider": "webgpu",
 }
-
-# Qwen special tokens (see docs/models.md): `<|endoftext|>` pads and ends base models, `<|im_end|>`
-# ends a chat turn.
-ENDOFTEXT_ID = 151643
-IM_END_ID = 151645
-
-
-def write_json(path: Path, data) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, ensure_ascii=False, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def generation_config(generation: Mapping, eos_token_ids: list[int]) -> dict:
@@ -103,19 +87,6 @@ def update_genai_config(
     write_json(path, config)
 
 
-def _peak_rss_bytes() -> int | None:
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    import sys
-
-    scale = 1 if sys.platform == "darwin" else 1024
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(own * scale)
-
-
 def package_artifact(
     folder: Path,
     *,
@@ -140,8 +111,8 @@ def package_artifact(
         precision: the weight precision built (`fp32`, `fp16`, `int8`, `int4`).
         source: the source identity (hub id + revision, folder file hashes, preset + seed).
         reports: `validation`, `optimization`, `quality`, `export`, `provider_check` (which
-            provider and CPU architecture really ran, `edgepipe.stages.validate.graph_check`) and `fp16_guard`
-            (float16 builds) records.
+            provider and CPU architecture really ran, `edgepipe.stages.validate.graph_check`)
+            and `fp16_guard` (float16 builds) records.
         build_seconds: wall time of the build so far.
         eos_token: `<|im_end|>` for chat models, `<|endoftext|>` for base models.
         static: static (NPU) artifacts: the manifest's `static` section (chunk, kv_capacity,
@@ -156,7 +127,8 @@ def package_artifact(
     provider = profile.get("provider") or "CPUExecutionProvider"
     provider_options = dict(profile.get("provider_options") or {})
     write_tokenizer_files(folder, family, eos_token=eos_token)
-    eos_ids = [IM_END_ID, ENDOFTEXT_ID] if eos_token == "<|im_end|>" else [ENDOFTEXT_ID]
+    # `<|endoftext|>` ends base models; chat models stop at `<|im_end|>` first.
+    eos_ids = list(CHAT_EOS_IDS) if eos_token == "<|im_end|>" else [ENDOFTEXT_ID]
     write_json(folder / "generation_config.json", generation_config(generation, eos_ids))
     update_genai_config(folder, generation, provider, provider_options)
 
@@ -187,7 +159,7 @@ def package_artifact(
         "provider_check": reports.get("provider_check"),
         "fp16_guard": reports.get("fp16_guard"),
         "build_seconds": round(build_seconds, 3),
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
     }
     if static is not None:
         manifest["static"] = dict(static)

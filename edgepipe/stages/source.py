@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgepipe import schema
 from edgepipe.build.cache import hash_tree
 from edgepipe.errors import BuildFailed, InvalidInput
 
@@ -35,20 +36,9 @@ HUB_ALLOW_PATTERNS = (
 )
 
 
-def as_plain(value):
-    """A pydantic model (or nested models) as plain dicts/lists; other values unchanged."""
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    if isinstance(value, dict):
-        return {k: as_plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [as_plain(v) for v in value]
-    return value
-
-
 @dataclass
-class Source:
-    """A resolved model source.
+class ModelSource:
+    """A resolved model source (the stage; `edgepipe.schema.Source` is the recipe block).
 
     Attributes:
         kind: `hub`, `path` or `preset`.
@@ -156,20 +146,18 @@ def _download(repo_id: str, revision: str | None, progress) -> Path:
     return Path(path)
 
 
-def source_from_recipe(source, base_dir: Path | None = None) -> Source:
-    """A `Source` from the recipe's `source` block (pydantic model or dict).
+def source_from_recipe(source: schema.Source, base_dir: Path | None = None) -> ModelSource:
+    """The source stage for a recipe's `source` block.
 
-    Raises:
-        InvalidInput: none or several of hub/path/preset are set.
+    Args:
+        source: the validated block; the schema already holds exactly one of hub, path and
+            preset, so this only reads whichever is set.
+        base_dir: what a relative `path` is resolved against (the recipe's folder).
     """
-    plain = as_plain(source) or {}
-    kinds = [k for k in ("hub", "path", "preset") if plain.get(k) is not None]
-    if len(kinds) != 1:
-        raise InvalidInput(
-            f"source: exactly one of hub, path, preset must be set, got {kinds or 'none'}"
-        )
-    kind = kinds[0]
-    spec = plain[kind]
-    if kind == "path":
-        spec = {"path": spec if isinstance(spec, str) else spec.get("path")}
-    return Source(kind=kind, spec=dict(spec), base_dir=base_dir or Path.cwd())
+    base = base_dir or Path.cwd()
+    if source.hub is not None:
+        spec = {"id": source.hub.id, "revision": source.hub.revision}
+        return ModelSource("hub", spec, base)
+    if source.preset is not None:
+        return ModelSource("preset", {"name": source.preset.name, "seed": source.preset.seed}, base)
+    return ModelSource("path", {"path": str(source.path)}, base)

@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from edgepipe.arch.spec import DecoderConfig
+from edgepipe.arch.tokens import CHAT_EOS_IDS, ENDOFTEXT_ID
 
 FILE = "genai_config.json"
 # Qwen's end tokens: <|im_end|> ends a chat turn, <|endoftext|> ends a document.
-QWEN_EOS = [151645, 151643]
-QWEN_BOS = 151643
-QWEN_PAD = 151643
+QWEN_EOS = list(CHAT_EOS_IDS)
+QWEN_BOS = ENDOFTEXT_ID
+QWEN_PAD = ENDOFTEXT_ID
 
 
 def genai_config(

@@ -132,12 +132,14 @@ def this_machine() -> str:
     return _MACHINES.get(raw, raw)
 
 
-def provider_status(profile, used_provider: str) -> dict:
+def provider_status(profile, used_provider: str, simulated_backend: str | None = None) -> dict:
     """Whether the profile's provider, on its CPU architecture, is what validation ran.
 
     Args:
         profile: the `DeviceProfile` built for.
         used_provider: the provider validation's session actually used.
+        simulated_backend: the provider's backend ran in simulation (QNN's HTP on x86-64):
+            named in `ran_on` and explained in the note.
 
     Returns:
         `provider`, `architecture` (the profile's), `ran_on` (provider and this machine),
@@ -161,10 +163,19 @@ def provider_status(profile, used_provider: str) -> dict:
             f"The graph ran on {used_provider} here for the quality checks, and its ops and "
             f"dtypes were checked statically against the profile."
         )
+    ran_on = used_provider
+    if ran and simulated_backend is not None:
+        ran_on = f"{used_provider} ({simulated_backend}, simulated)"
+        note = (
+            f"{profile.provider} ran here with its {simulated_backend} backend in simulation "
+            f"(onnxruntime-qnn on {machine}): every node was placed on the HTP with CPU fallback "
+            "disabled and its logits were checked. No Snapdragon device ran, so the build "
+            "records no device timings."
+        )
     return {
         "provider": profile.provider,
         "architecture": profile.architecture,
-        "ran_on": {"provider": used_provider, "machine": machine},
+        "ran_on": {"provider": ran_on, "machine": machine},
         "provider_run": ran,
         "note": note,
     }
