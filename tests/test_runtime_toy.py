@@ -24,7 +24,9 @@ LAYERS = 2
 CONTEXT = 256
 
 
-def build_toy_artifact(folder: Path, tokenizer_dir: Path, *, seed: int = 0, fp16: bool = False):
+def build_toy_artifact(
+    folder: Path, tokenizer_dir: Path, *, seed: int = 0, fp16: bool = False, context: int = CONTEXT
+):
     """Write a toy decoder artifact into `folder` (tokenizer files copied from tokenizer_dir)."""
     import onnx
     from onnx import TensorProto as T
@@ -40,7 +42,7 @@ def build_toy_artifact(folder: Path, tokenizer_dir: Path, *, seed: int = 0, fp16
         return numpy_helper.from_array(np.asarray(array), name)
 
     inv = 1.0 / (1e4 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM))
-    angles = np.outer(np.arange(CONTEXT), inv)
+    angles = np.outer(np.arange(context), inv)
     inits = [
         init("embed", rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32)),
         init("wq", (rng.standard_normal((HIDDEN, HEADS * HEAD_DIM)) * 0.5).astype(np.float32)),
@@ -131,7 +133,7 @@ def build_toy_artifact(folder: Path, tokenizer_dir: Path, *, seed: int = 0, fp16
     config = {
         "model": {
             "type": "qwen3",
-            "context_length": CONTEXT,
+            "context_length": context,
             "vocab_size": VOCAB,
             "bos_token_id": 151643,
             "eos_token_id": [151645, 151643],
@@ -157,7 +159,7 @@ def build_toy_artifact(folder: Path, tokenizer_dir: Path, *, seed: int = 0, fp16
                 },
             },
         },
-        "search": {"max_length": CONTEXT, "do_sample": False, "past_present_share_buffer": True},
+        "search": {"max_length": context, "do_sample": False, "past_present_share_buffer": True},
     }
     (folder / "genai_config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(

@@ -25,6 +25,7 @@ import numpy as np
 
 from edgepipe.runtime.artifact import CPU_PROVIDER, Artifact, load_artifact
 from edgepipe.runtime.chat import ChatTemplate, split_thinking
+from edgepipe.runtime.constrain import engine_for, take_constraint
 from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter, TokenBytes
 from edgepipe.runtime.errors import (
     ArtifactError,
@@ -131,6 +132,7 @@ class _Row:
     forced: list[int] = field(default_factory=list)
     thinking: bool = False
     thinking_tokens: int = 0
+    constraint: object | None = None  # a constrain.LogitsConstraint
 
 
 @dataclass
@@ -322,13 +324,17 @@ class Generator:
                 (drop the oldest tokens).
             **params: `SamplingParams` fields (max_new_tokens, do_sample, temperature, top_k,
                 top_p, min_p, repetition_penalty, seed, stop_token_ids, stop_strings); unset
-                ones come from the artifact's generation_config.json.
+                ones come from the artifact's generation_config.json. Or one constraint
+                (`edgepipe.runtime.constrain`, needs `pip install 'edgepipe[constrained]'`):
+                `json_schema=` (dict or JSON text), `json_object=True`, `regex=` or
+                `choices=[...]`; it is checked before generation starts.
 
         Returns:
             A `GenerationResult`, or a list of them for a batch.
         """
         batch, single = self._prompts(prompt)
-        rows = self._run(batch, params, truncate=truncate)
+        constraint = self._constraint(params)
+        rows = self._run(batch, params, truncate=truncate, constraint=constraint)
         return rows[0] if single else rows
 
     def stream(self, prompt, *, truncate: str = "error", **params) -> Stream:
@@ -340,7 +346,8 @@ class Generator:
         batch, single = self._prompts(prompt)
         if not single:
             raise ValueError("stream() takes one prompt; use generate() for batches")
-        return self._stream(batch, params, truncate=truncate)
+        constraint = self._constraint(params)
+        return self._stream(batch, params, truncate=truncate, constraint=constraint)
 
     def render_chat(
         self,
@@ -422,6 +429,16 @@ class Generator:
             split=lambda text: split_thinking(text, started=started),
         )
 
+    def _constraint(self, params: dict):
+        """Pop constraint keywords from `params`: a per-row constraint factory, or None."""
+        art = self.artifact
+        return take_constraint(
+            params,
+            lambda: engine_for(
+                self.tokenizer, art.tokenizer_path, art.vocab_size, art.eos_token_ids
+            ),
+        )
+
     async def agenerate(self, prompt, **kwargs):
         """`generate()` in a worker thread, for apps with an event loop."""
         import asyncio  # here, not at module level: it costs ~40 ms of import time
@@ -491,12 +508,27 @@ class Generator:
             close_ids=self.encode("</think>\n\n"),
         )
 
-    def _stream(self, batch, params, *, truncate, thinking=None, chat_session=None, split=None):
+    def _stream(
+        self,
+        batch,
+        params,
+        *,
+        truncate,
+        thinking=None,
+        chat_session=None,
+        split=None,
+        constraint=None,
+    ):
         holder: list[Stream] = []
 
         def pieces() -> Iterator[str]:
             results = yield from self._run_iter(
-                batch, params, truncate=truncate, thinking=thinking, chat_session=chat_session
+                batch,
+                params,
+                truncate=truncate,
+                thinking=thinking,
+                chat_session=chat_session,
+                constraint=constraint,
             )
             result = results[0]
             if split is not None:
@@ -508,9 +540,14 @@ class Generator:
         holder.append(stream)
         return stream
 
-    def _run(self, batch, params, *, truncate, thinking=None, chat_session=None):
+    def _run(self, batch, params, *, truncate, thinking=None, chat_session=None, constraint=None):
         iterator = self._run_iter(
-            batch, params, truncate=truncate, thinking=thinking, chat_session=chat_session
+            batch,
+            params,
+            truncate=truncate,
+            thinking=thinking,
+            chat_session=chat_session,
+            constraint=constraint,
         )
         while True:
             try:
@@ -533,7 +570,9 @@ class Generator:
             f"generated token; shorten it, pass truncate='left', or raise max_length"
         )
 
-    def _run_iter(self, batch, params, *, truncate, thinking=None, chat_session=None):
+    def _run_iter(
+        self, batch, params, *, truncate, thinking=None, chat_session=None, constraint=None
+    ):
         """Generator: yields text pieces of row 0; returns the list of GenerationResults."""
         if truncate not in TRUNCATE_MODES:
             raise ValueError(f"truncate must be one of {TRUNCATE_MODES}, got {truncate!r}")
@@ -548,6 +587,7 @@ class Generator:
                 detok=IncrementalDetokenizer(self.tokenizer, self._token_bytes),
                 stops=StopStringFilter(p.stop_strings),
                 thinking=bool(thinking and thinking.started),
+                constraint=constraint() if constraint is not None else None,
             )
             for ids in batch
         ]
@@ -622,7 +662,12 @@ class Generator:
             row.thinking = False
             row.forced = list(thinking.close_ids)
             return row.forced.pop(0)
+        if row.constraint is not None:
+            logits = np.array(logits, dtype=np.float32)
+            row.constraint.mask(logits)
         token = sampler.pick(logits, lambda: row.prompt + row.out)
+        if row.constraint is not None:
+            row.constraint.advance(token)
         if thinking is not None:
             if token == thinking.open_id and not row.out:
                 row.thinking = True
@@ -646,8 +691,10 @@ class Generator:
         piece = row.stops.push(row.detok.add(token))
         if row.stops.stopped:
             row.done, row.finish_reason = True, "stop_string"
-        elif last:
+        elif last or (row.constraint is not None and row.constraint.is_done()):
             row.done = True
+            if row.constraint is not None and row.constraint.is_done():
+                row.finish_reason = "stop"  # the constrained text is complete
             piece += row.stops.push(row.detok.flush()) + row.stops.flush()
         row.pieces.append(piece)
         return piece
