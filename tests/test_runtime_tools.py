@@ -195,3 +195,140 @@ def test_prepare_messages_parses_string_arguments_and_tool_call_objects():
     assert out[0]["tool_calls"][0]["function"] == {"name": "f", "arguments": {"x": 1}}
     assert out[1]["tool_calls"][0]["function"]["arguments"] == {"y": 2}
     assert messages[1]["tool_calls"][0]["function"]["arguments"] == '{"y": 2}'  # not mutated
+
+
+# --- Generator.chat with tools (toy artifacts with each family's template) ---------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+SEARCH_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "search",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "maxLength": 16},
+                "tags": {"type": "array", "items": {"enum": ["news", "web"]}, "maxItems": 2},
+            },
+            "required": ["query"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOLS = [WEATHER_TOOL, SEARCH_TOOL]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+SAMPLED = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+@pytest.fixture(scope="module")
+def generators(flat_toy_dirs):
+    from edgepipe.runtime import Generator
+
+    return {family: Generator(folder) for family, folder in flat_toy_dirs.items()}
+
+
+def assert_valid_calls(result, allowed=("get_weather", "search")):
+    jsonschema = pytest.importorskip("jsonschema")
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    assert result.tool_calls and result.tool_call_errors == []
+    for call in result.tool_calls:
+        assert call.name in allowed
+        jsonschema.validate(call.arguments, schemas[call.name])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_required_tool_choice_yields_calls_whose_arguments_fit_the_schema(generators, family):
+    pytest.importorskip("llguidance")
+    gen = generators[family]
+    for seed in range(8):
+        result = gen.chat(
+            ASK, tools=TOOLS, tool_choice="required", seed=seed, max_new_tokens=160, **SAMPLED
+        )
+        assert_valid_calls(result)
+        assert result.text == "" and result.finish_reason == "stop"
+
+
+def test_named_tool_choice_forces_one_call_of_that_tool(generators):
+    pytest.importorskip("llguidance")
+    choice = {"type": "function", "function": {"name": "search"}}
+    for seed in range(4):
+        result = generators["qwen3"].chat(
+            ASK, tools=TOOLS, tool_choice=choice, seed=seed, max_new_tokens=120, **SAMPLED
+        )
+        assert_valid_calls(result, allowed=("search",))
+        assert len(result.tool_calls) == 1
+
+
+def test_streamed_required_call_yields_tool_calls_not_markup(generators):
+    pytest.importorskip("llguidance")
+    stream = generators["qwen2"].chat_stream(
+        ASK, tools=TOOLS, tool_choice="required", seed=1, max_new_tokens=160, **SAMPLED
+    )
+    events = list(stream)
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    assert calls and calls == stream.result.tool_calls
+    assert not any(isinstance(e, str) and "tool_call" in e for e in events)
+
+
+def test_a_call_and_its_result_continue_the_conversation(generators):
+    pytest.importorskip("llguidance")
+    gen = generators["qwen3"]
+    first = gen.chat(ASK, tools=TOOLS, tool_choice="required", max_new_tokens=160)
+    history = ASK + [
+        {"role": "assistant", "content": first.text, "tool_calls": first.tool_calls},
+        {"role": "tool", "content": '{"temp": 21}'},
+    ]
+    prompt = gen.render_chat(history, tools=TOOLS, enable_thinking=False)
+    call = first.tool_calls[0]
+    assert f'{{"name": "{call.name}", "arguments": {json.dumps(call.arguments)}}}' in prompt
+    assert '<tool_response>\n{"temp": 21}\n</tool_response>' in prompt
+    again = gen.chat(history, tools=TOOLS, max_new_tokens=8, enable_thinking=False)
+    assert again.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_render_chat_shows_the_tools_prompt(generators, family):
+    gen = generators[family]
+    prompt = gen.render_chat(ASK, tools=TOOLS)
+    assert prompt == gen.chat_template.render(ASK, tools=TOOLS)
+    assert "# Tools" in prompt and json.dumps(WEATHER_TOOL, ensure_ascii=False) in prompt
+
+
+def test_auto_parses_nothing_from_gibberish_and_none_keeps_text(generators):
+    gen = generators["qwen2"]
+    auto = gen.chat(ASK, tools=TOOLS, max_new_tokens=12, seed=0, **SAMPLED)
+    assert auto.tool_calls == [] and "<tool_call>" not in auto.text
+    none = gen.chat(ASK, tools=TOOLS, tool_choice="none", max_new_tokens=12, seed=0, **SAMPLED)
+    assert none.tool_calls == [] and none.token_ids == auto.token_ids
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tools": [{"type": "function", "function": {}}]}, "tools[0] has no name"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice must be one of"),
+        ({"tools": TOOLS, "tool_choice": "required", "enable_thinking": True}, "cannot think"),
+        ({"tools": TOOLS, "tool_choice": "required", "regex": "a"}, "cannot be combined"),
+    ],
+)
+def test_bad_tool_requests_fail_before_generation(generators, monkeypatch, kwargs, message):
+    gen = generators["qwen3"]
+    monkeypatch.setattr(gen._engine, "begin", lambda *a, **k: pytest.fail("generation started"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        gen.chat(ASK, **kwargs)

@@ -25,7 +25,7 @@ import numpy as np
 
 from edgepipe.runtime.artifact import CPU_PROVIDER, Artifact, load_artifact
 from edgepipe.runtime.chat import ChatTemplate, split_thinking
-from edgepipe.runtime.constrain import engine_for, take_constraint
+from edgepipe.runtime.constrain import engine_for, take_constraint, tool_call_grammar
 from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter, TokenBytes
 from edgepipe.runtime.errors import (
     ArtifactError,
@@ -40,6 +40,12 @@ from edgepipe.runtime.sampling import (
     SamplingParams,
     merge_params,
     params_from_generation_config,
+)
+from edgepipe.runtime.tools import (
+    ToolStream,
+    check_tool_choice,
+    check_tools,
+    prepare_messages,
 )
 
 # Where a provider comes from, for the error when it is missing (a manifest's profile.package wins).
@@ -105,6 +111,8 @@ class GenerationResult:
         metrics: timings of the call (shared by the rows of a batch).
         prompt_token_ids: the prompt as fed (after any left truncation).
         thinking: Qwen3 thinking text from `chat()`, None when there was none.
+        tool_calls: the calls parsed from a `chat(tools=...)` reply (`tools.ToolCall`).
+        tool_call_errors: malformed `<tool_call>` blocks, left in `text`.
     """
 
     text: str
@@ -113,6 +121,8 @@ class GenerationResult:
     metrics: Metrics
     prompt_token_ids: list[int] = field(default_factory=list)
     thinking: str | None = None
+    tool_calls: list = field(default_factory=list)
+    tool_call_errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -355,10 +365,14 @@ class Generator:
         *,
         enable_thinking: bool | None = None,
         add_generation_prompt: bool = True,
+        tools: Sequence[Mapping] | None = None,
     ) -> str:
-        """The prompt text for `messages`, rendered with the artifact's chat template."""
+        """The prompt text for `messages` (and `tools`), rendered with the artifact's template."""
         return self.chat_template.render(
-            messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
+            prepare_messages(messages),
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            tools=check_tools(tools),
         )
 
     @property
@@ -380,25 +394,38 @@ class Generator:
         enable_thinking: bool | None = None,
         thinking_budget: int | None = None,
         truncate: str = "error",
+        tools: Sequence[Mapping] | None = None,
+        tool_choice="auto",
         **params,
     ) -> GenerationResult:
         """Answer a conversation.
 
         Args:
-            messages: `{"role": "system"|"user"|"assistant"|"tool", "content": str}` dicts.
-            enable_thinking: Qwen3 thinking on/off (None: the template's default, on).
+            messages: `{"role": "system"|"user"|"assistant"|"tool", "content": str}` dicts;
+                assistant messages may carry `tool_calls`, `tool` messages are their results.
+            enable_thinking: Qwen3 thinking on/off (None: the template's default, on; off when
+                the reply is constrained).
             thinking_budget: at most this many thinking tokens; then `</think>\\n\\n` is
                 inserted and the model answers.
-            truncate, **params: as for `generate()`.
+            tools: function definitions (OpenAI's shape), rendered by the chat template.
+            tool_choice: "auto" (calls are parsed into `result.tool_calls`), "none" (tools are
+                still rendered, as OpenAI does, but nothing is parsed: the reply is text),
+                "required" (the reply is forced to be one or more valid calls) or
+                `{"type": "function", "function": {"name": ...}}` (one call of that tool);
+                forced calls' arguments satisfy the tool's `parameters` schema.
+            truncate, **params: as for `generate()` (constraints included).
 
         Returns:
-            A result whose `text` is the answer and `thinking` the thinking text (or None).
+            A result whose `text` is the answer, `thinking` the thinking text (or None) and
+            `tool_calls` the parsed calls.
         """
         stream = self.chat_stream(
             messages,
             enable_thinking=enable_thinking,
             thinking_budget=thinking_budget,
             truncate=truncate,
+            tools=tools,
+            tool_choice=tool_choice,
             **params,
         )
         for _ in stream:
@@ -413,30 +440,56 @@ class Generator:
         thinking_budget: int | None = None,
         truncate: str = "error",
         _session=None,
+        tools: Sequence[Mapping] | None = None,
+        tool_choice="auto",
         **params,
     ) -> Stream:
-        """Like `chat()`, streaming the raw reply (thinking tags included) as it is decoded."""
-        prompt = self.render_chat(messages, enable_thinking=enable_thinking)
+        """Like `chat()`, streaming the raw reply (thinking tags included) as it is decoded.
+
+        With tools (and tool_choice not "none") it yields text deltas and complete
+        `tools.ToolCall`s instead, never `<tool_call>` markup.
+        """
+        tools = check_tools(tools)
+        choice = check_tool_choice(tool_choice, tools) if tools else None
+        constraint = self._constraint(params, tools, choice)
+        if constraint is not None and self.chat_template.supports_thinking:
+            if enable_thinking:
+                raise ValueError("a constrained reply cannot think: pass enable_thinking=False")
+            enable_thinking = False
+        prompt = self.render_chat(messages, enable_thinking=enable_thinking, tools=tools)
         ids = self.encode(prompt)
         thinking = self._thinking_plan(prompt, enable_thinking, thinking_budget)
         started = thinking.started if thinking else self._opens_thinking(prompt)
-        return self._stream(
+        split = lambda text: split_thinking(text, started=started)  # noqa: E731
+        stream = self._stream(
             [ids],
             params,
             truncate=truncate,
             thinking=thinking,
             chat_session=_session,
-            split=lambda text: split_thinking(text, started=started),
+            split=split,
+            constraint=constraint,
         )
+        if choice is None or choice == "none":
+            return stream
+        return ToolStream(stream, thinking=started, split=split)
 
-    def _constraint(self, params: dict):
+    def _constraint(self, params: dict, tools=(), choice=None):
         """Pop constraint keywords from `params`: a per-row constraint factory, or None."""
+        forced = None
+        if choice not in (None, "auto", "none"):
+            token = self.tokenizer.token_to_id
+            name = None if choice == "required" else choice
+            forced = tool_call_grammar(
+                tools, token("<tool_call>"), token("</tool_call>"), name=name
+            )
         art = self.artifact
         return take_constraint(
             params,
             lambda: engine_for(
                 self.tokenizer, art.tokenizer_path, art.vocab_size, art.eos_token_ids
             ),
+            forced,
         )
 
     async def agenerate(self, prompt, **kwargs):
