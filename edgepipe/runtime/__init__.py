@@ -6,16 +6,21 @@
     for piece in gen.stream("Tell me a story"):
         print(piece, end="", flush=True)
     reply = gen.chat([{"role": "user", "content": "Hi"}], enable_thinking=False)
+    person = gen.generate("Name a person as JSON:", json_schema=schema)  # edgepipe[constrained]
+    reply = gen.chat(messages, tools=tools)  # reply.tool_calls: [ToolCall(id, name, arguments)]
 
 Importing this package loads none of torch, transformers, onnx or the build side; onnxruntime and
-tokenizers are imported when a `Generator` is created.
+tokenizers are imported when a `Generator` is created; llguidance only when a constraint is asked
+for.
 """
 
 from edgepipe.runtime.artifact import Artifact, load_artifact
 from edgepipe.runtime.chat import ChatTemplate, split_thinking
 from edgepipe.runtime.errors import (
     ArtifactError,
+    ConstraintUnavailable,
     GeneratorError,
+    InvalidConstraint,
     KVCacheFull,
     PromptTooLong,
     ProviderUnavailable,
@@ -24,15 +29,18 @@ from edgepipe.runtime.errors import (
 from edgepipe.runtime.generator import GenerationResult, Generator, Metrics, Stream
 from edgepipe.runtime.sampling import SamplingParams
 from edgepipe.runtime.session import ChatSession
+from edgepipe.runtime.tools import ToolCall, parse_tool_calls
 
 __all__ = [
     "Artifact",
     "ArtifactError",
     "ChatSession",
     "ChatTemplate",
+    "ConstraintUnavailable",
     "GenerationResult",
     "Generator",
     "GeneratorError",
+    "InvalidConstraint",
     "KVCacheFull",
     "Metrics",
     "PromptTooLong",
@@ -40,6 +48,8 @@ __all__ = [
     "SamplingParams",
     "Stream",
     "TemplateRefused",
+    "ToolCall",
     "load_artifact",
+    "parse_tool_calls",
     "split_thinking",
 ]

@@ -3,8 +3,9 @@
 The template is rendered with jinja2's `ImmutableSandboxedEnvironment`: a template shipped inside
 an artifact is data from wherever the artifact came from, and the sandbox stops it from reaching
 Python internals. `raise_exception` is provided as transformers does, so a template's refusal
-(edgepipe's templates refuse `tools=`) surfaces as `TemplateRefused` (a `GeneratorError` and a
-`ValueError`) with its message.
+surfaces as `TemplateRefused` (a `GeneratorError` and a `ValueError`) with its message, and so is
+transformers' `tojson` filter (jinja2's own sorts keys and escapes HTML, which would change how
+tools and call arguments are rendered).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from edgepipe.runtime.errors import TemplateRefused
+from edgepipe.runtime.tools import tojson
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -40,6 +42,7 @@ class ChatTemplate:
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
         env.globals["raise_exception"] = _raise
+        env.filters["tojson"] = tojson
         self.source = source
         self._template = env.from_string(source)
         # Qwen3 templates know `enable_thinking`; Qwen2.5 ones ignore it.
@@ -51,8 +54,12 @@ class ChatTemplate:
         *,
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
+        tools: Sequence[Mapping] | None = None,
     ) -> str:
         """Render `messages` (each with `role` and `content`) to the prompt text.
+
+        An assistant message that carries `tool_calls` may have no content (None). `tools`
+        (function definitions) are passed to the template when given.
 
         Raises:
             ValueError: a message without a known role or string content.
@@ -63,10 +70,13 @@ class ChatTemplate:
             role = message.get("role") if isinstance(message, Mapping) else None
             if role not in ROLES:
                 raise ValueError(f"messages[{i}].role must be one of {ROLES}, got {role!r}")
-            if not isinstance(message.get("content"), str):
+            content = message.get("content")
+            if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
                 raise ValueError(f"messages[{i}].content must be a string")
             checked.append(dict(message))
         variables = {"messages": checked, "add_generation_prompt": add_generation_prompt}
+        if tools:
+            variables["tools"] = list(tools)
         if enable_thinking is not None:
             variables["enable_thinking"] = enable_thinking
         return self._template.render(**variables)

@@ -47,7 +47,21 @@ class KVCacheFull(GeneratorError):
 
 
 class TemplateRefused(GeneratorError, ValueError):
-    """The chat template called `raise_exception(...)` (e.g. for unsupported tools).
+    """The chat template called `raise_exception(...)` (e.g. for a message it cannot render).
 
     Also a `ValueError`, as it was before it joined `GeneratorError`.
+    """
+
+
+class ConstraintUnavailable(GeneratorError, ImportError):
+    """Constrained decoding was asked for but llguidance is not installed.
+
+    Also an `ImportError`: the message has the `pip install` that fixes it.
+    """
+
+
+class InvalidConstraint(GeneratorError, ValueError):
+    """A schema, regex or choice list that cannot constrain generation (found before it starts).
+
+    Also a `ValueError`, as a bad argument.
     """

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgepipe.runtime.artifact import Artifact, load_artifact
 from edgepipe.runtime.chat import ChatTemplate, split_thinking
+from edgepipe.runtime.constrain import constraint_for
 from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter, TokenBytes
 from edgepipe.runtime.engines import CacheStore, Engine, open_engine
 from edgepipe.runtime.engines.kv import position_limit
@@ -27,6 +28,7 @@ from edgepipe.runtime.sampling import (
     merge_params,
     params_from_generation_config,
 )
+from edgepipe.runtime.tools import ToolStream, check_tool_choice, check_tools, prepare_messages
 
 TRUNCATE_MODES = ("error", "left")
 
@@ -70,11 +72,13 @@ class GenerationResult:
         text: generated text (special tokens skipped; cut before a stop string). For `chat()`
             with thinking, the answer only.
         token_ids: generated ids (a stop token that ended generation included).
-        finish_reason: "stop" (stop token), "stop_string", or "length" (max_new_tokens or the
-            KV/context limit).
+        finish_reason: "stop" (stop token, or a constraint's text complete), "stop_string", or
+            "length" (max_new_tokens or the KV/context limit).
         metrics: timings of the call (shared by the rows of a batch).
         prompt_token_ids: the prompt as fed (after any left truncation).
         thinking: Qwen3 thinking text from `chat()`, None when there was none.
+        tool_calls: the calls parsed from a `chat(tools=...)` reply (`tools.ToolCall`).
+        tool_call_errors: malformed `<tool_call>` blocks, left in `text`.
     """
 
     text: str
@@ -83,6 +87,8 @@ class GenerationResult:
     metrics: Metrics
     prompt_token_ids: list[int] = field(default_factory=list)
     thinking: str | None = None
+    tool_calls: list = field(default_factory=list)
+    tool_call_errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -242,13 +248,17 @@ class Generator:
                 (drop the oldest tokens).
             **params: `SamplingParams` fields (max_new_tokens, do_sample, temperature, top_k,
                 top_p, min_p, repetition_penalty, seed, stop_token_ids, stop_strings); unset
-                ones come from the artifact's generation_config.json.
+                ones come from the artifact's generation_config.json. Or one constraint
+                (`edgepipe.runtime.constrain`, needs `pip install 'edgepipe[constrained]'`):
+                `json_schema=` (dict or JSON text), `json_object=True`, `regex=` or
+                `choices=[...]`; it is checked before generation starts.
 
         Returns:
             A `GenerationResult`, or a list of them for a batch.
         """
         batch, single = self._prompts(prompt)
-        rows = self._run(batch, params, truncate=truncate)
+        constraint = constraint_for(params, self.tokenizer, self.artifact)
+        rows = self._run(batch, params, truncate=truncate, constraint=constraint)
         return rows[0] if single else rows
 
     def stream(self, prompt, *, truncate: str = "error", **params) -> Stream:
@@ -260,7 +270,8 @@ class Generator:
         batch, single = self._prompts(prompt)
         if not single:
             raise ValueError("stream() takes one prompt; use generate() for batches")
-        return self._stream(batch, params, truncate=truncate)
+        constraint = constraint_for(params, self.tokenizer, self.artifact)
+        return self._stream(batch, params, truncate=truncate, constraint=constraint)
 
     def render_chat(
         self,
@@ -268,10 +279,14 @@ class Generator:
         *,
         enable_thinking: bool | None = None,
         add_generation_prompt: bool = True,
+        tools: Sequence[Mapping] | None = None,
     ) -> str:
-        """The prompt text for `messages`, rendered with the artifact's chat template."""
+        """The prompt text for `messages` (and `tools`), rendered with the artifact's template."""
         return self.chat_template.render(
-            messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
+            prepare_messages(messages),
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            tools=check_tools(tools),
         )
 
     @property
@@ -293,25 +308,38 @@ class Generator:
         enable_thinking: bool | None = None,
         thinking_budget: int | None = None,
         truncate: str = "error",
+        tools: Sequence[Mapping] | None = None,
+        tool_choice="auto",
         **params,
     ) -> GenerationResult:
         """Answer a conversation.
 
         Args:
-            messages: `{"role": "system"|"user"|"assistant"|"tool", "content": str}` dicts.
-            enable_thinking: Qwen3 thinking on/off (None: the template's default, on).
+            messages: `{"role": "system"|"user"|"assistant"|"tool", "content": str}` dicts;
+                assistant messages may carry `tool_calls`, `tool` messages are their results.
+            enable_thinking: Qwen3 thinking on/off (None: the template's default, on; off when
+                the reply is constrained).
             thinking_budget: at most this many thinking tokens; then `</think>\\n\\n` is
                 inserted and the model answers.
-            truncate, **params: as for `generate()`.
+            tools: function definitions (OpenAI's shape), rendered by the chat template.
+            tool_choice: "auto" (calls are parsed into `result.tool_calls`), "none" (tools are
+                still rendered, as OpenAI does, but nothing is parsed: the reply is text),
+                "required" (the reply is forced to be one or more valid calls) or
+                `{"type": "function", "function": {"name": ...}}` (one call of that tool);
+                forced calls' arguments satisfy the tool's `parameters` schema.
+            truncate, **params: as for `generate()` (constraints included).
 
         Returns:
-            A result whose `text` is the answer and `thinking` the thinking text (or None).
+            A result whose `text` is the answer, `thinking` the thinking text (or None) and
+            `tool_calls` the parsed calls.
         """
         stream = self.chat_stream(
             messages,
             enable_thinking=enable_thinking,
             thinking_budget=thinking_budget,
             truncate=truncate,
+            tools=tools,
+            tool_choice=tool_choice,
             **params,
         )
         for _ in stream:
@@ -326,28 +354,49 @@ class Generator:
         thinking_budget: int | None = None,
         truncate: str = "error",
         cache_store: CacheStore | None = None,
+        tools: Sequence[Mapping] | None = None,
+        tool_choice="auto",
         **params,
-    ) -> Stream:
+    ) -> Stream | ToolStream:
         """Like `chat()`, streaming the raw reply (thinking tags included) as it is decoded.
 
+        With tools (and tool_choice not "none") it yields text deltas and complete
+        `tools.ToolCall`s instead, never `<tool_call>` markup.
+
         Args:
-            messages, enable_thinking, thinking_budget, truncate, **params: as for `chat()`.
+            messages, enable_thinking, thinking_budget, truncate, tools, tool_choice, **params:
+                as for `chat()`.
             cache_store: lends its KV cache to the call and keeps the cache afterwards, so the
                 next turn prefills only what is new (`ChatSession` passes itself); None: a
                 fresh cache.
         """
-        prompt = self.render_chat(messages, enable_thinking=enable_thinking)
+        tools = check_tools(tools)
+        choice = check_tool_choice(tool_choice, tools) if tools else None
+        constraint = constraint_for(params, self.tokenizer, self.artifact, tools, choice)
+        if constraint is not None and self.chat_template.supports_thinking:
+            if enable_thinking:
+                raise ValueError("a constrained reply cannot think: pass enable_thinking=False")
+            enable_thinking = False
+        prompt = self.render_chat(messages, enable_thinking=enable_thinking, tools=tools)
         ids = self.encode(prompt)
         thinking = self._thinking_plan(prompt, enable_thinking, thinking_budget)
         started = thinking.started if thinking else self._opens_thinking(prompt)
-        return self._stream(
+
+        def split(text: str):
+            return split_thinking(text, started=started)
+
+        stream = self._stream(
             [ids],
             params,
             truncate=truncate,
             thinking=thinking,
             cache_store=cache_store,
-            split=lambda text: split_thinking(text, started=started),
+            split=split,
+            constraint=constraint,
         )
+        if choice is None or choice == "none":
+            return stream
+        return ToolStream(stream, thinking=started, split=split)
 
     async def agenerate(self, prompt, **kwargs):
         """`generate()` in a worker thread, for apps with an event loop."""
@@ -418,11 +467,11 @@ class Generator:
             close_ids=self.encode("</think>\n\n"),
         )
 
-    def _stream(self, batch, params, *, truncate, thinking=None, cache_store=None, split=None):
+    def _stream(self, batch, params, *, split=None, **options):
+        """A `Stream` of row 0; `options` as for `_run_iter`; `split` separates thinking."""
+
         def pieces() -> Iterator[str]:
-            results = yield from self._run_iter(
-                batch, params, truncate=truncate, thinking=thinking, cache_store=cache_store
-            )
+            results = yield from self._run_iter(batch, params, **options)
             result = results[0]
             if split is not None:
                 parts = split(result.text)
@@ -431,10 +480,8 @@ class Generator:
 
         return Stream(pieces())
 
-    def _run(self, batch, params, *, truncate, thinking=None, cache_store=None):
-        iterator = self._run_iter(
-            batch, params, truncate=truncate, thinking=thinking, cache_store=cache_store
-        )
+    def _run(self, batch, params, **options):
+        iterator = self._run_iter(batch, params, **options)
         while True:
             try:
                 next(iterator)
@@ -456,8 +503,13 @@ class Generator:
             f"generated token; shorten it, pass truncate='left', or raise max_length"
         )
 
-    def _run_iter(self, batch, params, *, truncate, thinking=None, cache_store=None):
-        """Generator: yields text pieces of row 0; returns the list of GenerationResults."""
+    def _run_iter(
+        self, batch, params, *, truncate, thinking=None, cache_store=None, constraint=None
+    ):
+        """Generator: yields text pieces of row 0; returns the list of GenerationResults.
+
+        `constraint`: a factory of per-row `constrain.LogitsConstraint`s, or None.
+        """
         if truncate not in TRUNCATE_MODES:
             raise ValueError(f"truncate must be one of {TRUNCATE_MODES}, got {truncate!r}")
         p = merge_params(self.defaults, **params)
@@ -471,6 +523,7 @@ class Generator:
                 detok=IncrementalDetokenizer(self.tokenizer, self._token_bytes),
                 stops=StopStringFilter(p.stop_strings),
                 thinking=bool(thinking and thinking.started),
+                constraint=constraint() if constraint is not None else None,
             )
             for ids in batch
         ]

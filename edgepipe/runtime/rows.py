@@ -1,7 +1,10 @@
-"""One row of a generate call: its tokens, its text so far, its stop state, its thinking budget.
+"""One row of a generate call: its tokens, its text so far, its stop state, its thinking budget,
+its constraint.
 
 `Generator` runs the rows of a batch in lock step; each row samples (or is forced) its next
-token and turns it into text on its own, so rows stop independently.
+token and turns it into text on its own, so rows stop independently. A row with a constraint
+(`constrain.LogitsConstraint`, one matcher per row) masks its logits before sampling, advances
+the matcher with the sampled token, and stops once the constrained text is complete.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgepipe.runtime.constrain import LogitsConstraint
 from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter
 from edgepipe.runtime.sampling import Sampler
 
@@ -44,6 +48,7 @@ class Row:
         done, finish_reason: whether the row stopped, and why.
         forced: ids to emit next instead of sampling (closing a thinking block).
         thinking, thinking_tokens: whether the row is inside a thinking block, and its length.
+        constraint: the row's grammar matcher, None when generation is free.
     """
 
     prompt: list[int]
@@ -56,6 +61,7 @@ class Row:
     forced: list[int] = field(default_factory=list)
     thinking: bool = False
     thinking_tokens: int = 0
+    constraint: LogitsConstraint | None = None
 
     def next_token(self, logits: np.ndarray, sampler: Sampler, thinking: Thinking | None) -> int:
         """The next id: a forced one, `</think>` when the budget is spent, else a sample."""
@@ -66,7 +72,14 @@ class Row:
             self.thinking = False
             self.forced = list(thinking.close_ids)
             return self.forced.pop(0)
+        if self.constraint is not None:
+            # A float32 copy: `mask` writes -inf in place through an int32 view, and the
+            # engine's logits array is not ours to change.
+            logits = np.array(logits, dtype=np.float32)
+            self.constraint.mask(logits)
         token = sampler.pick(logits, lambda: self.prompt + self.out)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         if thinking is not None:
             if token == thinking.open_id and not self.out:
                 self.thinking = True
@@ -92,8 +105,15 @@ class Row:
         piece = self.stops.push(self.detok.add(token))
         if self.stops.stopped:
             self.done, self.finish_reason = True, "stop_string"
-        elif last:
+        elif last or self.constrained_done:
             self.done = True
+            if self.constrained_done:
+                self.finish_reason = "stop"  # the constrained text is complete
             piece += self.stops.push(self.detok.flush()) + self.stops.flush()
         self.pieces.append(piece)
         return piece
+
+    @property
+    def constrained_done(self) -> bool:
+        """Whether the row's constraint is complete (nothing may follow)."""
+        return self.constraint is not None and self.constraint.is_done()
