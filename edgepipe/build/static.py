@@ -5,8 +5,8 @@ The stages of `edgepipe.build.dynamic`, with static parts:
 * **export**: `edgepipe.stages.export.static` writes the prefill + decode graphs twice: with
   quantized weights (DequantizeLinear over int8/int4 codes) and in fp32 (the reference). Both
   cached.
-* **export (QDQ)**: `edgepipe.stages.quantize.qdq.calibrate_and_quantize` runs the recipe's
-  calibration text through the graphs and adds the activation QDQ pairs (16-bit for w8a16 /
+* **export (QDQ)**: `edgepipe.stages.quantize.qdq_calibrate.calibrate_and_quantize` runs the
+  recipe's calibration text through the graphs and adds the activation QDQ pairs (16-bit for w8a16 /
   w4a16). Cached by the calibration text too.
 * **optimize**: nothing is rewritten: the QNN provider compiles the QDQ graphs itself, and
   onnxruntime's CPU-side fusions would remove QDQ pairs the HTP needs.
@@ -111,7 +111,7 @@ def _export(plan: BuildPlan, quant, cache: StageCache, work: Path, name: str, re
 def _qdq(plan: BuildPlan, quant, export_dir: Path, cache: StageCache, work: Path, report):
     """The calibrated QDQ graphs and their record (cached by the export key and the
     calibration text)."""
-    from edgepipe.stages.quantize.qdq import calibrate_and_quantize
+    from edgepipe.stages.quantize.qdq_calibrate import calibrate_and_quantize
 
     activation = plan.profile.qnn.activation_quantization
     inputs = {
