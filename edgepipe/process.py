@@ -1,5 +1,5 @@
 """Facts about the running process that the build report, the manifest and `edgepipe bench`
-record."""
+record: peak memory, and the versions of the packages whose behaviour is baked into outputs."""
 
 from __future__ import annotations
 
@@ -19,3 +19,18 @@ def peak_rss_bytes() -> int | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour is baked into stage outputs."""
+    from importlib import metadata
+
+    from edgepipe import __version__
+
+    versions = {"edgepipe": __version__}
+    for dist in ("onnx", "onnx-ir", "onnxruntime"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "absent"
+    return versions

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -26,6 +25,9 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+
+from edgepipe.formats.hashing import content_hash, hash_tree, sha256_file
+from edgepipe.process import tool_versions
 
 ENTRY_FILE = "entry.json"
 # Bump when the entry layout or key recipe changes, so old entries stop matching.
@@ -40,41 +42,6 @@ def default_cache_root() -> Path:
         return Path(os.environ["EDGEPIPE_CACHE"]) / "stages"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
     return Path(base) / "edgepipe" / "stages"
-
-
-def tool_versions() -> dict[str, str]:
-    """Versions of the packages whose behaviour is baked into stage outputs."""
-    from importlib import metadata
-
-    from edgepipe import __version__
-
-    versions = {"edgepipe": __version__}
-    for dist in ("onnx", "onnx-ir", "onnxruntime"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "absent"
-    return versions
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (model data can be gigabytes)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def hash_tree(folder: Path, *, exclude: tuple[str, ...] = ()) -> dict[str, str]:
-    """`relative posix path -> sha256` for every regular file under `folder`, sorted."""
-    folder = Path(folder)
-    out: dict[str, str] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        if rel not in exclude:
-            out[rel] = sha256_file(path)
-    return out
 
 
 def export_modules(roots: tuple[str, ...]) -> list[Path]:
@@ -125,16 +92,6 @@ def build_code_hash(roots: tuple[str, ...]) -> str:
     return content_hash(
         {path.relative_to(package).as_posix(): sha256_file(path) for path in export_modules(roots)}
     )
-
-
-def canonical_json(value) -> bytes:
-    """Stable bytes for hashing: sorted keys, no whitespace, non-JSON values via `str`."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
-def content_hash(value) -> str:
-    """sha256 of `canonical_json(value)`."""
-    return hashlib.sha256(canonical_json(value)).hexdigest()
 
 
 class StageCache:

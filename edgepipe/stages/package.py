@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from edgepipe.arch.tokens import CHAT_EOS_IDS, ENDOFTEXT_ID
-from edgepipe.build.cache import content_hash, hash_tree, tool_versions
 from edgepipe.errors import BuildFailed
 from edgepipe.formats.files import write_json
-from edgepipe.process import peak_rss_bytes
+from edgepipe.formats.hashing import content_hash, hash_tree
+from edgepipe.process import peak_rss_bytes, tool_versions
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1

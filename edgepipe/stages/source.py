@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepipe import schema
-from edgepipe.build.cache import hash_tree
 from edgepipe.errors import BuildFailed, InvalidInput
+from edgepipe.formats.hashing import hash_tree
 
 # What the builder and the reference model read; nothing else is downloaded (no .bin, no .pt).
 HUB_ALLOW_PATTERNS = (
