@@ -706,6 +706,7 @@ def build_decoder(
     packed_qkv: bool = True,
     fused_bias: bool = True,
     fp16_guard: Fp16Guard | None = None,
+    weights: SafetensorsModel | None = None,
 ) -> ExportResult:
     """Export a Qwen2/Qwen2.5/Qwen3 model folder to an ONNX Runtime decoder, streaming.
 
@@ -727,6 +728,8 @@ def build_decoder(
         fused_bias: Qwen2's q/k/v bias as MatMulNBits' bias input (True) or an Add after a
             four-input MatMulNBits (False: DirectML's kernel takes no bias).
         fp16_guard: float16 only: which parts stay in float32 (see edgepipe.stages.export.fp16guard).
+        weights: the tensors to read instead of `model_dir`'s safetensors, with the same read
+            interface (a LoRA adapter merged as it streams: `edgepipe.stages.lora`).
 
     Returns:
         ExportResult with paths, a config summary and bytes written.
@@ -740,7 +743,7 @@ def build_decoder(
         )
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = read_config(model_dir)
-    weights = SafetensorsModel(model_dir)
+    weights = weights if weights is not None else SafetensorsModel(model_dir)
     check_weights(cfg, weights)
     if cfg.head_dim % 16:
         # ORT's GroupQueryAttention kernels reject other head sizes at run time; say so now.

@@ -460,6 +460,7 @@ def build_static_decoder(
     kv_capacity: int,
     quant: StaticQuant | None = None,
     progress: Progress | None = None,
+    weights: SafetensorsModel | None = None,
 ) -> StaticExportResult:
     """Export a Qwen2/Qwen2.5/Qwen3 folder to the static prefill + decode graphs, streaming.
 
@@ -471,6 +472,8 @@ def build_static_decoder(
         quant: weight quantization (`edgepipe.stages.quantize.qdq.StaticQuant`); None keeps float weights (the
             fp32 reference graphs).
         progress: called as progress(step_name, done, total).
+        weights: the tensors to read instead of `model_dir`'s safetensors (a LoRA adapter
+            merged as it streams: `edgepipe.stages.lora`).
 
     Returns:
         StaticExportResult.
@@ -487,7 +490,7 @@ def build_static_decoder(
     if problems:
         raise InvalidInput(problems[0], problems)
     cfg = read_config(model_dir)
-    weights = SafetensorsModel(model_dir)
+    weights = weights if weights is not None else SafetensorsModel(model_dir)
     check_weights(cfg, weights)
     if cfg.head_dim % 2:
         raise InvalidInput(
