@@ -45,7 +45,7 @@ def test_path_without_config_is_invalid_input(tmp_path):
 
 @pytest.mark.parametrize("block", [{}, {"path": "a", "preset": {"name": "tiny-qwen2"}}])
 def test_exactly_one_source_kind(block):
-    with pytest.raises(InvalidInput, match="exactly one of hub, path, preset"):
+    with pytest.raises(InvalidInput, match="exactly one of hub, modelscope, path, preset"):
         source_from_recipe(block)
 
 

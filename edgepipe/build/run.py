@@ -295,6 +295,7 @@ def _export(
     result = build_decoder(
         model_dir,
         out,
+        weights=plan.source.weights(model_dir),
         activation_dtype=dtype,
         quant=quant,
         all_logits=False,
@@ -377,7 +378,7 @@ def _export_stage(
 
 # The modules whose code decides the export's bytes; everything they import from edgepipe
 # counts too (found by `export_modules`).
-EXPORT_ROOTS = ("edgepipe.stages.export.dynamic", "edgepipe.arch.presets")
+EXPORT_ROOTS = ("edgepipe.stages.export.dynamic", "edgepipe.arch.presets", "edgepipe.stages.lora")
 
 
 def export_modules(roots: tuple[str, ...] = EXPORT_ROOTS) -> list[Path]:
@@ -614,7 +615,7 @@ def _build_into(plan, options, tmp: Path, result: BuildResult, stages, start: fl
     ids = _evaluation_ids(plan, family, vocab)
     source_dir = None
     if importlib_available("transformers") and importlib_available("torch"):
-        source_dir = plan.source.materialize(work, stages.sub("validate"))
+        source_dir = plan.source.reference_dir(work, stages.sub("validate"))
     validation = validate_model(
         artifact / "model.onnx",
         ids,

@@ -37,6 +37,7 @@ STATIC_EXPORT_ROOTS = (
     "edgepipe.stages.quantize.qdq",
     "edgepipe.arch.presets",
     "edgepipe.runtime.engines.static",
+    "edgepipe.stages.lora",
 )
 GRAPH_EXTENSIONS = (".onnx", ".data")
 
@@ -96,6 +97,7 @@ def _export(plan, quant, cache: StageCache, work: Path, name: str, report) -> tu
         kv_capacity=plan.profile.kv_capacity,
         quant=quant,
         progress=lambda step, done, total: report(f"{name}: {step} {done}/{total}"),
+        weights=plan.source.weights(model_dir),
     )
     shutil.copyfile(model_dir / "config.json", out / "config.json")
     cache.store("export", key, out)

@@ -7,6 +7,11 @@ Three kinds, exactly one per recipe (see the recipe schema):
   the Hugging Face cache (`HF_HOME`), so CI can pre-fill the cache and build offline.
 * `path: <folder>` — a local folder, used in place (never modified).
 * `preset: {name, seed}` — a random-weight model written by `edgepipe.arch.presets.write_preset`.
+* `modelscope: {id, revision}` — the hub's contract on ModelScope (`edgepipe.stages.modelscope`).
+
+Any kind may carry `adapter:` (a PEFT LoRA adapter, `edgepipe.stages.adapter`): the exporter then
+reads the weights through `weights()`, which merges it as each tensor streams through, and the
+identity (cache key, manifest) includes the adapter's files and config.
 
 `identity()` is known before anything is downloaded or written, so the stage cache can decide
 whether the export must run at all; `materialize()` produces the folder only when needed.
@@ -21,6 +26,9 @@ from pathlib import Path
 
 from edgepipe.build.cache import hash_tree
 from edgepipe.errors import BuildFailed, InvalidInput
+from edgepipe.formats.safetensors import SafetensorsModel
+from edgepipe.stages.adapter import AdapterSource, adapter_from_recipe
+from edgepipe.stages.modelscope import modelscope_download
 
 # What the builder and the reference model read; nothing else is downloaded (no .bin, no .pt).
 HUB_ALLOW_PATTERNS = (
@@ -60,6 +68,7 @@ class Source:
     kind: str
     spec: dict
     base_dir: Path = field(default_factory=Path.cwd)
+    adapter: AdapterSource | None = None
     _dir: Path | None = None
     _identity: dict | None = None
 
@@ -77,8 +86,8 @@ class Source:
         """
         if self._identity is not None:
             return self._identity
-        if self.kind == "hub":
-            ident = {"hub": self.spec["id"], "revision": self.spec.get("revision")}
+        if self.kind in ("hub", "modelscope"):
+            ident = {self.kind: self.spec["id"], "revision": self.spec.get("revision")}
         elif self.kind == "preset":
             ident = {"preset": self.spec["name"], "seed": self.spec.get("seed", 0)}
         else:
@@ -94,13 +103,29 @@ class Source:
                 if rel.endswith((".json", ".safetensors"))
             }
             ident = {"path": str(folder), "files": files}
+        if self.adapter is not None:
+            ident = {**ident, "adapter": self.adapter.identity()}
         self._identity = ident
         return ident
 
     @property
     def revision(self) -> str | None:
-        """The pinned hub revision (None for other kinds)."""
-        return self.spec.get("revision") if self.kind == "hub" else None
+        """The pinned hub or ModelScope revision (None for other kinds)."""
+        return self.spec.get("revision") if self.kind in ("hub", "modelscope") else None
+
+    def weights(self, model_dir: Path):
+        """What the exporter reads: the folder's safetensors, with the adapter merged if any."""
+        if self.adapter is None:
+            return SafetensorsModel(model_dir)
+        return self.adapter.weights(model_dir)
+
+    def reference_dir(self, work_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+        """The folder the validate stage loads into transformers: the model folder, or with an
+        adapter a merged copy written into `work_dir`."""
+        model_dir = self.materialize(work_dir, progress)
+        if self.adapter is None:
+            return model_dir
+        return self.adapter.reference_dir(model_dir, work_dir, progress)
 
     def materialize(self, work_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
         """The model folder, downloading or writing it on first use.
@@ -127,6 +152,10 @@ class Source:
             out = Path(work_dir) / "preset"
             write_preset(self.spec["name"], int(self.spec.get("seed", 0)), out)
             self._dir = out
+        elif self.kind == "modelscope":
+            self._dir = modelscope_download(
+                self.spec["id"], self.spec["revision"], HUB_ALLOW_PATTERNS, progress=progress
+            )
         else:
             self._dir = _download(self.spec["id"], self.spec.get("revision"), progress)
         return self._dir
@@ -160,16 +189,20 @@ def source_from_recipe(source, base_dir: Path | None = None) -> Source:
     """A `Source` from the recipe's `source` block (pydantic model or dict).
 
     Raises:
-        InvalidInput: none or several of hub/path/preset are set.
+        InvalidInput: none or several of hub/modelscope/path/preset are set.
     """
     plain = as_plain(source) or {}
-    kinds = [k for k in ("hub", "path", "preset") if plain.get(k) is not None]
+    kinds = [k for k in ("hub", "modelscope", "path", "preset") if plain.get(k) is not None]
     if len(kinds) != 1:
         raise InvalidInput(
-            f"source: exactly one of hub, path, preset must be set, got {kinds or 'none'}"
+            f"source: exactly one of hub, modelscope, path, preset must be set, got "
+            f"{kinds or 'none'}"
         )
     kind = kinds[0]
     spec = plain[kind]
     if kind == "path":
         spec = {"path": spec if isinstance(spec, str) else spec.get("path")}
-    return Source(kind=kind, spec=dict(spec), base_dir=base_dir or Path.cwd())
+    base_dir = base_dir or Path.cwd()
+    adapter = plain.get("adapter")
+    adapter = adapter_from_recipe(adapter, base_dir) if adapter is not None else None
+    return Source(kind=kind, spec=dict(spec), base_dir=base_dir, adapter=adapter)
