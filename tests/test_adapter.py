@@ -219,3 +219,12 @@ def test_modelscope_source_with_adapter_reads_a_prefilled_cache(
     model_dir = source.materialize(tmp_path / "work")
     assert json.loads((model_dir / "config.json").read_text())["hidden_size"] == 128
     assert "model.layers.0.self_attn.q_proj.weight" in source.weights(model_dir)
+
+
+def test_the_docs_example_recipe_is_valid():
+    from edgepipe import schema
+
+    recipe = schema.load_recipe(
+        Path(__file__).parents[1] / "docs/recipes/qwen2.5-0.5b-instruct-lora.yaml"
+    )
+    assert recipe.source.adapter.path.name == "my-qwen2.5-0.5b-lora"
