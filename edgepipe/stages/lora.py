@@ -35,6 +35,8 @@ from edgepipe.formats.safetensors import (
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
+# Rows of a merged weight per B @ A block: 64 x 4864 float32 is ~1.2 MB, an L2-sized product.
+MERGE_BLOCK_ROWS = 64
 
 
 def _module_names(base: SafetensorsModel) -> list[str]:
@@ -145,13 +147,21 @@ class LoraMergedWeights:
             raise InvalidInput(f"{self.folder}: tensor {name!r} not found in the weights")
         return self.tensors[name]
 
-    def _delta_rows(self, name: str, start: int, stop: int) -> np.ndarray | None:
+    def _merge_rows(self, name: str, rows: np.ndarray, start: int) -> np.ndarray:
+        """`rows` (the base tensor's rows from `start`) with scale * B[rows] @ A added."""
         pair = self.adapter.pairs.get(name)
         if pair is None:
-            return None
-        b = read_tensor(pair.b, (start, stop)).astype(np.float32, copy=False)
+            return rows
+        rows = rows.astype(np.float32, copy=False)  # a fresh buffer: updated in place
+        b = read_tensor(pair.b, (start, start + rows.shape[0])).astype(np.float32, copy=False)
+        b *= pair.scale
         a = read_tensor(pair.a).astype(np.float32, copy=False)
-        return (pair.scale * b) @ a
+        # Block by block, so each product is added while it is still in cache: a whole
+        # out x in delta would be written and read back once more (the merge is memory-bound,
+        # B @ A has an inner dimension of only r).
+        for i in range(0, rows.shape[0], MERGE_BLOCK_ROWS):
+            rows[i : i + MERGE_BLOCK_ROWS] += b[i : i + MERGE_BLOCK_ROWS] @ a
+        return rows
 
     def read(self, name: str, dtype: np.dtype | str | None = np.float32) -> np.ndarray:
         """Tensor `name` with its LoRA update merged (float32 when merged), cast to `dtype`."""
@@ -159,11 +169,7 @@ class LoraMergedWeights:
         if name in self.adapter.saved:
             array = read_tensor(self.adapter.saved[name])
         else:
-            array = self.base.read(name, None)
-            rows = array.shape[0] if array.ndim else 0
-            delta = self._delta_rows(name, 0, rows)
-            if delta is not None:
-                array = array.astype(np.float32, copy=False) + delta
+            array = self._merge_rows(name, self.base.read(name, None), 0)
         if dtype is not None and array.dtype != np.dtype(dtype):
             array = array.astype(dtype)
         return array
@@ -176,11 +182,8 @@ class LoraMergedWeights:
         info = self.adapter.saved.get(name) or self.base.info(name)
         for start in range(0, info.shape[0], rows):
             chunk = read_tensor(info, (start, start + rows))
-            delta = (
-                None if name in self.adapter.saved else self._delta_rows(name, start, start + rows)
-            )
-            if delta is not None:
-                chunk = chunk.astype(np.float32, copy=False) + delta
+            if name not in self.adapter.saved:
+                chunk = self._merge_rows(name, chunk, start)
             yield chunk.astype(dtype, copy=False)
 
     def record(self) -> dict:
