@@ -58,6 +58,8 @@ def modelscope_download(
             revision=revision,
             allow_patterns=list(patterns),
             local_files_only=is_offline,
+            # Read per call: the SDK resolves the variable once per process otherwise.
+            cache_dir=os.environ.get("MODELSCOPE_CACHE") or None,
         )
     except Exception as exc:  # network, auth, offline-cache-miss: all end the build the same way
         hint = (
