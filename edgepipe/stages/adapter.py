@@ -13,7 +13,6 @@ too, so an unsupported adapter is refused before the build writes anything.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -21,36 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepipe import schema
+from edgepipe.arch.families import read_config
 from edgepipe.build.cache import sha256_file
-from edgepipe.errors import BuildFailed, require
 from edgepipe.formats.peft import CONFIG_FILE, WEIGHTS_FILE, PeftAdapter, read_adapter
+from edgepipe.stages.hub import hub_download
 from edgepipe.stages.lora import LoraMergedWeights, open_merged, write_merged_model
 from edgepipe.stages.modelscope import modelscope_download
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-KINDS = ("path", "hub", "modelscope")
-
-
-def _hub_download(repo_id: str, revision: str, progress) -> Path:
-    hub = require("huggingface_hub", "build")
-    if progress:
-        progress(f"downloading adapter {repo_id}@{revision[:12]}")
-    try:
-        return Path(
-            hub.snapshot_download(
-                repo_id=repo_id, revision=revision, allow_patterns=list(ADAPTER_FILES)
-            )
-        )
-    except Exception as exc:  # network, auth, offline-cache-miss: all end the build the same way
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = (
-            "HF_HUB_OFFLINE is set and the revision is not in the Hugging Face cache"
-            if offline
-            else "check the network, the repository id and the pinned revision"
-        )
-        raise BuildFailed(
-            f"source.adapter.hub: could not fetch {repo_id}@{revision}: {exc} ({hint})"
-        ) from exc
 
 
 @dataclass
@@ -78,7 +55,13 @@ class ModelAdapter:
                 path = Path(os.path.expanduser(str(self.spec["path"])))
                 self._dir = path if path.is_absolute() else self.base_dir / path
             elif self.kind == "hub":
-                self._dir = _hub_download(self.spec["id"], self.spec["revision"], progress)
+                self._dir = hub_download(
+                    self.spec["id"],
+                    self.spec["revision"],
+                    ADAPTER_FILES,
+                    field="source.adapter.hub",
+                    progress=progress,
+                )
             else:
                 self._dir = modelscope_download(
                     self.spec["id"],
@@ -113,8 +96,7 @@ class ModelAdapter:
 
     def weights(self, model_dir: Path) -> LoraMergedWeights:
         """The base folder's weights with this adapter merged as they are read."""
-        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-        tied = bool(config.get("tie_word_embeddings", False))
+        tied = read_config(model_dir).tie_word_embeddings
         return open_merged(model_dir, self.adapter().folder, tied=tied)
 
     def reference_dir(self, model_dir: Path, work: Path, progress=None) -> Path:

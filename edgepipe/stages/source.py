@@ -2,7 +2,7 @@
 
 Four kinds, exactly one per recipe (see the recipe schema):
 
-* `hub: {id, revision}` — `huggingface_hub.snapshot_download` at the pinned revision, only the
+* `hub: {id, revision}` — `edgepipe.stages.hub.hub_download` at the pinned revision, only the
   files the builder reads (config, safetensors, tokenizer). It honours `HF_HUB_OFFLINE=1` and
   the Hugging Face cache (`HF_HOME`), so CI can pre-fill the cache and build offline.
 * `path: <folder>` — a local folder, used in place (never modified).
@@ -26,9 +26,10 @@ from pathlib import Path
 
 from edgepipe import schema
 from edgepipe.build.cache import hash_tree
-from edgepipe.errors import BuildFailed, InvalidInput
+from edgepipe.errors import InvalidInput
 from edgepipe.formats.safetensors import SafetensorsModel
 from edgepipe.stages.adapter import ModelAdapter, adapter_from_recipe
+from edgepipe.stages.hub import hub_download
 from edgepipe.stages.modelscope import modelscope_download
 
 # What the builder and the reference model read; nothing else is downloaded (no .bin, no .pt).
@@ -149,32 +150,10 @@ class ModelSource:
                 self.spec["id"], self.spec["revision"], HUB_ALLOW_PATTERNS, progress=progress
             )
         else:
-            self._dir = _download(self.spec["id"], self.spec.get("revision"), progress)
+            self._dir = hub_download(
+                self.spec["id"], self.spec.get("revision"), HUB_ALLOW_PATTERNS, progress=progress
+            )
         return self._dir
-
-
-def _download(repo_id: str, revision: str | None, progress) -> Path:
-    from edgepipe.errors import require
-
-    hub = require("huggingface_hub", "build")
-    if progress:
-        progress(f"downloading {repo_id}@{(revision or 'main')[:12]}")
-    try:
-        path = hub.snapshot_download(
-            repo_id=repo_id, revision=revision, allow_patterns=list(HUB_ALLOW_PATTERNS)
-        )
-    except Exception as exc:  # network, auth, offline-cache-miss: all end the build the same way
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = (
-            "HF_HUB_OFFLINE is set and the revision is not in the Hugging Face cache; "
-            "run once online or unset HF_HUB_OFFLINE"
-            if offline
-            else "check the network, the repository id and the pinned revision"
-        )
-        raise BuildFailed(
-            f"source.hub: could not fetch {repo_id}@{revision}: {exc} ({hint})"
-        ) from exc
-    return Path(path)
 
 
 def source_from_recipe(source: schema.Source, base_dir: Path | None = None) -> ModelSource:
