@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.static",
     "tests.fixtures.constrained",
+    "tests.fixtures.lora",
 ]

@@ -59,7 +59,8 @@ BAD = {
     ),
     "two sources at once": (
         TINY.replace("source:\n", "source:\n  path: ./model\n"),
-        "tiny-qwen2.yaml: source: give exactly one of hub, path, preset (got path, preset)",
+        "tiny-qwen2.yaml: source: give exactly one of hub, modelscope, path, preset "
+        "(got path, preset)",
     ),
     "malformed yaml": (
         TINY.replace("targets: [cpu-x64,", "targets: [cpu-x64,,"),

@@ -242,11 +242,11 @@ BAD_RECIPES = {
     ),
     "two sources": (
         {"  preset:": "  hub: {id: Qwen/Qwen3-0.6B, revision: v1.0}\n  preset:"},
-        ["mine.yaml: source: give exactly one of hub, path, preset (got hub, preset)"],
+        ["mine.yaml: source: give exactly one of hub, modelscope, path, preset (got hub, preset)"],
     ),
     "no source": (
         {"  preset: {name: tiny-qwen2, seed: 0}\n": "  {}\n"},
-        ["mine.yaml: source: give exactly one of hub, path, preset (got none)"],
+        ["mine.yaml: source: give exactly one of hub, modelscope, path, preset (got none)"],
     ),
     "block size not a power of two": (
         {"+": "precision: {block_size: 48}\n"},

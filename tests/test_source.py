@@ -54,7 +54,7 @@ def test_path_without_config_is_invalid_input(tmp_path):
 @pytest.mark.parametrize("block", [{}, {"path": "a", "preset": {"name": "tiny-qwen2"}}])
 def test_a_source_block_needs_exactly_one_kind(block):
     # The schema enforces it, so the stage never sees an ambiguous block.
-    with pytest.raises(ValidationError, match="exactly one of hub, path, preset"):
+    with pytest.raises(ValidationError, match="exactly one of hub, modelscope, path, preset"):
         Source.model_validate(block)
 
 

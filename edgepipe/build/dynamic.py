@@ -36,7 +36,7 @@ from edgepipe.errors import BuildFailed
 
 # The modules whose code decides the export's bytes; everything they import from edgepipe
 # counts too (found by `edgepipe.build.cache.export_modules`).
-EXPORT_ROOTS = ("edgepipe.stages.export.dynamic", "edgepipe.arch.presets")
+EXPORT_ROOTS = ("edgepipe.stages.export.dynamic", "edgepipe.arch.presets", "edgepipe.stages.lora")
 # Not part of a dynamic artifact: the source's config.json rides along in the export folder
 # for the build's own use (`model_facts`), and the cache entry's index.
 NOT_IN_ARTIFACT = (ENTRY_FILE, "config.json")
@@ -101,6 +101,7 @@ def _export(
         build_decoder(
             model_dir,
             folder,
+            weights=plan.source.weights(model_dir),
             activation_dtype=dtype,
             quant=quant,
             all_logits=False,
@@ -150,11 +151,12 @@ class Fp16Stage:
 
 
 def _transformers_reference(plan: BuildPlan, work: Path, report: Report) -> Path | None:
-    """The source folder for a transformers reference, or None without torch + transformers
+    """The source folder for a transformers reference (with an adapter: a merged copy, so the
+    reference is the fine-tune), or None without torch + transformers
     (`pip install 'edgepipe[build]'`): validation then compares with the unquantized export."""
     if any(importlib.util.find_spec(m) is None for m in ("transformers", "torch")):
         return None
-    return plan.source.materialize(work, report)
+    return plan.source.reference_dir(work, report)
 
 
 def _validate(

@@ -51,6 +51,7 @@ STATIC_EXPORT_ROOTS = (
     "edgepipe.stages.quantize.qdq",
     "edgepipe.arch.presets",
     "edgepipe.runtime.engines.static",
+    "edgepipe.stages.lora",
 )
 GRAPH_EXTENSIONS = (".onnx", ".data")
 QNN = "QNNExecutionProvider"
@@ -102,6 +103,7 @@ def _export(plan: BuildPlan, quant, cache: StageCache, work: Path, name: str, re
             kv_capacity=plan.profile.kv_capacity,
             quant=quant,
             progress=lambda step, done, total: report(f"{name}: {step} {done}/{total}"),
+            weights=plan.source.weights(model_dir),
         )
 
     inputs = _export_inputs(plan, quant)

@@ -70,6 +70,31 @@ class HubSource(Strict):
         )
 
 
+class ModelScopeSource(HubSource):
+    """A ModelScope (modelscope.cn) repository pinned to one commit or tag; needs the
+    `modelscope` extra. The same id and revision rules as the hub."""
+
+
+class AdapterSource(Strict):
+    """A PEFT LoRA adapter merged into the base weights as they stream through the exporter:
+    exactly one of `path` (a folder with adapter_config.json + adapter_model.safetensors),
+    `hub` or `modelscope`."""
+
+    path: Path | None = None
+    hub: HubSource | None = None
+    modelscope: ModelScopeSource | None = None
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
+        return resolve_path(value, info) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AdapterSource:
+        one_of(self, ("path", "hub", "modelscope"))
+        return self
+
+
 class PresetSource(Strict):
     """Random weights of a named architecture (smoke tests, honest benchmarks)."""
 
@@ -85,11 +110,14 @@ class PresetSource(Strict):
 
 
 class Source(Strict):
-    """Where the weights come from: exactly one of `hub`, `path` or `preset`."""
+    """Where the weights come from: exactly one of `hub`, `modelscope`, `path` or `preset`,
+    optionally with a LoRA `adapter` on top."""
 
     hub: HubSource | None = None
+    modelscope: ModelScopeSource | None = None
     path: Path | None = None
     preset: PresetSource | None = None
+    adapter: AdapterSource | None = None
 
     @field_validator("path", mode="before")
     @classmethod
@@ -98,12 +126,13 @@ class Source(Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Source:
-        one_of(self, ("hub", "path", "preset"))
+        one_of(self, ("hub", "modelscope", "path", "preset"))
         return self
 
     def family_hint(self) -> Family | None:
         """The family the source's name implies, or None (a local folder needs its config)."""
-        text = self.preset.name if self.preset else self.hub.id if self.hub else ""
+        repo = self.hub or self.modelscope
+        text = self.preset.name if self.preset else repo.id if repo else ""
         text = text.lower().split("/")[-1]
         if text.startswith(("qwen3", "tiny-qwen3")):
             return "qwen3"

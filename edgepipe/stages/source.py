@@ -1,12 +1,17 @@
 """The source stage: where the model's `config.json` and safetensors come from.
 
-Three kinds, exactly one per recipe (see the recipe schema):
+Four kinds, exactly one per recipe (see the recipe schema):
 
-* `hub: {id, revision}` — `huggingface_hub.snapshot_download` at the pinned revision, only the
+* `hub: {id, revision}` — `edgepipe.stages.hub.hub_download` at the pinned revision, only the
   files the builder reads (config, safetensors, tokenizer). It honours `HF_HUB_OFFLINE=1` and
   the Hugging Face cache (`HF_HOME`), so CI can pre-fill the cache and build offline.
 * `path: <folder>` — a local folder, used in place (never modified).
 * `preset: {name, seed}` — a random-weight model written by `edgepipe.arch.presets.write_preset`.
+* `modelscope: {id, revision}` — the hub's contract on ModelScope (`edgepipe.stages.modelscope`).
+
+Any kind may carry `adapter:` (a PEFT LoRA adapter, `edgepipe.stages.adapter`): the exporter then
+reads the weights through `weights()`, which merges it as each tensor streams through, and the
+identity (cache key, manifest) includes the adapter's files and config.
 
 `identity()` is known before anything is downloaded or written, so the stage cache can decide
 whether the export must run at all; `materialize()` produces the folder only when needed.
@@ -20,8 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepipe import schema
-from edgepipe.errors import BuildFailed, InvalidInput
+from edgepipe.errors import InvalidInput
 from edgepipe.formats.hashing import hash_tree
+from edgepipe.formats.safetensors import SafetensorsModel
+from edgepipe.stages.adapter import ModelAdapter, adapter_from_recipe
+from edgepipe.stages.hub import hub_download
+from edgepipe.stages.modelscope import modelscope_download
 
 # What the builder and the reference model read; nothing else is downloaded (no .bin, no .pt).
 HUB_ALLOW_PATTERNS = (
@@ -41,15 +50,17 @@ class ModelSource:
     """A resolved model source (the stage; `edgepipe.schema.Source` is the recipe block).
 
     Attributes:
-        kind: `hub`, `path` or `preset`.
+        kind: `hub`, `modelscope`, `path` or `preset`.
         spec: the recipe's source block as a dict (`{"id", "revision"}`, `{"path"}` or
             `{"name", "seed"}`).
         base_dir: folder that relative `path` sources are resolved against (the recipe's).
+        adapter: the `source.adapter` LoRA adapter merged into the weights, if any.
     """
 
     kind: str
     spec: dict
     base_dir: Path = field(default_factory=Path.cwd)
+    adapter: ModelAdapter | None = None
     _dir: Path | None = None
     _identity: dict | None = None
 
@@ -62,13 +73,14 @@ class ModelSource:
     def identity(self) -> dict:
         """What identifies the weights, for cache keys and the manifest.
 
-        hub: id and pinned revision; path: the sha256 of every config/safetensors file (a
-        folder's name says nothing about its content); preset: name and seed.
+        hub/modelscope: id and pinned revision; path: the sha256 of every config/safetensors
+        file (a folder's name says nothing about its content); preset: name and seed; plus the
+        adapter's identity when there is one.
         """
         if self._identity is not None:
             return self._identity
-        if self.kind == "hub":
-            ident = {"hub": self.spec["id"], "revision": self.spec.get("revision")}
+        if self.kind in ("hub", "modelscope"):
+            ident = {self.kind: self.spec["id"], "revision": self.spec.get("revision")}
         elif self.kind == "preset":
             ident = {"preset": self.spec["name"], "seed": self.spec.get("seed", 0)}
         else:
@@ -84,13 +96,29 @@ class ModelSource:
                 if rel.endswith((".json", ".safetensors"))
             }
             ident = {"path": str(folder), "files": files}
+        if self.adapter is not None:
+            ident = {**ident, "adapter": self.adapter.identity()}
         self._identity = ident
         return ident
 
     @property
     def revision(self) -> str | None:
-        """The pinned hub revision (None for other kinds)."""
-        return self.spec.get("revision") if self.kind == "hub" else None
+        """The pinned hub or ModelScope revision (None for other kinds)."""
+        return self.spec.get("revision") if self.kind in ("hub", "modelscope") else None
+
+    def weights(self, model_dir: Path):
+        """What the exporter reads: the folder's safetensors, with the adapter merged if any."""
+        if self.adapter is None:
+            return SafetensorsModel(model_dir)
+        return self.adapter.weights(model_dir)
+
+    def reference_dir(self, work_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+        """The folder the validate stage loads into transformers: the model folder, or with an
+        adapter a merged copy written into `work_dir`."""
+        model_dir = self.materialize(work_dir, progress)
+        if self.adapter is None:
+            return model_dir
+        return self.adapter.reference_dir(model_dir, work_dir, progress)
 
     def materialize(self, work_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
         """The model folder, downloading or writing it on first use.
@@ -117,47 +145,32 @@ class ModelSource:
             out = Path(work_dir) / "preset"
             write_preset(self.spec["name"], int(self.spec.get("seed", 0)), out)
             self._dir = out
+        elif self.kind == "modelscope":
+            self._dir = modelscope_download(
+                self.spec["id"], self.spec["revision"], HUB_ALLOW_PATTERNS, progress=progress
+            )
         else:
-            self._dir = _download(self.spec["id"], self.spec.get("revision"), progress)
+            self._dir = hub_download(
+                self.spec["id"], self.spec.get("revision"), HUB_ALLOW_PATTERNS, progress=progress
+            )
         return self._dir
-
-
-def _download(repo_id: str, revision: str | None, progress) -> Path:
-    from edgepipe.errors import require
-
-    hub = require("huggingface_hub", "build")
-    if progress:
-        progress(f"downloading {repo_id}@{(revision or 'main')[:12]}")
-    try:
-        path = hub.snapshot_download(
-            repo_id=repo_id, revision=revision, allow_patterns=list(HUB_ALLOW_PATTERNS)
-        )
-    except Exception as exc:  # network, auth, offline-cache-miss: all end the build the same way
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = (
-            "HF_HUB_OFFLINE is set and the revision is not in the Hugging Face cache; "
-            "run once online or unset HF_HUB_OFFLINE"
-            if offline
-            else "check the network, the repository id and the pinned revision"
-        )
-        raise BuildFailed(
-            f"source.hub: could not fetch {repo_id}@{revision}: {exc} ({hint})"
-        ) from exc
-    return Path(path)
 
 
 def source_from_recipe(source: schema.Source, base_dir: Path | None = None) -> ModelSource:
     """The source stage for a recipe's `source` block.
 
     Args:
-        source: the validated block; the schema already holds exactly one of hub, path and
-            preset, so this only reads whichever is set.
+        source: the validated block; the schema already holds exactly one of hub, modelscope,
+            path and preset, so this only reads whichever is set (and `adapter`, if any).
         base_dir: what a relative `path` is resolved against (the recipe's folder).
     """
     base = base_dir or Path.cwd()
-    if source.hub is not None:
-        spec = {"id": source.hub.id, "revision": source.hub.revision}
-        return ModelSource("hub", spec, base)
+    adapter = adapter_from_recipe(source.adapter, base) if source.adapter is not None else None
+    repo = source.hub or source.modelscope
+    if repo is not None:
+        kind = "hub" if source.hub is not None else "modelscope"
+        return ModelSource(kind, {"id": repo.id, "revision": repo.revision}, base, adapter)
     if source.preset is not None:
-        return ModelSource("preset", {"name": source.preset.name, "seed": source.preset.seed}, base)
-    return ModelSource("path", {"path": str(source.path)}, base)
+        spec = {"name": source.preset.name, "seed": source.preset.seed}
+        return ModelSource("preset", spec, base, adapter)
+    return ModelSource("path", {"path": str(source.path)}, base, adapter)

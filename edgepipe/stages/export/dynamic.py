@@ -439,15 +439,20 @@ class _DecoderBuilder:
 
 
 def _checked_inputs(
-    model_dir: Path, activation_dtype: str, quant: QuantPlan | None, context_length: int | None
+    model_dir: Path,
+    activation_dtype: str,
+    quant: QuantPlan | None,
+    context_length: int | None,
+    weights: SafetensorsModel | None = None,
 ) -> tuple[DecoderConfig, SafetensorsModel, int]:
-    """The model's config, its weights (names and shapes checked) and the context length."""
+    """The model's config, its weights (names and shapes checked) and the context length;
+    `weights` (e.g. a merged LoRA adapter) replaces `model_dir`'s safetensors."""
     if activation_dtype not in ACTIVATION_DTYPES:
         raise InvalidInput(
             f"activation_dtype: {activation_dtype!r}; allowed: {list(ACTIVATION_DTYPES)}"
         )
     cfg = read_config(model_dir)
-    weights = SafetensorsModel(model_dir)
+    weights = weights if weights is not None else SafetensorsModel(model_dir)
     check_weights(cfg, weights)
     if cfg.head_dim % 16:
         # ORT's GroupQueryAttention kernels reject other head sizes at run time; say so now.
@@ -504,6 +509,7 @@ def build_decoder(
     packed_qkv: bool = True,
     fused_bias: bool = True,
     fp16_guard: Fp16Guard | None = None,
+    weights: SafetensorsModel | None = None,
 ) -> ExportResult:
     """Export a Qwen2/Qwen2.5/Qwen3 model folder to an ONNX Runtime decoder, streaming.
 
@@ -524,8 +530,8 @@ def build_decoder(
         packed_qkv: q, k and v as one MatMul (True) or three (False: no Split; DirectML).
         fused_bias: Qwen2's q/k/v bias as MatMulNBits' bias input (True) or an Add after a
             four-input MatMulNBits (False: DirectML's kernel takes no bias).
-        fp16_guard: float16 only: which parts stay in float32 (see
-            edgepipe.stages.export.fp16guard).
+        fp16_guard: float16 only: which parts stay in float32 (edgepipe.stages.export.fp16guard).
+        weights: read instead of `model_dir`'s safetensors (a LoRA merged: edgepipe.stages.lora).
 
     Returns:
         ExportResult with paths, a config summary and bytes written.
@@ -534,7 +540,7 @@ def build_decoder(
         InvalidInput: bad folder, config, weights or arguments (every problem listed).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    cfg, weights, ctx = _checked_inputs(model_dir, activation_dtype, quant, context_length)
+    cfg, weights, ctx = _checked_inputs(model_dir, activation_dtype, quant, context_length, weights)
     layout = Layout(
         packed_qkv=packed_qkv,
         rotary_in_attention=rotary_in_attention,

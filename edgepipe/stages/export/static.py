@@ -464,6 +464,34 @@ class _StaticBuilder:
         return out
 
 
+def _checked_inputs(
+    model_dir: Path,
+    chunk: int,
+    kv_capacity: int,
+    quant: StaticQuant | None,
+    weights: SafetensorsModel | None,
+) -> tuple[DecoderConfig, SafetensorsModel]:
+    """The model's config and its weights (names and shapes checked); `weights` (e.g. a merged
+    LoRA adapter) replaces `model_dir`'s safetensors."""
+    problems = []
+    if chunk < 1:
+        problems.append(f"prefill_chunk: {chunk}; must be a positive number of tokens")
+    if kv_capacity < chunk:
+        problems.append(f"kv_capacity: {kv_capacity}; must be at least prefill_chunk ({chunk})")
+    if problems:
+        raise InvalidInput(problems[0], problems)
+    cfg = read_config(model_dir)
+    weights = weights if weights is not None else SafetensorsModel(model_dir)
+    check_weights(cfg, weights)
+    if cfg.head_dim % 2:
+        raise InvalidInput(
+            f"{model_dir / 'config.json'}: head_dim {cfg.head_dim} must be even (rotary)"
+        )
+    if quant is not None:
+        quant.check_patterns(expected_shapes(cfg))
+    return cfg, weights
+
+
 def build_static_decoder(
     model_dir: Path | str,
     out_dir: Path | str,
@@ -472,6 +500,7 @@ def build_static_decoder(
     kv_capacity: int,
     quant: StaticQuant | None = None,
     progress: Progress | None = None,
+    weights: SafetensorsModel | None = None,
 ) -> StaticExportResult:
     """Export a Qwen2/Qwen2.5/Qwen3 folder to the static prefill + decode graphs, streaming.
 
@@ -483,6 +512,8 @@ def build_static_decoder(
         quant: weight quantization (`edgepipe.stages.quantize.qdq.StaticQuant`); None keeps
             float weights (the fp32 reference graphs).
         progress: called as progress(step_name, done, total).
+        weights: the tensors to read instead of `model_dir`'s safetensors (a LoRA adapter
+            merged as it streams: `edgepipe.stages.lora`).
 
     Returns:
         StaticExportResult.
@@ -491,22 +522,7 @@ def build_static_decoder(
         InvalidInput: bad folder, config, weights or sizes (every problem listed).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    problems = []
-    if chunk < 1:
-        problems.append(f"prefill_chunk: {chunk}; must be a positive number of tokens")
-    if kv_capacity < chunk:
-        problems.append(f"kv_capacity: {kv_capacity}; must be at least prefill_chunk ({chunk})")
-    if problems:
-        raise InvalidInput(problems[0], problems)
-    cfg = read_config(model_dir)
-    weights = SafetensorsModel(model_dir)
-    check_weights(cfg, weights)
-    if cfg.head_dim % 2:
-        raise InvalidInput(
-            f"{model_dir / 'config.json'}: head_dim {cfg.head_dim} must be even (rotary)"
-        )
-    if quant is not None:
-        quant.check_patterns(expected_shapes(cfg))
+    cfg, weights = _checked_inputs(model_dir, chunk, kv_capacity, quant, weights)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = GraphWriter(out_dir / DATA_FILE, DATA_FILE)
     try:
