@@ -10,7 +10,7 @@ Data: every `*.py` under the interpreter's standard library folder (`--stdlib`, 
 running Python's), except site-packages, the test suites (test/, tests/, idle_test/), lib2to3,
 turtledemo and config-*: 639 files for Python 3.11.7. A file is held out for evaluation when
 the sha256 of its relative path is 0 mod 20, so the split does not depend on the file system's
-listing order. Files are tokenized with the real Qwen tokenizer (edgepipe.tokenizer, family
+listing order. Files are tokenized with the real Qwen tokenizer (edgepipe.arch.tokenizer, family
 qwen2) and joined with `<|endoftext|>`.
 
 Reduced vocabulary, exact expansion: a 151936-row softmax is too slow to train on one CPU
@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from edgepipe.presets import PresetSpec, preset_config
-from edgepipe.qwen2 import QWEN2, ArchShape
-from edgepipe.tokenizer import build_qwen_tokenizer
+from edgepipe.arch.presets import PresetSpec, preset_config
+from edgepipe.arch.qwen2 import QWEN2
+from edgepipe.arch.spec import ArchShape
+from edgepipe.arch.tokenizer import build_qwen_tokenizer
 
 VOCAB = 151936
 ENDOFTEXT = 151643
