@@ -34,6 +34,9 @@ BENCH_MODELS = ("qwen2.5-0.5b", "qwen3-0.6b", "qwen2.5-1.5b", "qwen3-1.7b")
 SEED = 0
 MIB = 2**20
 PROFILE = "cpu-x64"
+# cached_build kinds built by edgepipe: as shipped, and with every position's logits (the
+# decoder prompt-lookup decoding verifies drafts with).
+EDGEPIPE_KINDS = ("edgepipe", "edgepipe-all-logits")
 # Child processes must never reach a hub: every input is a local folder.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -144,6 +147,25 @@ def load_now() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+@contextlib.contextmanager
+def busy_load(core: int = 0):
+    """A fixed synthetic load for the duration: one Python busy loop pinned to `core`.
+
+    Every contender of a `--busy` run shares the same load, so it stands for "an app next to
+    other work" without depending on who else uses the machine.
+    """
+    code = "while True: pass"
+    cmd = [sys.executable, "-c", code]
+    if shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(core), *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def mem_available_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (None elsewhere)."""
     try:
@@ -247,7 +269,7 @@ from edgepipe.build.run import build_code_hash, plan_builds
 (plan,) = plan_builds([sys.argv[1]], [sys.argv[2]])
 quant = plan.quant_plan()
 result = build_decoder(sys.argv[3], sys.argv[4], activation_dtype=plan.activation_dtype,
-                       quant=quant, all_logits=False)
+                       quant=quant, all_logits=sys.argv[5:6] == ["all"])
 specs = sorted({f"{s.bits}/{s.block_size}/{s.symmetric}/{s.accuracy_level}" for s in quant.specs()})
 print(json.dumps({"code_hash": build_code_hash(), "bytes_written": result.bytes_written,
                   "quant": specs}))
@@ -279,11 +301,15 @@ def bench_recipe(name: str, model_dir: Path, profile: str = "cpu-x64", cache: Pa
     return path
 
 
-def edgepipe_build_cmd(recipe: Path, profile: str, model_dir: Path, out_dir: Path) -> list[str]:
-    """The child command of `edgepipe build`'s export stage (see `_EDGEPIPE_BUILD_CHILD`)."""
+def edgepipe_build_cmd(
+    recipe: Path, profile: str, model_dir: Path, out_dir: Path, *, all_logits: bool = False
+) -> list[str]:
+    """The child command of `edgepipe build`'s export stage (see `_EDGEPIPE_BUILD_CHILD`);
+    `all_logits`: the decoder returns every position's logits (speculative verify steps)."""
     return [sys.executable, "-c", _EDGEPIPE_BUILD_CHILD, str(recipe), profile] + [
         str(model_dir),
         str(out_dir),
+        *(["all"] if all_logits else []),
     ]
 
 
@@ -306,7 +332,7 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
     out = folder / kind
     record_path = folder / f"{kind}.json"
     code_hash = None
-    if kind == "edgepipe":
+    if kind in EDGEPIPE_KINDS:
         from edgepipe.build.run import build_code_hash
 
         code_hash = build_code_hash()
@@ -316,9 +342,11 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
             return {**record, "artifact": str(out)}  # the cache may have moved since
     shutil.rmtree(out, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    if kind == "edgepipe":
+    if kind in EDGEPIPE_KINDS:
         recipe = bench_recipe(name, model_dir, PROFILE, cache)
-        cmd = edgepipe_build_cmd(recipe, PROFILE, model_dir, out)
+        cmd = edgepipe_build_cmd(
+            recipe, PROFILE, model_dir, out, all_logits=kind == "edgepipe-all-logits"
+        )
     else:
         cmd = genai_builder_cmd(model_dir, out, folder / "genai-cache")
     print(f"[{name}] building with {kind} ...", flush=True)
@@ -328,7 +356,7 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
     if record["rc"]:
         raise RuntimeError(f"{kind} build of {name} failed:\n{record.get('error')}")
     stdout = record.pop("stdout")
-    if kind == "edgepipe":
+    if kind in EDGEPIPE_KINDS:
         record.update(json.loads(stdout.strip().splitlines()[-1]))
     record["artifact"] = str(out)
     record["artifact_bytes"] = folder_bytes(out, "model.onnx")

@@ -35,6 +35,7 @@ side_by_side-T.* instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -49,6 +50,7 @@ from common import (  # noqa: E402
     CACHE,
     PROFILE,
     RESULTS,
+    busy_load,
     cached_build,
     folder_bytes,
     load_now,
@@ -202,7 +204,9 @@ def bench_model(name: str, args, bandwidth: float) -> dict:
             result["builds"]["llama.cpp"] = record
             artifacts["llama.cpp"] = Path(record["artifact"])
             contenders.append(llama_cpp.LlamaBench(record["artifact"]))
-        result["speed"] = speed(contenders, prompt_lens, gen_len, args.rounds)
+        with busy_load() if args.busy else contextlib.nullcontext():
+            result["speed"] = speed(contenders, prompt_lens, gen_len, args.rounds)
+        result["busy"] = bool(args.busy)
     finally:
         result["workers"] = {w.name: {**w.ready, **w.close()} for w in workers}
 
@@ -229,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process RSS runs")
     parser.add_argument("--llama-cpp", action="store_true", help="add llama.cpp (Q4_0)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...")
+    parser.add_argument(
+        "--busy",
+        action="store_true",
+        help="a fixed synthetic load (a busy loop pinned to core 0) during the timed rounds",
+    )
     parser.add_argument("--baseline-src", type=Path, help="checkout for an edgepipe@baseline row")
     args = parser.parse_args(argv)
     if args.rounds < 1:

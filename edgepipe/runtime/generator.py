@@ -20,6 +20,7 @@ from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter
 from edgepipe.runtime.engines import CacheStore, Engine, open_engine
 from edgepipe.runtime.engines.kv import position_limit
 from edgepipe.runtime.errors import ArtifactError, PromptTooLong
+from edgepipe.runtime.options import spinning_config
 from edgepipe.runtime.rows import Row, Thinking
 from edgepipe.runtime.sampling import (
     Sampler,
@@ -27,6 +28,8 @@ from edgepipe.runtime.sampling import (
     merge_params,
     params_from_generation_config,
 )
+from edgepipe.runtime.speculative import NgramDrafter, check_request
+from edgepipe.runtime.speculative import decode as speculative_decode
 
 TRUNCATE_MODES = ("error", "left")
 
@@ -46,6 +49,8 @@ class Metrics:
         kv_capacity: KV positions per row allocated.
         prefill_calls: model calls that fed the prompt (1 for one prompt or a batch of equal
             lengths fed at once; more for chunks, rows of different lengths, static graphs).
+        verify_calls, drafted_tokens, accepted_tokens: speculative decoding's multi-token calls,
+            the tokens it drafted and those the model confirmed (0 without speculation).
     """
 
     prompt_tokens: int = 0
@@ -57,6 +62,9 @@ class Metrics:
     kv_bytes: int = 0
     kv_capacity: int = 0
     prefill_calls: int = 0
+    verify_calls: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,6 +136,9 @@ class Generator:
         session_config: onnxruntime session config entries over `SESSION_CONFIG` (ignored
             when session_options is given), e.g. `{"session.intra_op.allow_spinning": "1"}`.
         provider_options: override the profile's provider options.
+        spinning: intra-op thread spinning, "auto" (a bounded spin), "on" or "off"; None
+            keeps `SESSION_CONFIG`'s (off). Applied under `session_config` (its entries win);
+            ignored when session_options is given.
         prefill_chunk: feed long prompts this many tokens at a time (None: all at once); bounds
             prefill memory, same tokens. Not used on providers that prefill in one call
             (`edgepipe.runtime.providers.ONE_CALL_PREFILL`: DirectML), nor by static artifacts
@@ -159,6 +170,7 @@ class Generator:
         session_config: Mapping[str, str] | None = None,
         provider_options: Mapping | None = None,
         prefill_chunk: int | None = 512,
+        spinning: str | None = None,
     ):
         import tokenizers
 
@@ -179,6 +191,8 @@ class Generator:
         # No lock: every call owns its KV buffers and IOBinding, and onnxruntime's Run is
         # thread-safe, so concurrent calls (threads, or interleaved streams) do not interfere.
         self._template: ChatTemplate | None = None
+        if spinning is not None:
+            session_config = {**spinning_config(spinning), **(session_config or {})}
         self._engine: Engine = open_engine(
             art,
             provider=provider,
@@ -242,7 +256,10 @@ class Generator:
                 (drop the oldest tokens).
             **params: `SamplingParams` fields (max_new_tokens, do_sample, temperature, top_k,
                 top_p, min_p, repetition_penalty, seed, stop_token_ids, stop_strings); unset
-                ones come from the artifact's generation_config.json.
+                ones come from the artifact's generation_config.json. Also
+                `speculative="ngram"`: prompt-lookup speculative decoding (greedy, one prompt;
+                same tokens, fewer model calls when the output repeats the context; see
+                `edgepipe.runtime.speculative`).
 
         Returns:
             A `GenerationResult`, or a list of them for a batch.
@@ -460,7 +477,10 @@ class Generator:
         """Generator: yields text pieces of row 0; returns the list of GenerationResults."""
         if truncate not in TRUNCATE_MODES:
             raise ValueError(f"truncate must be one of {TRUNCATE_MODES}, got {truncate!r}")
+        params = dict(params)
+        speculative = params.pop("speculative", None)
         p = merge_params(self.defaults, **params)
+        check_request(speculative, greedy=p.greedy, batch=len(batch), engine=self._engine)
         stop_ids = set(
             self.artifact.eos_token_ids if p.stop_token_ids is None else p.stop_token_ids
         )
@@ -475,17 +495,12 @@ class Generator:
             for ids in batch
         ]
         sampler = Sampler(p)
-        return (yield from self._decode_loop(rows, p, sampler, stop_ids, thinking, cache_store))
+        drafter = NgramDrafter(rows[0].prompt) if speculative else None
+        loop = self._decode_loop(rows, p, sampler, stop_ids, thinking, cache_store, drafter)
+        return (yield from loop)
 
-    def _decode_loop(self, rows, p, sampler, stop_ids, thinking, cache_store):
-        t_start = time.perf_counter()
-        batch = len(rows)
-        lengths = np.array([len(r.prompt) for r in rows], dtype=np.int64)
-        request = self._engine.begin([r.prompt for r in rows], p.max_new_tokens, cache_store)
-        # Every row stops at the cache's capacity: a generated token needs a slot for the next.
-        max_steps = min(p.max_new_tokens, request.capacity - int(lengths.max()) + 1)
-        logits = request.prefill()
-        prompt_tokens = int(lengths.sum()) - request.reuse
+    def _plain_steps(self, rows, request, logits, lengths, max_steps, sampler, stop_ids, thinking):
+        """The lock-step loop over the rows; yields row 0's pieces, returns t_first."""
         t_first = None
         for step in range(max_steps):
             for i, row in enumerate(rows):
@@ -505,6 +520,27 @@ class Generator:
             )
             lengths = lengths + 1
             logits = request.step(feed, lengths)
+        return t_first
+
+    def _decode_loop(self, rows, p, sampler, stop_ids, thinking, cache_store, drafter=None):
+        t_start = time.perf_counter()
+        batch = len(rows)
+        lengths = np.array([len(r.prompt) for r in rows], dtype=np.int64)
+        request = self._engine.begin([r.prompt for r in rows], p.max_new_tokens, cache_store)
+        # Every row stops at the cache's capacity: a generated token needs a slot for the next.
+        max_steps = min(p.max_new_tokens, request.capacity - int(lengths.max()) + 1)
+        logits = request.prefill()
+        prompt_tokens = int(lengths.sum()) - request.reuse
+        if drafter is None:
+            steps = self._plain_steps(
+                rows, request, logits, lengths, max_steps, sampler, stop_ids, thinking
+            )
+        else:
+            steps = speculative_decode(
+                rows[0], request, logits[0], sampler=sampler, stop_ids=stop_ids,
+                thinking=thinking, max_steps=max_steps, drafter=drafter,
+            )  # fmt: skip
+        t_first = yield from steps
         t_end = time.perf_counter()
         if t_first is None:
             t_first = t_end
@@ -527,6 +563,10 @@ class Generator:
             kv_capacity=request.capacity,
             prefill_calls=request.prefill_calls,
         )
+        if drafter is not None:
+            stats = drafter.stats
+            metrics.verify_calls, metrics.drafted_tokens = stats.verify_calls, stats.drafted
+            metrics.accepted_tokens = stats.accepted
         return [
             GenerationResult(
                 text="".join(r.pieces),

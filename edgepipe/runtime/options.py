@@ -11,6 +11,14 @@ from collections.abc import Mapping
 # (benchmarks/side_by_side.py --variant): decode 17.5 vs 11.1 tok/s with spinning, prefill of
 # 128 tokens 89.5 vs 79.1 tok/s; onnxruntime-genai on its own build: 16.6 decode.
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+# `Generator(spinning=...)` -> the session config entries it sets (over SESSION_CONFIG).
+# onnxruntime reads spinning per session (no run option sets it, checked in 1.32), so the
+# choice is made when the session opens. "auto" spins for a bounded time only: between the
+# kernels of one decode step (microseconds apart) a worker keeps its core, but it gives the
+# core back within `AUTO_SPIN_US` when there is no work, so on a loaded machine it does not
+# keep stealing the core another process needs. See `spinning_config`.
+AUTO_SPIN_US = 100
+SPINNING = ("auto", "on", "off")
 # onnxruntime's log level for the sessions created here: warnings (1) and above by default;
 # the QNN plug-in warns on every session about Windows-on-Arm-only features, so its sessions
 # log errors (3) only.
@@ -41,3 +49,21 @@ def session_options(
     for key, value in {**SESSION_CONFIG, **(session_config or {})}.items():
         options.add_session_config_entry(key, str(value))
     return options
+
+
+def spinning_config(spinning: str) -> dict[str, str]:
+    """Session config entries of a spinning mode ("auto", "on" or "off").
+
+    Raises:
+        ValueError: an unknown mode (the message lists the allowed ones).
+    """
+    if spinning == "off":
+        return {"session.intra_op.allow_spinning": "0"}
+    if spinning == "on":
+        return {"session.intra_op.allow_spinning": "1"}
+    if spinning == "auto":
+        return {
+            "session.intra_op.allow_spinning": "1",
+            "session.intra_op.spin_duration_us": str(AUTO_SPIN_US),
+        }
+    raise ValueError(f"spinning must be one of {SPINNING}, got {spinning!r}")
