@@ -134,7 +134,9 @@ def test_speculation_refuses_sampling_batches_and_unknown_modes(toy_all):
         toy_all.generate("Hi", speculative="eagle")
 
 
-def test_speculation_refuses_a_decoder_with_last_position_logits_only(tmp_path, qwen3_tokenizer_dir):
+def test_speculation_refuses_a_decoder_with_last_position_logits_only(
+    tmp_path, qwen3_tokenizer_dir
+):
     gen = Generator(build_toy_artifact(tmp_path / "toy", qwen3_tokenizer_dir))
     with pytest.raises(GeneratorError, match="all_logits"):
         gen.generate("Hi", speculative="ngram")
