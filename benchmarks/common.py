@@ -260,20 +260,34 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-# `edgepipe build`'s export + quantize stage for one profile, in a child process: the recipe
+# `edgepipe build`'s export + quantize and optimize stages for one profile (the graph it ships;
+# validation and packaging leave it as is), in a child process: the recipe
 # is resolved by edgepipe.build.run exactly as `edgepipe build RECIPE -p PROFILE` resolves it.
 _EDGEPIPE_BUILD_CHILD = """
-import json, sys
+import json, shutil, sys
+from pathlib import Path
 from edgepipe.stages.export.dynamic import build_decoder
+from edgepipe.stages.optimize import optimize_model
 from edgepipe.build.run import build_code_hash, plan_builds
 (plan,) = plan_builds([sys.argv[1]], [sys.argv[2]])
 quant = plan.quant_plan()
-result = build_decoder(sys.argv[3], sys.argv[4], activation_dtype=plan.activation_dtype,
+out = Path(sys.argv[4])
+export_dir = out.with_name(out.name + ".export")
+shutil.rmtree(export_dir, ignore_errors=True)
+result = build_decoder(sys.argv[3], export_dir, activation_dtype=plan.activation_dtype,
                        quant=quant, all_logits=sys.argv[5:6] == ["all"])
+# The optimize stage as `edgepipe build` runs it: the shipped graph is its output.
+optimization = optimize_model(export_dir, out, provider=plan.profile.provider,
+                              level=plan.profile.optimization_level,
+                              tolerance=1e-3 if plan.activation_dtype == "float32" else 2e-2)
+shutil.rmtree(export_dir)
 specs = sorted({f"{s.bits}/{s.block_size}/{s.symmetric}/{s.accuracy_level}" for s in quant.specs()})
 print(json.dumps({"code_hash": build_code_hash(), "bytes_written": result.bytes_written,
-                  "quant": specs}))
+                  "quant": specs, "stages": "export+optimize",
+                  "optimization": {k: optimization.get(k) for k in ("applied", "reason")}}))
 """
+# The stages the edgepipe build child runs (its records say so): a record of others is rebuilt.
+SHIPPED_STAGES = "export+optimize"
 
 _RECIPE = """\
 # Written by benchmarks/common.py: a shape-exact random {name} for the benchmarks.
@@ -304,7 +318,7 @@ def bench_recipe(name: str, model_dir: Path, profile: str = "cpu-x64", cache: Pa
 def edgepipe_build_cmd(
     recipe: Path, profile: str, model_dir: Path, out_dir: Path, *, all_logits: bool = False
 ) -> list[str]:
-    """The child command of `edgepipe build`'s export stage (see `_EDGEPIPE_BUILD_CHILD`);
+    """The child command of `edgepipe build`'s export and optimize stages (`_EDGEPIPE_BUILD_CHILD`);
     `all_logits`: the decoder returns every position's logits (speculative verify steps)."""
     return [sys.executable, "-c", _EDGEPIPE_BUILD_CHILD, str(recipe), profile] + [
         str(model_dir),
@@ -317,7 +331,9 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
     """Build (or reuse) `kind`'s int4 CPU artifact of `model_dir`; the record says what it cost.
 
     Args:
-        kind: "edgepipe" (`edgepipe build`'s export + quantize for `PROFILE`) or "genai"
+        kind: "edgepipe" (`edgepipe build`'s export + quantize + optimize for `PROFILE`: the
+            graph it ships; validation and packaging do not change it), "edgepipe-all-logits"
+            (the same with every position's logits, for speculative decoding) or "genai"
             (`onnxruntime_genai.models.builder -p int4 -e cpu`).
         name: the preset name (cache folder).
         model_dir: the source folder (`source_model`).
@@ -338,7 +354,8 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
         code_hash = build_code_hash()
     if record_path.is_file() and out.is_dir() and not rebuild:
         record = json.loads(record_path.read_text())
-        if record.get("code_hash") == code_hash and record.get("rc") == 0:
+        fresh = kind not in EDGEPIPE_KINDS or record.get("stages") == SHIPPED_STAGES
+        if record.get("code_hash") == code_hash and record.get("rc") == 0 and fresh:
             return {**record, "artifact": str(out)}  # the cache may have moved since
     shutil.rmtree(out, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
