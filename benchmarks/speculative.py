@@ -4,6 +4,8 @@
   single token, at the same cached context, alternated (ABBA) in one process; reported as the
   ratio of medians per K. Speculation wins when the tokens a verify step yields (accepted + 1)
   exceed that ratio.
+* the same with the shipped decoder (logits of the last position only): what the layers alone
+  cost, i.e. what a verify step would cost if the shipped graph could return K + 1 rows;
 * **prefill cost** of the all-position decoder (the one speculation needs: its lm_head runs on
   every prompt position) against the shipped, last-position one.
 * **end to end**: greedy decode tok/s with `speculative="ngram"` vs without (the same tokens,
@@ -46,8 +48,12 @@ def grounded_prompt(chars: int = 1800) -> str:
     )
 
 
-def step_costs(gen, context: int, ks, rounds: int) -> dict:
-    """Median seconds of a 1-token call and of (K+1)-token verify calls, ABBA alternated."""
+def step_costs(gen, context: int, ks, rounds: int, *, last_only: bool = False) -> dict:
+    """Median seconds of a 1-token call and of (K+1)-token verify calls, ABBA alternated.
+
+    `last_only`: feed the K+1 tokens to the shipped decoder (last position's logits), i.e. the
+    cost of the layers alone, without the lm_head on every position.
+    """
     engine = gen.engine
     ids = [int(t) for t in np.random.default_rng(0).integers(1000, 50000, context)]
     request = engine.begin([ids], max(ks) + 2, None)
@@ -59,7 +65,7 @@ def step_costs(gen, context: int, ks, rounds: int) -> dict:
             feed = np.array([ids[:width]], dtype=np.int64)
             lengths = np.array([context + width], dtype=np.int64)
             started = time.perf_counter()
-            if width == 1:
+            if width == 1 or last_only:
                 request.step(feed, lengths)
             else:
                 request.verify(feed, lengths)
@@ -112,7 +118,12 @@ def end_to_end(gen, prompt: str, gen_len: int, rounds: int) -> dict:
                 }
             )
             tokens.setdefault(mode, result.token_ids)
-    assert tokens["plain"] == tokens["ngram"], "speculation changed the greedy tokens"
+    # Equal on float32 graphs (tests/test_runtime_speculative.py); with int4 accuracy_level 4
+    # the multi-token kernels' logits differ from the one-token ones by ~1-2% of their scale,
+    # which can flip a near-tied argmax (random weights: nearly flat logits), so this records
+    # where the outputs part rather than asserting.
+    plain, spec = tokens["plain"], tokens["ngram"]
+    diverge = next((i for i, (a, b) in enumerate(zip(plain, spec, strict=False)) if a != b), None)
     med = {k: statistics.median(x["decode_tokens_per_s"] for x in v) for k, v in rows.items()}
     last = rows["ngram"][-1]
     return {
@@ -122,6 +133,8 @@ def end_to_end(gen, prompt: str, gen_len: int, rounds: int) -> dict:
         "speedup": round(med["ngram"] / med["plain"], 3),
         "acceptance": round(last["accepted"] / last["drafted"], 3) if last["drafted"] else None,
         "verify_calls": last["verify_calls"],
+        "same_tokens": plain == spec,
+        "first_divergence": diverge,
         "rounds": rows,
     }
 
@@ -134,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--context", type=int, default=256, help="cached tokens for step costs")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--skip-steps", action="store_true", help="end-to-end runs only")
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=RESULTS / "speculative.json")
     args = parser.parse_args(argv)
@@ -146,10 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     all_dir = cached_build("edgepipe-all-logits", name, model_dir, args.cache)["artifact"]
     shipped, all_logits = Generator(shipped_dir), Generator(all_dir)
     doc = {"model": name, "load_before": load_now(), "command": " ".join(sys.argv)}
-    doc["step_cost"] = step_costs(all_logits, args.context, args.ks, args.rounds * 2)
-    print("verify step / 1-token step:", doc["step_cost"], "load", load_now(), flush=True)
-    doc["prefill"] = prefill_ratio(shipped, all_logits, 128, args.rounds)
-    print("prefill(128) all-position / shipped:", doc["prefill"], "load", load_now(), flush=True)
+    if not args.skip_steps:
+        _costs(doc, args, shipped, all_logits)
     for task, prompt in (("grounded", grounded_prompt()), ("free", FREE_PROMPT)):
         doc[task] = end_to_end(all_logits, prompt, args.gen_len, args.rounds)
         summary = {k: v for k, v in doc[task].items() if k != "rounds"}
@@ -158,6 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, doc)
     print(json.dumps({k: v for k, v in doc.items() if k not in ("grounded", "free")}, indent=1))
     return 0
+
+
+def _costs(doc: dict, args, shipped, all_logits) -> None:
+    doc["step_cost"] = step_costs(all_logits, args.context, args.ks, args.rounds * 2)
+    print("verify step / 1-token step:", doc["step_cost"], "load", load_now(), flush=True)
+    doc["step_cost_layers_only"] = step_costs(
+        shipped, args.context, args.ks, args.rounds * 2, last_only=True
+    )
+    print("(K+1)-token step, last-position logits:", doc["step_cost_layers_only"], flush=True)
+    doc["prefill"] = prefill_ratio(shipped, all_logits, 128, args.rounds)
+    print("prefill(128) all-position / shipped:", doc["prefill"], "load", load_now(), flush=True)
 
 
 if __name__ == "__main__":
