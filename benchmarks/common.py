@@ -34,6 +34,9 @@ BENCH_MODELS = ("qwen2.5-0.5b", "qwen3-0.6b", "qwen2.5-1.5b", "qwen3-1.7b")
 SEED = 0
 MIB = 2**20
 PROFILE = "cpu-x64"
+# cached_build kinds built by edgepipe: as shipped, and with every position's logits (the
+# decoder prompt-lookup decoding verifies drafts with).
+EDGEPIPE_KINDS = ("edgepipe", "edgepipe-all-logits")
 # Child processes must never reach a hub: every input is a local folder.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -144,6 +147,25 @@ def load_now() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+@contextlib.contextmanager
+def busy_load(core: int = 0):
+    """A fixed synthetic load for the duration: one Python busy loop pinned to `core`.
+
+    Every contender of a `--busy` run shares the same load, so it stands for "an app next to
+    other work" without depending on who else uses the machine.
+    """
+    code = "while True: pass"
+    cmd = [sys.executable, "-c", code]
+    if shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(core), *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def mem_available_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (None elsewhere)."""
     try:
@@ -238,22 +260,36 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-# `edgepipe build`'s export + quantize stage for one profile, in a child process: the recipe
+# `edgepipe build`'s export + quantize and optimize stages for one profile (the graph it ships;
+# validation and packaging leave it as is), in a child process: the recipe
 # is resolved by edgepipe.build.plan exactly as `edgepipe build RECIPE -p PROFILE` resolves it.
 _EDGEPIPE_BUILD_CHILD = """
-import json, sys
+import json, shutil, sys
+from pathlib import Path
 from edgepipe.stages.export.dynamic import build_decoder
 from edgepipe.build.cache import build_code_hash
 from edgepipe.build.dynamic import EXPORT_ROOTS
 from edgepipe.build.plan import plan_builds
+from edgepipe.stages.optimize import optimize_model
 (plan,) = plan_builds([sys.argv[1]], [sys.argv[2]])
 quant = plan.quant_plan()
-result = build_decoder(sys.argv[3], sys.argv[4], activation_dtype=plan.activation_dtype,
-                       quant=quant, all_logits=False)
+out = Path(sys.argv[4])
+export_dir = out.with_name(out.name + ".export")
+shutil.rmtree(export_dir, ignore_errors=True)
+result = build_decoder(sys.argv[3], export_dir, activation_dtype=plan.activation_dtype,
+                       quant=quant, all_logits=sys.argv[5:6] == ["all"])
+# The optimize stage as `edgepipe build` runs it: the shipped graph is its output.
+optimization = optimize_model(export_dir, out, provider=plan.profile.provider,
+                              level=plan.profile.optimization_level,
+                              tolerance=1e-3 if plan.activation_dtype == "float32" else 2e-2)
+shutil.rmtree(export_dir)
 specs = sorted({f"{s.bits}/{s.block_size}/{s.symmetric}/{s.accuracy_level}" for s in quant.specs()})
 print(json.dumps({"code_hash": build_code_hash(EXPORT_ROOTS), "bytes_written": result.bytes_written,
-                  "quant": specs}))
+                  "quant": specs, "stages": "export+optimize",
+                  "optimization": {k: optimization.get(k) for k in ("applied", "reason")}}))
 """
+# The stages the edgepipe build child runs (its records say so): a record of others is rebuilt.
+SHIPPED_STAGES = "export+optimize"
 
 _RECIPE = """\
 # Written by benchmarks/common.py: a shape-exact random {name} for the benchmarks.
@@ -281,11 +317,15 @@ def bench_recipe(name: str, model_dir: Path, profile: str = "cpu-x64", cache: Pa
     return path
 
 
-def edgepipe_build_cmd(recipe: Path, profile: str, model_dir: Path, out_dir: Path) -> list[str]:
-    """The child command of `edgepipe build`'s export stage (see `_EDGEPIPE_BUILD_CHILD`)."""
+def edgepipe_build_cmd(
+    recipe: Path, profile: str, model_dir: Path, out_dir: Path, *, all_logits: bool = False
+) -> list[str]:
+    """The child command of `edgepipe build`'s export and optimize stages (`_EDGEPIPE_BUILD_CHILD`);
+    `all_logits`: the decoder returns every position's logits (speculative verify steps)."""
     return [sys.executable, "-c", _EDGEPIPE_BUILD_CHILD, str(recipe), profile] + [
         str(model_dir),
         str(out_dir),
+        *(["all"] if all_logits else []),
     ]
 
 
@@ -293,7 +333,9 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
     """Build (or reuse) `kind`'s int4 CPU artifact of `model_dir`; the record says what it cost.
 
     Args:
-        kind: "edgepipe" (`edgepipe build`'s export + quantize for `PROFILE`) or "genai"
+        kind: "edgepipe" (`edgepipe build`'s export + quantize + optimize for `PROFILE`: the
+            graph it ships; validation and packaging do not change it), "edgepipe-all-logits"
+            (the same with every position's logits, for speculative decoding) or "genai"
             (`onnxruntime_genai.models.builder -p int4 -e cpu`).
         name: the preset name (cache folder).
         model_dir: the source folder (`source_model`).
@@ -308,20 +350,23 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
     out = folder / kind
     record_path = folder / f"{kind}.json"
     code_hash = None
-    if kind == "edgepipe":
+    if kind in EDGEPIPE_KINDS:
         from edgepipe.build.cache import build_code_hash
         from edgepipe.build.dynamic import EXPORT_ROOTS
 
         code_hash = build_code_hash(EXPORT_ROOTS)
     if record_path.is_file() and out.is_dir() and not rebuild:
         record = json.loads(record_path.read_text())
-        if record.get("code_hash") == code_hash and record.get("rc") == 0:
+        fresh = kind not in EDGEPIPE_KINDS or record.get("stages") == SHIPPED_STAGES
+        if record.get("code_hash") == code_hash and record.get("rc") == 0 and fresh:
             return {**record, "artifact": str(out)}  # the cache may have moved since
     shutil.rmtree(out, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    if kind == "edgepipe":
+    if kind in EDGEPIPE_KINDS:
         recipe = bench_recipe(name, model_dir, PROFILE, cache)
-        cmd = edgepipe_build_cmd(recipe, PROFILE, model_dir, out)
+        cmd = edgepipe_build_cmd(
+            recipe, PROFILE, model_dir, out, all_logits=kind == "edgepipe-all-logits"
+        )
     else:
         cmd = genai_builder_cmd(model_dir, out, folder / "genai-cache")
     print(f"[{name}] building with {kind} ...", flush=True)
@@ -331,7 +376,7 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
     if record["rc"]:
         raise RuntimeError(f"{kind} build of {name} failed:\n{record.get('error')}")
     stdout = record.pop("stdout")
-    if kind == "edgepipe":
+    if kind in EDGEPIPE_KINDS:
         record.update(json.loads(stdout.strip().splitlines()[-1]))
     record["artifact"] = str(out)
     record["artifact_bytes"] = folder_bytes(out, "model.onnx")

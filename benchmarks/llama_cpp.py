@@ -171,6 +171,16 @@ class LlamaBench:
             }
         return rows
 
+    def peak_rss_mib(self, prompt_len: int, gen_len: int) -> float:
+        """Peak RSS of one llama-bench run of a `prompt_len` prompt and `gen_len` tokens (its
+        context holds both: the runtime memory of that request, plus llama-bench's own)."""
+        cmd = [str(binary("llama-bench")), "-m", str(self.gguf), "-t", str(self.threads)]
+        cmd += ["-pg", f"{prompt_len},{gen_len}", "-p", "0", "-n", "0", "-r", "1", "-o", "json"]
+        done = run_measured(cmd)
+        if done["rc"]:
+            raise RuntimeError(f"llama-bench failed:\n{done['error']}")
+        return done["peak_rss_mib"]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

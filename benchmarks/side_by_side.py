@@ -1,20 +1,25 @@
-"""edgepipe vs onnxruntime-genai (and optionally llama.cpp) on shape-exact random Qwen models.
+"""edgepipe vs onnxruntime-genai and llama.cpp on shape-exact random Qwen models.
 
 For each model shape (default: Qwen2.5-0.5B, Qwen3-0.6B, Qwen2.5-1.5B, Qwen3-1.7B):
 
 1. a random-weight bf16 folder (`edgepipe.arch.presets`, cached in benchmarks/.cache/models/);
 2. builds from that folder, each in a child process measured for wall time and peak RSS:
-   edgepipe's export + quantize stage for the `cpu-x64` profile (int4 block 32,
-   accuracy_level 4, asymmetric; one int4 table for the embedding and the tied lm_head) and
+   edgepipe's export + quantize and optimize stages for the `cpu-x64` profile, i.e. the graph
+   `edgepipe build` ships (int4 block 32, accuracy_level 4, asymmetric; one int4 table for the
+   embedding and the tied lm_head), llama.cpp's Q4_0 GGUF (whenever llama.cpp is built in the
+   cache; `--llama-cpp` builds it, `--no-llama-cpp` leaves it out) and
    `python -m onnxruntime_genai.models.builder -p int4 -e cpu` at its defaults (symmetric int4
    block 32, accuracy_level 4, the same shared table); cached in benchmarks/.cache/builds/;
 3. peak RSS of one 512-token prompt + 128 generated tokens in a fresh process, per runtime, at
    its default settings (edgepipe sizes the KV cache per request; genai allocates its
    `max_length`, the whole context) and at a matched `max_length` (prompt + generated);
+   llama.cpp's is the peak RSS of one llama-bench run of that prompt and length;
 4. speed, alternating the contenders (ABBA order) for `--rounds` rounds in long-lived worker
    processes: time to first token and prefill tokens/s at each prompt length, decode tokens/s
    over the generated tokens after it (greedy, exactly `--gen-len` tokens). genai runs at the
-   matched `max_length` here (its default would allocate the whole context per request);
+   matched `max_length` here (its default would allocate the whole context per request).
+   `--busy` keeps one core busy (a Python loop pinned to core 0) during the rounds, the same
+   load for every contender: an app next to other work;
 5. the decode roofline: this machine's streaming read bandwidth / bytes read per decoded
    token (weights + mean KV cache, from each artifact's graph; `roofline.py`).
 
@@ -24,7 +29,8 @@ side_by_side.json (everything), .md (tables + goals) and .png (chart).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/side_by_side.py
     PYTHONPATH=$PWD .venv/bin/python benchmarks/side_by_side.py --models qwen3-0.6b --rounds 5
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/side_by_side.py --llama-cpp   # + llama.cpp
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/side_by_side.py --llama-cpp   # build it first
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/side_by_side.py --busy        # one core loaded
 
 Tuning runs: `--variant NAME:KEY=VALUE,...` adds an edgepipe worker with onnxruntime session
 config entries (`threads=N` for intra-op threads), `--baseline-src DIR` one that imports
@@ -35,6 +41,7 @@ side_by_side-T.* instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -49,6 +56,7 @@ from common import (  # noqa: E402
     CACHE,
     PROFILE,
     RESULTS,
+    busy_load,
     cached_build,
     folder_bytes,
     load_now,
@@ -193,16 +201,23 @@ def bench_model(name: str, args, bandwidth: float) -> dict:
                 )
             )
         contenders = [_WorkerContender(w) for w in workers]
-        if args.llama_cpp:
-            import llama_cpp
+        import llama_cpp
 
-            if not llama_cpp.available():
-                llama_cpp.setup()
+        if args.llama_cpp and not llama_cpp.available():
+            llama_cpp.setup()
+        if llama_cpp.available() and not args.no_llama_cpp:
             record = llama_cpp.gguf_q4_0(name, model_dir, args.cache)
             result["builds"]["llama.cpp"] = record
             artifacts["llama.cpp"] = Path(record["artifact"])
-            contenders.append(llama_cpp.LlamaBench(record["artifact"]))
-        result["speed"] = speed(contenders, prompt_lens, gen_len, args.rounds)
+            bench = llama_cpp.LlamaBench(record["artifact"])
+            contenders.append(bench)
+            if not args.no_memory:
+                rss = bench.peak_rss_mib(max(prompt_lens), gen_len)
+                for setting in ("default", "matched"):  # its context is prompt + generated
+                    result["memory"][f"llama.cpp/{setting}"] = {"peak_rss_mib": rss}
+        with busy_load() if args.busy else contextlib.nullcontext():
+            result["speed"] = speed(contenders, prompt_lens, gen_len, args.rounds)
+        result["busy"] = bool(args.busy)
     finally:
         result["workers"] = {w.name: {**w.ready, **w.close()} for w in workers}
 
@@ -227,8 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild", action="store_true", help="rebuild cached artifacts")
     parser.add_argument("--no-genai", action="store_true")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process RSS runs")
-    parser.add_argument("--llama-cpp", action="store_true", help="add llama.cpp (Q4_0)")
+    parser.add_argument(
+        "--llama-cpp", action="store_true", help="build llama.cpp first when it is not built"
+    )
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...")
+    parser.add_argument(
+        "--busy",
+        action="store_true",
+        help="a fixed synthetic load (a busy loop pinned to core 0) during the timed rounds",
+    )
     parser.add_argument("--baseline-src", type=Path, help="checkout for an edgepipe@baseline row")
     args = parser.parse_args(argv)
     if args.rounds < 1:

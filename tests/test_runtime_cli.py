@@ -111,3 +111,18 @@ def test_bench_reports_speeds_and_peak_rss(toy, capsys):
 def test_bench_rejects_a_zero_length(toy, capsys):
     assert run_cli(["bench", str(toy), "--gen-len", "0"]) == 2
     assert "--gen-len must be >= 1" in capsys.readouterr().err
+
+
+def test_spin_flag_reaches_the_session(toy, monkeypatch):
+    import edgepipe.runtime
+
+    opened = []
+
+    class Recording(Generator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self.session.get_session_options())
+
+    monkeypatch.setattr(edgepipe.runtime, "Generator", Recording)
+    assert run_cli(["run", str(toy), "Hi", "--max-new-tokens", "2", "--spin", "on"]) == 0
+    assert opened[0].get_session_config_entry("session.intra_op.allow_spinning") == "1"

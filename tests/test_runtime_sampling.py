@@ -172,3 +172,43 @@ def test_defaults_come_from_generation_config():
         20,
     )
     assert params.min_p == 0.0
+
+
+def _reference_top_p(logits, temperature, top_p):
+    """The full-sort definition filtered_distribution must keep."""
+    scores = np.asarray(logits, dtype=np.float64) / temperature
+    order = np.argsort(-scores, kind="stable")
+    probs = np.exp(scores[order] - scores[order][0])
+    probs /= probs.sum()
+    keep = int(np.count_nonzero(np.cumsum(probs) - probs < top_p))
+    return order[:keep], probs[:keep] / probs[:keep].sum()
+
+
+@pytest.mark.parametrize("spread", [8.0, 0.01])  # peaked (narrowed path) and flat (fallback)
+def test_top_p_alone_gives_the_full_sort_result_on_a_large_vocabulary(spread):
+    logits = (np.random.default_rng(1).standard_normal(151936) * spread).astype(np.float32)
+    ids, probs = filtered_distribution(logits, temperature=0.7, top_p=0.9)
+    want_ids, want_probs = _reference_top_p(logits, 0.7, 0.9)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(probs, want_probs, rtol=1e-9)
+
+
+def test_greedy_pick_does_not_copy_or_change_the_logits():
+    logits = np.random.default_rng(2).standard_normal(151936).astype(np.float32)
+    before = logits.copy()
+    assert Sampler(SamplingParams()).pick(logits, ()) == int(np.argmax(before))
+    np.testing.assert_array_equal(logits, before)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.95])
+def test_min_p_on_a_large_vocabulary_gives_the_full_sort_result(top_p):
+    logits = (np.random.default_rng(3).standard_normal(151936) * 2).astype(np.float32)
+    ids, probs = filtered_distribution(logits, temperature=0.8, min_p=0.05, top_p=top_p)
+    scores = logits.astype(np.float64) / 0.8
+    order = np.argsort(-scores, kind="stable")
+    full = np.exp(scores[order] - scores[order][0])
+    full /= full.sum()
+    keep = int(np.count_nonzero(np.cumsum(full) - full < top_p))
+    keep = min(keep, max(1, int(np.count_nonzero(full >= 0.05 * full[0]))))
+    np.testing.assert_array_equal(ids, order[:keep])
+    np.testing.assert_allclose(probs, full[:keep] / full[:keep].sum(), rtol=1e-9)

@@ -53,6 +53,11 @@ def _artifact_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     parser.add_argument("--max-length", type=int, help="cap on KV positions (prompt + output)")
     parser.add_argument("--verify", action="store_true", help="check manifest sha256 sums first")
+    parser.add_argument(
+        "--spin",
+        choices=("auto", "on", "off"),
+        help="intra-op thread spinning (auto: a bounded spin; default: the runtime's, off)",
+    )
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +103,7 @@ def _open(args):
         verify_checksums=args.verify,
         max_length=args.max_length,
         intra_op_num_threads=args.threads,
+        spinning=args.spin,
     )
 
 

@@ -26,7 +26,8 @@ from edgepipe.runtime.errors import (
     ProviderUnavailable,
     TemplateRefused,
 )
-from edgepipe.runtime.generator import GenerationResult, Generator, Metrics, Stream
+from edgepipe.runtime.generator import Generator
+from edgepipe.runtime.results import GenerationResult, Metrics, Stream
 from edgepipe.runtime.sampling import SamplingParams
 from edgepipe.runtime.session import ChatSession
 from edgepipe.runtime.tools import ToolCall, parse_tool_calls

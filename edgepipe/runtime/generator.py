@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -21,6 +20,8 @@ from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter
 from edgepipe.runtime.engines import CacheStore, Engine, open_engine
 from edgepipe.runtime.engines.kv import position_limit
 from edgepipe.runtime.errors import ArtifactError, PromptTooLong
+from edgepipe.runtime.options import spinning_config
+from edgepipe.runtime.results import GenerationResult, Metrics, Stream
 from edgepipe.runtime.rows import Row, Thinking
 from edgepipe.runtime.sampling import (
     Sampler,
@@ -28,95 +29,11 @@ from edgepipe.runtime.sampling import (
     merge_params,
     params_from_generation_config,
 )
+from edgepipe.runtime.speculative import NgramDrafter, check_request
+from edgepipe.runtime.speculative import decode as speculative_decode
 from edgepipe.runtime.tools import ToolStream, check_tool_choice, check_tools, prepare_messages
 
 TRUNCATE_MODES = ("error", "left")
-
-
-@dataclass
-class Metrics:
-    """Timings and sizes of one generate call (all rows of a batch together).
-
-    Attributes:
-        prompt_tokens: prompt tokens fed to the model (a chat session's reused prefix excluded).
-        generated_tokens: tokens generated, all rows.
-        time_to_first_token_s: from the start of prefill to the first sampled token.
-        prefill_tokens_per_s: prompt_tokens / prefill time.
-        decode_tokens_per_s: tokens generated after the first (per row) / decode time.
-        total_s: wall time of the call.
-        kv_bytes: bytes of KV cache allocated.
-        kv_capacity: KV positions per row allocated.
-        prefill_calls: model calls that fed the prompt (1 for one prompt or a batch of equal
-            lengths fed at once; more for chunks, rows of different lengths, static graphs).
-    """
-
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    time_to_first_token_s: float = 0.0
-    prefill_tokens_per_s: float = 0.0
-    decode_tokens_per_s: float = 0.0
-    total_s: float = 0.0
-    kv_bytes: int = 0
-    kv_capacity: int = 0
-    prefill_calls: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class GenerationResult:
-    """One row's output.
-
-    Attributes:
-        text: generated text (special tokens skipped; cut before a stop string). For `chat()`
-            with thinking, the answer only.
-        token_ids: generated ids (a stop token that ended generation included).
-        finish_reason: "stop" (stop token, or a constraint's text complete), "stop_string", or
-            "length" (max_new_tokens or the KV/context limit).
-        metrics: timings of the call (shared by the rows of a batch).
-        prompt_token_ids: the prompt as fed (after any left truncation).
-        thinking: Qwen3 thinking text from `chat()`, None when there was none.
-        tool_calls: the calls parsed from a `chat(tools=...)` reply (`tools.ToolCall`).
-        tool_call_errors: malformed `<tool_call>` blocks, left in `text`.
-    """
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    metrics: Metrics
-    prompt_token_ids: list[int] = field(default_factory=list)
-    thinking: str | None = None
-    tool_calls: list = field(default_factory=list)
-    tool_call_errors: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["metrics"] = self.metrics.to_dict()
-        return out
-
-
-class Stream:
-    """Iterator over streamed text pieces; `result` holds the GenerationResult once done.
-
-    Args:
-        pieces: the text pieces; when it is a generator, the value it returns becomes `result`.
-    """
-
-    def __init__(self, pieces: Iterator[str]):
-        self._pieces = pieces
-        self.result: GenerationResult | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        try:
-            return next(self._pieces)
-        except StopIteration as stop:
-            if stop.value is not None:
-                self.result = stop.value
-            raise
 
 
 class Generator:
@@ -134,6 +51,9 @@ class Generator:
         session_config: onnxruntime session config entries over `SESSION_CONFIG` (ignored
             when session_options is given), e.g. `{"session.intra_op.allow_spinning": "1"}`.
         provider_options: override the profile's provider options.
+        spinning: intra-op thread spinning, "auto" (a bounded spin), "on" or "off"; None
+            keeps `SESSION_CONFIG`'s (off). Applied under `session_config` (its entries win);
+            ignored when session_options is given.
         prefill_chunk: feed long prompts this many tokens at a time (None: all at once); bounds
             prefill memory, same tokens. Not used on providers that prefill in one call
             (`edgepipe.runtime.providers.ONE_CALL_PREFILL`: DirectML), nor by static artifacts
@@ -165,6 +85,7 @@ class Generator:
         session_config: Mapping[str, str] | None = None,
         provider_options: Mapping | None = None,
         prefill_chunk: int | None = 512,
+        spinning: str | None = None,
     ):
         import tokenizers
 
@@ -185,6 +106,8 @@ class Generator:
         # No lock: every call owns its KV buffers and IOBinding, and onnxruntime's Run is
         # thread-safe, so concurrent calls (threads, or interleaved streams) do not interfere.
         self._template: ChatTemplate | None = None
+        if spinning is not None:
+            session_config = {**spinning_config(spinning), **(session_config or {})}
         self._engine: Engine = open_engine(
             art,
             provider=provider,
@@ -251,7 +174,9 @@ class Generator:
                 ones come from the artifact's generation_config.json. Or one constraint
                 (`edgepipe.runtime.constrain`, needs `pip install 'edgepipe[constrained]'`):
                 `json_schema=` (dict or JSON text), `json_object=True`, `regex=` or
-                `choices=[...]`; it is checked before generation starts.
+                `choices=[...]`; it is checked before generation starts. Also
+                `speculative="ngram"`: prompt-lookup speculative decoding (greedy, one prompt;
+                see `edgepipe.runtime.speculative`).
 
         Returns:
             A `GenerationResult`, or a list of them for a batch.
@@ -512,7 +437,16 @@ class Generator:
         """
         if truncate not in TRUNCATE_MODES:
             raise ValueError(f"truncate must be one of {TRUNCATE_MODES}, got {truncate!r}")
+        params = dict(params)
+        speculative = params.pop("speculative", None)
         p = merge_params(self.defaults, **params)
+        check_request(
+            speculative,
+            greedy=p.greedy,
+            batch=len(batch),
+            engine=self._engine,
+            constrained=constraint is not None,
+        )
         stop_ids = set(
             self.artifact.eos_token_ids if p.stop_token_ids is None else p.stop_token_ids
         )
@@ -528,17 +462,12 @@ class Generator:
             for ids in batch
         ]
         sampler = Sampler(p)
-        return (yield from self._decode_loop(rows, p, sampler, stop_ids, thinking, cache_store))
+        drafter = NgramDrafter(rows[0].prompt) if speculative else None
+        loop = self._decode_loop(rows, p, sampler, stop_ids, thinking, cache_store, drafter)
+        return (yield from loop)
 
-    def _decode_loop(self, rows, p, sampler, stop_ids, thinking, cache_store):
-        t_start = time.perf_counter()
-        batch = len(rows)
-        lengths = np.array([len(r.prompt) for r in rows], dtype=np.int64)
-        request = self._engine.begin([r.prompt for r in rows], p.max_new_tokens, cache_store)
-        # Every row stops at the cache's capacity: a generated token needs a slot for the next.
-        max_steps = min(p.max_new_tokens, request.capacity - int(lengths.max()) + 1)
-        logits = request.prefill()
-        prompt_tokens = int(lengths.sum()) - request.reuse
+    def _plain_steps(self, rows, request, logits, lengths, max_steps, sampler, stop_ids, thinking):
+        """The lock-step loop over the rows; yields row 0's pieces, returns t_first."""
         t_first = None
         for step in range(max_steps):
             for i, row in enumerate(rows):
@@ -558,6 +487,27 @@ class Generator:
             )
             lengths = lengths + 1
             logits = request.step(feed, lengths)
+        return t_first
+
+    def _decode_loop(self, rows, p, sampler, stop_ids, thinking, cache_store, drafter=None):
+        t_start = time.perf_counter()
+        batch = len(rows)
+        lengths = np.array([len(r.prompt) for r in rows], dtype=np.int64)
+        request = self._engine.begin([r.prompt for r in rows], p.max_new_tokens, cache_store)
+        # Every row stops at the cache's capacity: a generated token needs a slot for the next.
+        max_steps = min(p.max_new_tokens, request.capacity - int(lengths.max()) + 1)
+        logits = request.prefill()
+        prompt_tokens = int(lengths.sum()) - request.reuse
+        if drafter is None:
+            steps = self._plain_steps(
+                rows, request, logits, lengths, max_steps, sampler, stop_ids, thinking
+            )
+        else:
+            steps = speculative_decode(
+                rows[0], request, logits[0], sampler=sampler, stop_ids=stop_ids,
+                thinking=thinking, max_steps=max_steps, drafter=drafter,
+            )  # fmt: skip
+        t_first = yield from steps
         t_end = time.perf_counter()
         if t_first is None:
             t_first = t_end
@@ -580,6 +530,10 @@ class Generator:
             kv_capacity=request.capacity,
             prefill_calls=request.prefill_calls,
         )
+        if drafter is not None:
+            stats = drafter.stats
+            metrics.verify_calls, metrics.drafted_tokens = stats.verify_calls, stats.drafted
+            metrics.accepted_tokens = stats.accepted
         return [
             GenerationResult(
                 text="".join(r.pieces),

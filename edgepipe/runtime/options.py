@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 # Session config entries of every session the Generator creates (`session_config=` adds or
@@ -11,6 +12,19 @@ from collections.abc import Mapping
 # (benchmarks/side_by_side.py --variant): decode 17.5 vs 11.1 tok/s with spinning, prefill of
 # 128 tokens 89.5 vs 79.1 tok/s; onnxruntime-genai on its own build: 16.6 decode.
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+# `Generator(spinning=...)` -> the session config entries it sets (over SESSION_CONFIG).
+# onnxruntime reads spinning per session (no run option sets it, checked in 1.32: the run config
+# keys are memory.*, gpu_graph_id and disable_synchronize_execution_providers), so the choice is
+# made when the session opens; a second, spinning session per Generator would double the
+# prepacked int4 weights (the Python API exposes no PrepackedWeightsContainer). "auto" spins
+# only when the machine had an idle core when the session opened (1-minute load average at
+# least one below the cores this process may use) and then for at most `AUTO_SPIN_US` per wait,
+# so a worker keeps its core between the kernels of a step but gives it back soon when there is
+# no work. Measured on the shared 2-core VM, shape-exact Qwen2.5-0.5B int4, 8-token prompt, 64
+# tokens, 6 ABBA rounds (benchmarks/side_by_side.py --variant, load 7-15, no idle core ever):
+# spinning on 0.61x of off (0.39x with one core kept busy), a 100 us bounded spin 0.93x (0.88x).
+AUTO_SPIN_US = 100
+SPINNING = ("auto", "on", "off")
 # onnxruntime's log level for the sessions created here: warnings (1) and above by default;
 # the QNN plug-in warns on every session about Windows-on-Arm-only features, so its sessions
 # log errors (3) only.
@@ -41,3 +55,33 @@ def session_options(
     for key, value in {**SESSION_CONFIG, **(session_config or {})}.items():
         options.add_session_config_entry(key, str(value))
     return options
+
+
+def spinning_config(spinning: str) -> dict[str, str]:
+    """Session config entries of a spinning mode ("auto", "on" or "off").
+
+    Raises:
+        ValueError: an unknown mode (the message lists the allowed ones).
+    """
+    if spinning == "off":
+        return {"session.intra_op.allow_spinning": "0"}
+    if spinning == "on":
+        return {"session.intra_op.allow_spinning": "1"}
+    if spinning == "auto":
+        if not idle_core():
+            return {"session.intra_op.allow_spinning": "0"}
+        return {
+            "session.intra_op.allow_spinning": "1",
+            "session.intra_op.spin_duration_us": str(AUTO_SPIN_US),
+        }
+    raise ValueError(f"spinning must be one of {SPINNING}, got {spinning!r}")
+
+
+def idle_core() -> bool:
+    """Whether the machine has a core to spare: 1-minute load average <= usable cores - 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no affinity or load average (Windows): assume idle
+        return True
+    return load <= cores - 1

@@ -141,6 +141,11 @@ def apply_repetition_penalty(logits: np.ndarray, seen: Iterable[int], penalty: f
     logits[ids] = np.where(values > 0, values / penalty, values * penalty)
 
 
+# top-p without top-k (or min-p) first tries the NARROW most likely tokens: the nucleus is
+# nearly always among them, and sorting 1,024 scores instead of 151,936 is most of the cost.
+NARROW = 1024
+
+
 def filtered_distribution(
     logits: np.ndarray,
     *,
@@ -151,21 +156,42 @@ def filtered_distribution(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The candidates and their probabilities after temperature, top-k, top-p and min-p.
 
+    Candidates are chosen on the raw logits (dividing by a temperature > 0 keeps the order), so
+    only they are converted to float64 and sorted.
+
     Args:
         logits: one row, shape [vocab].
 
     Returns:
         (token ids, probabilities summing to 1), most likely first.
     """
-    scores = np.asarray(logits, dtype=np.float64) / max(temperature, 1e-8)
-    if 0 < top_k < scores.size:
-        candidates = np.argpartition(-scores, top_k - 1)[:top_k]
+    row = np.asarray(logits)
+    size = row.size
+    temperature = max(temperature, 1e-8)
+    narrowed = False
+    if 0 < top_k < size:
+        candidates = np.argpartition(row, size - top_k)[size - top_k :]
+    elif min_p > 0.0:
+        # Only tokens near the best can pass min_p; a slightly lower floor than the exact test
+        # (applied below on float64) keeps boundary tokens for it to decide.
+        best = float(row.max())
+        floor = best + temperature * math.log(min_p) - 1e-3 * (abs(best) + 1.0)
+        candidates = np.flatnonzero(row >= floor)
+        narrowed = candidates.size < size
+    elif top_p < 1.0 and size > NARROW:
+        candidates = np.argpartition(row, size - NARROW)[size - NARROW :]
+        narrowed = True
     else:
-        candidates = np.arange(scores.size)
-    order = candidates[np.argsort(-scores[candidates], kind="stable")]
-    values = scores[order]
-    probs = np.exp(values - values[0])
-    probs /= probs.sum()
+        candidates = np.arange(size)
+    ids, values, weights = _sorted_weights(row, candidates, temperature)
+    total = weights.sum()
+    if narrowed:
+        # Probabilities over the whole vocabulary (top-p without top-k renormalises nothing);
+        # when the narrowed set holds less than top_p of the mass, sort all tokens instead.
+        total = np.exp(row.astype(np.float64) / temperature - values[0]).sum()
+        if min_p == 0.0 and weights.sum() < top_p * total:
+            ids, values, weights = _sorted_weights(row, np.arange(size), temperature)
+    probs = weights / total
     keep = probs.size
     if top_p < 1.0:
         # Keep tokens until the mass *before* a token reaches top_p (so at least one stays).
@@ -173,8 +199,16 @@ def filtered_distribution(
         keep = int(np.count_nonzero(before < top_p))
     if min_p > 0.0:
         keep = min(keep, max(1, int(np.count_nonzero(probs >= min_p * probs[0]))))
-    ids, probs = order[:keep], probs[:keep]
+    ids, probs = ids[:keep], probs[:keep]
     return ids, probs / probs.sum()
+
+
+def _sorted_weights(row: np.ndarray, candidates: np.ndarray, temperature: float):
+    """(ids, scores / temperature, exp(that - best)) of `candidates`, most likely first."""
+    scores = row[candidates].astype(np.float64) / temperature
+    order = np.argsort(-scores, kind="stable")
+    ids, values = candidates[order], scores[order]
+    return ids, values, np.exp(values - values[0])
 
 
 class Sampler:
@@ -194,6 +228,8 @@ class Sampler:
                 per token otherwise).
         """
         p = self.params
+        if p.greedy and p.repetition_penalty == 1.0:
+            return int(np.argmax(logits))  # no copy of the 151,936 logits for plain greedy
         row = np.array(logits, dtype=np.float32)
         if p.repetition_penalty != 1.0:
             apply_repetition_penalty(row, seen() if callable(seen) else seen, p.repetition_penalty)

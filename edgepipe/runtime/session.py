@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from edgepipe.runtime.generator import GenerationResult, Generator, Stream
+from edgepipe.runtime.generator import Generator
+from edgepipe.runtime.results import GenerationResult, Stream
 
 
 class ChatSession:

@@ -80,6 +80,10 @@ class DynamicEngine:
         if missing:
             raise ArtifactError(artifact.model_path, f"decoder has no input(s) {missing}")
         self.uses_position_ids = self.position_ids_name in inputs
+        # A verify step needs the logits of all its new positions: only a decoder exported
+        # with all_logits returns them (docs/contracts.md; see edgepipe.runtime.speculative).
+        logits_dims = {o.name: o.shape for o in session.get_outputs()}.get(self.logits_name)
+        self.verifies = bool(logits_dims) and logits_dims[1] != 1
         self.kv_dtype = ORT_NUMPY_DTYPES.get(inputs[self.kv_names[0][0]].type, np.float32)
 
     @classmethod
@@ -180,6 +184,16 @@ class DynamicEngine:
             binding: a `bind(kv)` binding to reuse (made here when None).
         """
         io = self.bind(kv) if binding is None else binding
+        logits = self._call(input_ids, lengths, io)
+        return np.asarray(logits[:, -1, :], dtype=np.float32)
+
+    def verify(self, input_ids: np.ndarray, lengths: np.ndarray, binding) -> np.ndarray:
+        """A call that returns the logits of every fed position, [batch, new, vocab] float32
+        (all-position decoders only: `verifies`)."""
+        logits = self._call(input_ids, lengths, binding)
+        return np.asarray(logits[:, -input_ids.shape[1] :, :], dtype=np.float32)
+
+    def _call(self, input_ids, lengths, io) -> np.ndarray:
         width = int(lengths.max())
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         io.bind_cpu_input(self.input_ids_name, np.ascontiguousarray(input_ids))
@@ -190,8 +204,7 @@ class DynamicEngine:
             io.bind_cpu_input(self.position_ids_name, np.maximum(positions, 0).astype(np.int64))
         io.bind_output(self.logits_name)  # a fresh buffer: the previous step's logits stay valid
         self.session.run_with_iobinding(io)
-        logits = io.get_outputs()[0].numpy()
-        return np.asarray(logits[:, -1, :], dtype=np.float32)
+        return io.get_outputs()[0].numpy()
 
 
 class DynamicRequest:
@@ -261,3 +274,15 @@ class DynamicRequest:
             self._kv = self.cache.ortvalues()
             self._io = self.engine.bind(self._kv)
         return self.engine.run(feed, lengths, self._kv, self._io)
+
+    def verify(self, feed: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Feed several tokens per row (`feed` [batch, n]); logits of all n, [batch, n, vocab].
+
+        Positions written past what the caller later counts in `lengths` are not cleared:
+        attention reads only the first `lengths` positions and the next call overwrites them,
+        so rejecting drafted tokens is a shorter `lengths`, not a copy.
+        """
+        if self._kv is None:
+            self._kv = self.cache.ortvalues()
+            self._io = self.engine.bind(self._kv)
+        return self.engine.verify(feed, lengths, self._io)
