@@ -15,6 +15,7 @@ import sys
 
 from edgepipe import __version__
 from edgepipe.cli import build, catalog, run
+from edgepipe.cli.quiet import quiet_third_parties, terminate_as_interrupt
 from edgepipe.errors import BuildFailed, InvalidInput
 
 # Modules that contribute subcommands, in the order `edgepipe --help` lists them.
@@ -48,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
+    quiet_third_parties(verbose=getattr(args, "verbose", False))
     try:
-        return int(args.handler(args) or 0)
+        with terminate_as_interrupt():
+            return int(args.handler(args) or 0)
     except InvalidInput as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"build failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: whatever was being built stays unpublished (build.publish).
+        print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`edgepipe list | head`): not an error of ours. Point stdout at

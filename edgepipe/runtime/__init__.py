@@ -16,6 +16,7 @@ from edgepipe.runtime.chat import ChatTemplate, split_thinking
 from edgepipe.runtime.errors import (
     ArtifactError,
     GeneratorError,
+    InvalidPrompt,
     KVCacheFull,
     PromptTooLong,
     ProviderUnavailable,
@@ -33,6 +34,7 @@ __all__ = [
     "GenerationResult",
     "Generator",
     "GeneratorError",
+    "InvalidPrompt",
     "KVCacheFull",
     "Metrics",
     "PromptTooLong",
