@@ -91,3 +91,13 @@ def test_ctrl_c_during_a_reply_ends_the_reply_not_the_session(toy, capsys, monke
     assert code == 0
     assert "[reply interrupted]" in out
     assert out.rstrip().splitlines()[-1] != "[reply interrupted]"  # "Hello" was answered
+
+
+def test_a_tokenizer_json_that_is_not_json_exits_2(toy, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "a"
+    shutil.copytree(toy, folder)
+    (folder / "tokenizer.json").write_text("{ not json")
+    assert main(["run", str(folder), "Hi", "--no-verify"]) == 2
+    assert "tokenizer.json: not a tokenizer file" in capsys.readouterr().err

@@ -163,15 +163,7 @@ def load_artifact(folder, *, verify: bool = False) -> Artifact:
     profile = (manifest or {}).get("profile") or {}
     compiled = ((manifest or {}).get("static") or {}).get("ep_context") or {}
     ep_context = {stage: path / name for stage, name in (compiled.get("graphs") or {}).items()}
-    verification = SKIPPED
-    if verify and manifest is None:
-        verification = UNVERIFIABLE
-    elif verify:
-        files = manifest.get("files")
-        if not isinstance(files, dict):
-            raise ArtifactError(manifest_path, "has no `files` map of sha256 sums to verify")
-        verify_files(path, files)
-        verification = VERIFIED
+    verification = _verify(path, manifest) if verify else SKIPPED
 
     return Artifact(
         path=path,
@@ -195,6 +187,17 @@ def load_artifact(folder, *, verify: bool = False) -> Artifact:
         ep_context=ep_context,
         verification=verification,
     )
+
+
+def _verify(path: Path, manifest: dict | None) -> str:
+    """Check the manifest's sha256 sums; what `Artifact.verification` says."""
+    if manifest is None:
+        return UNVERIFIABLE
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactError(path / "manifest.json", "has no `files` map of sha256 sums to verify")
+    verify_files(path, files)
+    return VERIFIED
 
 
 def _pipeline_files(folder: Path, pipeline) -> dict[str, Path]:

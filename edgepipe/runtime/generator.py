@@ -181,7 +181,10 @@ class Generator:
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be an int >= 1 or None, got {prefill_chunk!r}")
 
-        self.tokenizer = tokenizers.Tokenizer.from_file(str(art.tokenizer_path))
+        try:
+            self.tokenizer = tokenizers.Tokenizer.from_file(str(art.tokenizer_path))
+        except Exception as exc:  # tokenizers raises a bare Exception for any parse error
+            raise ArtifactError(art.tokenizer_path, f"not a tokenizer file ({exc})") from None
         try:
             self._token_bytes = TokenBytes(self.tokenizer)
         except (ValueError, KeyError):
