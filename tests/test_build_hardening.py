@@ -102,3 +102,24 @@ def test_build_json_prints_a_report_when_the_input_is_invalid(capsys):
     assert main(["build", "nosuch", "--json"]) == 2
     report = json.loads(capsys.readouterr().out)
     assert report["exit_code"] == 2 and "nosuch: unknown recipe" in report["errors"][0]
+
+
+def test_a_failed_build_does_not_repeat_its_name(tmp_path, monkeypatch):
+    from edgepipe.build import run as build_run
+    from edgepipe.errors import BuildFailed
+
+    (plan,) = plan_builds(["tiny-qwen2"], ["cpu-x64"])
+
+    class Failing:
+        @staticmethod
+        def supported_here(plan):
+            return None
+
+        @staticmethod
+        def build_into(plan, cache, tmp, result, stages, start):
+            raise BuildFailed(f"{plan.name}: validation failed against the reference: kl 9")
+
+    monkeypatch.setitem(build_run.VARIANTS, plan.profile.graph_variant, Failing)
+    result = build_run.build_one(plan, build_run.BuildOptions(tmp_path / "dist", None, tmp_path))
+    assert result.status == "failed"
+    assert result.error == "validation failed against the reference: kl 9"
