@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from edgepipe.runtime import ArtifactError, Generator, ProviderUnavailable, load_artifact
-from edgepipe.runtime.artifact import sha256_file
+from edgepipe.runtime.verify import sha256_file
 from tests.fixtures.toy import build_toy_artifact
 
 

@@ -63,3 +63,23 @@ def read_config(model_dir: Path | str) -> DecoderConfig:
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"{path}: not valid JSON ({exc})") from exc
     return decoder_config(config, family_for(config, str(path)), str(path))
+
+
+def family_mismatch(declared: str, config: dict[str, Any]) -> str | None:
+    """Why `declared` (a recipe's `family:`) is not the family of this config.json, or None.
+
+    A recipe's family picks the chat template and tokenizer; the graph follows the checkpoint.
+    Saying `qwen3` over a Qwen2 checkpoint would ship the wrong template, so the config's
+    `architectures` / `model_type` must agree (an unsupported config is reported elsewhere).
+    """
+    try:
+        actual = family_for(config)
+    except InvalidInput:
+        return None
+    if actual.name == declared:
+        return None
+    return (
+        f"{declared!r}, but the checkpoint's config.json is {actual.name} (architectures "
+        f"{config.get('architectures')}, model_type {config.get('model_type')!r}); set "
+        f"family: {actual.name} or remove the field"
+    )

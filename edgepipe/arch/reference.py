@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgepipe.arch.spec import rope_theta
 from edgepipe.errors import InvalidInput
 
 _LAYER_PREFIX = re.compile(r"^(?:.*\.)?layers\.\d+\.")
@@ -58,13 +59,7 @@ class LayerConfig:
     def from_hf_config(cls, config: Mapping) -> LayerConfig:
         """Read a Hugging Face `config.json` dict (Qwen2, Qwen2.5 or Qwen3)."""
         heads = config["num_attention_heads"]
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        theta = config.get("rope_theta", rope.get("rope_theta", 1e6))
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise InvalidInput(
-                f"config.json: rope type {rope.get('rope_type')!r} is not supported by the "
-                "calibration forward; supported: default"
-            )
+        theta = rope_theta({"rope_theta": 1e6, **config}, "config.json")
         return cls(
             hidden_size=config["hidden_size"],
             num_attention_heads=heads,

@@ -8,6 +8,7 @@ registry of families and `read_config` live in `edgepipe.arch.families`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -102,20 +103,42 @@ class DecoderConfig(ArchShape):
         }
 
 
-def _rope(config: dict[str, Any], where: str) -> float:
-    # transformers 5 writes `rope_parameters` ({rope_theta, rope_type}); older configs write
-    # `rope_theta` and `rope_scaling` at the top level. Accept both.
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, *SUPPORTED_ROPE_TYPES):
-        field_name = "rope_parameters" if params else "rope_scaling"
-        raise InvalidInput(
-            f"{where}: {field_name}: rope type {rope_type!r} is not implemented; supported: "
-            f"{list(SUPPORTED_ROPE_TYPES)} (remove the scaling or use a model without it)"
-        )
-    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-    return float(theta)
+# Keys a rope block may hold that the plain rotary the builder implements honours.
+_ROPE_KEYS = frozenset({"rope_type", "type", "rope_theta"})
+
+
+def rope_theta(config: Mapping[str, Any], where: str) -> float:
+    """rope_theta, after refusing any rope setting the exporter does not implement.
+
+    transformers 5 writes `rope_parameters` ({rope_theta, rope_type}); older configs write
+    `rope_theta` and `rope_scaling` at the top level. Both blocks are checked on their own: a
+    default `rope_parameters` does not make a `rope_scaling` entry beside it go away, and a
+    scaling key (`factor`, ...) under a default type would still be silently ignored.
+    """
+    theta = config.get("rope_theta", 10000.0)
+    for name in ("rope_parameters", "rope_scaling"):
+        block = config.get(name)
+        if block is None or block == {}:
+            continue
+        if not isinstance(block, dict):
+            raise InvalidInput(f"{where}: {name}: expected an object, got {block!r}")
+        rope_type = block.get("rope_type", block.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise InvalidInput(
+                f"{where}: {name}: rope type {rope_type!r} is not implemented; supported: "
+                f"{list(SUPPORTED_ROPE_TYPES)} (use a model without rope scaling)"
+            )
+        extra = sorted(set(block) - _ROPE_KEYS)
+        if extra:
+            raise InvalidInput(
+                f"{where}: {name}: {extra} not implemented (plain rotary takes only rope_type "
+                "'default' and rope_theta); use a model without rope scaling"
+            )
+        theta = block.get("rope_theta", theta)
+    try:
+        return float(theta)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{where}: rope_theta: expected a number, got {theta!r}") from None
 
 
 def decoder_config(config: dict[str, Any], family: FamilySpec, where: str) -> DecoderConfig:
@@ -161,7 +184,7 @@ def decoder_config(config: dict[str, Any], family: FamilySpec, where: str) -> De
         head_dim=int(head_dim),
         intermediate_size=int(config["intermediate_size"]),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope(config, where),
+        rope_theta=rope_theta(config, where),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
         bos_token_id=config.get("bos_token_id"),

@@ -8,9 +8,13 @@ versions of edgepipe, onnx, onnx-ir and onnxruntime. Nothing else goes in (not p
 so two machines with the same inputs share keys.
 
 Entries are verified on every reuse (reading every byte: cheap next to an export); a corrupt or
-half-deleted entry is removed and reported as a miss, so the stage simply runs again. Entries are
-written into a temporary folder beside their final place and renamed in, so a killed build never
-leaves an entry that looks complete.
+half-deleted entry is removed, said so on stderr, and reported as a miss, so the stage simply
+runs again. Entries are written into a temporary folder beside their final place and renamed in,
+so a killed build never leaves an entry that looks complete.
+
+The cache holds at most `max_bytes` (default `DEFAULT_MAX_BYTES`, or `$EDGEPIPE_CACHE_MAX_GB`):
+after each store the least recently used entries (by the mtime of their `entry.json`, touched on
+every hit) are evicted until it fits. `edgepipe cache ls|prune|clear` shows and trims it.
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgepipe.formats.hashing import content_hash, hash_tree, sha256_file
@@ -33,6 +40,77 @@ ENTRY_FILE = "entry.json"
 # Bump when the entry layout or key recipe changes, so old entries stop matching.
 # 2: every export entry carries the source's config.json (`edgepipe.build.shared.export_step`).
 CACHE_FORMAT = 2
+# A Qwen3-4B int4 export is ~2.5 GB: the cap keeps one such model and a few small ones.
+DEFAULT_MAX_BYTES = 5 * 10**9
+TMP_PREFIX = ".tmp-"
+
+
+def max_cache_bytes() -> int:
+    """The size cap: `$EDGEPIPE_CACHE_MAX_GB` (decimal GB, may be fractional), else 5 GB."""
+    value = os.environ.get("EDGEPIPE_CACHE_MAX_GB")
+    try:
+        return int(float(value) * 10**9) if value else DEFAULT_MAX_BYTES
+    except ValueError:
+        return DEFAULT_MAX_BYTES
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One stored stage output: its folder, size and when a build last used it."""
+
+    path: Path
+    stage: str
+    key: str
+    size_bytes: int
+    last_used: float
+
+
+def list_entries(root: Path) -> list[CacheEntry]:
+    """Every complete entry under `root`, least recently used first."""
+    out = []
+    for marker in Path(root).glob(f"*/*/{ENTRY_FILE}"):
+        entry = marker.parent
+        if entry.name.startswith(TMP_PREFIX):
+            continue
+        try:
+            size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+            used = marker.stat().st_mtime
+        except OSError:  # removed meanwhile by another build
+            continue
+        out.append(CacheEntry(entry, entry.parent.name, entry.name, size, used))
+    return sorted(out, key=lambda e: e.last_used)
+
+
+def evict(root: Path, max_bytes: int, *, keep: tuple[Path, ...] = ()) -> list[CacheEntry]:
+    """Remove least recently used entries until the cache holds at most `max_bytes`.
+
+    Also removes temporary folders of stores that died more than an hour ago.
+
+    Returns:
+        The entries removed.
+    """
+    stale = time.time() - 3600
+    for tmp in Path(root).glob(f"*/{TMP_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if tmp.stat().st_mtime < stale:
+                shutil.rmtree(tmp)
+    entries = list_entries(root)
+    total = sum(e.size_bytes for e in entries)
+    removed = []
+    for entry in entries:
+        if total <= max_bytes:
+            break
+        if entry.path in keep:
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(entry.path)
+            total -= entry.size_bytes
+            removed.append(entry)
+    return removed
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def default_cache_root() -> Path:
@@ -100,11 +178,22 @@ class StageCache:
     Args:
         root: the cache folder; `default_cache_root()` when None.
         enabled: when False every lookup misses and nothing is stored (`--no-cache`).
+        max_bytes: size cap (None: `max_cache_bytes()`); least recently used entries go first.
+        report: where one-line notes go (a corrupt entry rebuilt, evictions); default stderr.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, *, enabled: bool = True):
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        *,
+        enabled: bool = True,
+        max_bytes: int | None = None,
+        report: Callable[[str], None] = _stderr,
+    ):
         self.root = Path(root) if root is not None else default_cache_root()
         self.enabled = enabled
+        self.max_bytes = max_cache_bytes() if max_bytes is None else max_bytes
+        self.report = report
 
     def key(self, stage: str, inputs: Mapping) -> str:
         """The cache key of `stage` for `inputs` (plus the tool versions and cache format)."""
@@ -127,8 +216,11 @@ class StageCache:
         if not entry.is_dir():
             return None
         if self.verify(entry):
+            with contextlib.suppress(OSError):
+                os.utime(entry / ENTRY_FILE)  # last used: what eviction goes by
             return entry
         self._remove(entry)
+        self.report(f"cache: {stage} entry {key[:12]} was corrupt; removed, rebuilding it")
         return None
 
     @staticmethod
@@ -160,7 +252,7 @@ class StageCache:
         if not self.enabled:
             return None
         final = self.entry_dir(stage, key)
-        tmp = final.parent / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = final.parent / f"{TMP_PREFIX}{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             if move:
@@ -177,10 +269,20 @@ class StageCache:
                 self._remove(tmp)
                 return final if self.verify(final) else None
             os.replace(tmp, final)
-            return final
         except OSError:
             self._remove(tmp)
             return None
+        self._evict(keep=final)
+        return final
+
+    def _evict(self, keep: Path) -> None:
+        removed = evict(self.root, self.max_bytes, keep=(keep,))
+        if removed:
+            freed = sum(e.size_bytes for e in removed) / 1e9
+            self.report(
+                f"cache: evicted {len(removed)} least recently used entries ({freed:.1f} GB) to "
+                f"stay under {self.max_bytes / 1e9:g} GB ($EDGEPIPE_CACHE_MAX_GB)"
+            )
 
     def materialize(self, entry: Path, dest: Path) -> None:
         """Copy an entry's files (not `entry.json`) into `dest` (created)."""

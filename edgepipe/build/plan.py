@@ -163,8 +163,20 @@ def matrix_entries(
         InvalidInput: every problem found in the recipes, at once.
     """
     # As in `plan_builds`: -p replaces the targets, so matrix shards == build shards.
+    loaded = _load_recipes(recipes)
     rows = [
         (recipe.name, str(arg), list(profiles) if profiles else list(recipe.targets))
-        for arg, recipe in _load_recipes(recipes)
+        for arg, recipe in loaded
     ]
+    # A -p that is not a target must load, or CI would get jobs for a profile that is not there.
+    targets = {t for _, recipe in loaded for t in recipe.targets}
+    problems: list[str] = []
+    for name in dict.fromkeys(profiles or ()):
+        if name not in targets:
+            try:
+                schema.load_profile(name)
+            except InvalidInput as exc:
+                problems.extend(exc.problems)
+    if problems:
+        raise InvalidInput(problems[0], problems)
     return build_matrix(rows)

@@ -94,9 +94,10 @@ def build_one(plan: BuildPlan, options: BuildOptions) -> BuildResult:
         result.status, result.artifact = "built", str(final)
         stages("done", str(final))
     except InvalidInput as exc:
-        result.status, result.error = "invalid", "\n".join(exc.problems)
+        result.status = "invalid"
+        result.error = "\n".join(_unprefixed(p, plan.name) for p in exc.problems)
     except (BuildFailed, EdgepipeError) as exc:
-        result.status, result.error = "failed", str(exc)
+        result.status, result.error = "failed", _unprefixed(str(exc), plan.name)
     except Exception as exc:  # a bug or an upstream library error: report it, keep going
         result.status = "failed"
         result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
@@ -108,6 +109,12 @@ def build_one(plan: BuildPlan, options: BuildOptions) -> BuildResult:
     result.stage_seconds = dict(stages.seconds)
     result.stage_peak_rss_mb = dict(stages.peak_rss_mb)
     return result
+
+
+def _unprefixed(message: str, name: str) -> str:
+    """`message` without a leading `name: `: the result (and the summary line) already says
+    which build it is, so the CLI does not print "r@p: r@p: ..."."""
+    return message.removeprefix(f"{name}: ")
 
 
 def _worker(args: tuple) -> dict:

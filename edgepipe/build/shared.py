@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgepipe.arch.families import family_mismatch
 from edgepipe.arch.tokenizer import build_qwen_tokenizer
 from edgepipe.build.cache import StageCache, build_code_hash, content_hash
 from edgepipe.build.plan import BuildPlan
@@ -24,6 +25,9 @@ from edgepipe.process import peak_rss_bytes
 # Evaluation text is cut to this many tokens unless the recipe asks for fewer: validation runs
 # the artifact token by token, and 256 tokens already separate a good build from a broken one.
 MAX_EVAL_TOKENS = 256
+# Fewest tokens an evaluation or calibration text may give: one token scores nothing and passes
+# every quality gate; 16 is also the prompt of the greedy comparison.
+MIN_TEXT_TOKENS = 16
 STAGES = ("source", "export", "optimize", "validate", "package")
 
 Report = Callable[[str], None]
@@ -118,7 +122,11 @@ def model_facts(plan: BuildPlan, folder: Path) -> tuple[str, int]:
     """(tokenizer family, vocabulary size) from the `config.json` in `folder`: the source
     model's, which every export folder carries a copy of (see `export_step`)."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    return plan.recipe.resolve_family(config), int(config["vocab_size"])
+    family = plan.recipe.resolve_family(config)
+    mismatch = family_mismatch(family, config)
+    if mismatch:
+        raise InvalidInput(f"{plan.recipe.name}: family: {mismatch}")
+    return family, int(config["vocab_size"])
 
 
 def _text_ids(plan: BuildPlan, which: str, family: str, vocab_size: int, limit: int) -> list[int]:
@@ -126,8 +134,11 @@ def _text_ids(plan: BuildPlan, which: str, family: str, vocab_size: int, limit: 
     sample = getattr(plan.recipe, which)
     tokens = build_qwen_tokenizer(family).encode(sample.read(), add_special_tokens=False)
     ids = tokens.ids[: min(sample.max_tokens, limit)]
-    if len(ids) < 2:
-        raise InvalidInput(f"{plan.recipe.name}: {which}: the text has fewer than 2 tokens")
+    if len(ids) < MIN_TEXT_TOKENS:
+        raise InvalidInput(
+            f"{plan.recipe.name}: {which}: the text gives {len(ids)} tokens; at least "
+            f"{MIN_TEXT_TOKENS} are needed to measure anything (a longer text, or builtin: prose)"
+        )
     # Tiny test models may have a smaller vocabulary than the real tokenizer.
     return [i % vocab_size for i in ids]
 
@@ -136,7 +147,7 @@ def evaluation_ids(plan: BuildPlan, family: str, vocab_size: int) -> list[int]:
     """The recipe's evaluation text as token ids, cut to its `max_tokens` and MAX_EVAL_TOKENS.
 
     Raises:
-        InvalidInput: the text has fewer than 2 tokens (nothing to predict).
+        InvalidInput: the text gives fewer than MIN_TEXT_TOKENS tokens.
     """
     return _text_ids(plan, "evaluation", family, vocab_size, MAX_EVAL_TOKENS)
 
@@ -150,7 +161,7 @@ def calibration_ids(
     graph token by token, takes MAX_EVAL_TOKENS.
 
     Raises:
-        InvalidInput: the text has fewer than 2 tokens.
+        InvalidInput: the text gives fewer than MIN_TEXT_TOKENS tokens.
     """
     return _text_ids(
         plan, "calibration", family, vocab_size, limit or plan.recipe.calibration.max_tokens

@@ -9,6 +9,7 @@ statically and run on CPU; the manifest says the provider was not run.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 
 from edgepipe.cli.command import add_command
@@ -60,7 +61,39 @@ def build_command(args) -> int:
     Exit codes: 0 built; 1 a build or validation failed; 2 invalid input (a bad recipe,
     profile or name, or a missing dependency: the message names the pip install).
     """
+    from edgepipe.errors import InvalidInput
+
+    try:
+        return _build(args)
+    except (InvalidInput, KeyboardInterrupt) as exc:
+        if args.json:
+            # `--json > report.json` in CI: the report is there whatever happened.
+            problems = getattr(exc, "problems", ["interrupted"])
+            code = 2 if isinstance(exc, InvalidInput) else 130
+            print(json.dumps({"exit_code": code, "builds": [], "errors": problems}, indent=2))
+        raise
+
+
+def _writable_folder(flag: str, value: str):
+    """`value` as a folder that exists and we can write to, else InvalidInput naming `flag`."""
+    import os
     from pathlib import Path
+
+    from edgepipe.errors import InvalidInput
+
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise InvalidInput(f"{flag}: {path} is a file, not a folder; name a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInput(f"{flag}: cannot create folder {path} ({exc.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InvalidInput(f"{flag}: folder {path} is not writable")
+    return path
+
+
+def _build(args) -> int:
 
     from edgepipe.build.matrix import parse_shard
     from edgepipe.build.plan import plan_builds
@@ -79,9 +112,9 @@ def build_command(args) -> int:
         recipes = list(resources.recipe_files())
     plans = plan_builds(recipes, args.profiles, args.precision, shard)
     options = BuildOptions(
-        out_dir=Path(args.out),
+        out_dir=_writable_folder("-o/--out", args.out),
         precision=args.precision,
-        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        cache_dir=_writable_folder("--cache-dir", args.cache_dir) if args.cache_dir else None,
         use_cache=not args.no_cache,
     )
     if not plans:

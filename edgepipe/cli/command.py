@@ -13,5 +13,10 @@ def add_command(subparsers, name: str, handler) -> argparse.ArgumentParser:
     sub = subparsers.add_parser(
         name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    sub.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show third-party progress bars and hints (silenced by default)",
+    )
     sub.set_defaults(handler=handler)
     return sub

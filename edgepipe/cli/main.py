@@ -1,10 +1,10 @@
 """The `edgepipe` command line: `main()` and the parser.
 
 Each group of subcommands is a module of `edgepipe.cli` with a `register(subparsers)` function
-(catalog: list, validate; run: run, chat, bench; build: build, matrix) that registers its
-handlers through `edgepipe.cli.command.add_command`. Those modules import heavy dependencies
-and the build side only inside their handlers, so `edgepipe run` never pays for the build
-side. A handler returns the process exit code; the errors every command shares are turned
+(catalog: list, validate; run: run, chat, bench; build: build, matrix; cache: cache) that
+registers its handlers through `edgepipe.cli.command.add_command`. Those modules import heavy
+dependencies and the build side only inside their handlers, so `edgepipe run` never pays for
+the build side. A handler returns the process exit code; the errors every command shares are turned
 into exit codes here (2 invalid input, 1 a failed build, 130 interrupted, 141 a closed pipe).
 """
 
@@ -14,11 +14,12 @@ import argparse
 import sys
 
 from edgepipe import __version__
-from edgepipe.cli import build, catalog, run
+from edgepipe.cli import build, cache, catalog, run
+from edgepipe.cli.quiet import quiet_third_parties, terminate_as_interrupt
 from edgepipe.errors import BuildFailed, InvalidInput
 
 # Modules that contribute subcommands, in the order `edgepipe --help` lists them.
-COMMAND_MODULES = (catalog, run, build)
+COMMAND_MODULES = (catalog, run, build, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
+    quiet_third_parties(verbose=getattr(args, "verbose", False))
     try:
-        return int(args.handler(args) or 0)
+        with terminate_as_interrupt():
+            return int(args.handler(args) or 0)
     except InvalidInput as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"build failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: whatever was being built stays unpublished (build.publish).
+        print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`edgepipe list | head`): not an error of ours. Point stdout at

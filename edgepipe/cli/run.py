@@ -52,7 +52,13 @@ def _artifact_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", help="execution provider (default: the artifact's)")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     parser.add_argument("--max-length", type=int, help="cap on KV positions (prompt + output)")
-    parser.add_argument("--verify", action="store_true", help="check manifest sha256 sums first")
+    parser.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check the manifest's sha256 sums (default; each file is hashed once, then "
+        "re-hashed only when it changes); --no-verify skips it",
+    )
     parser.add_argument(
         "--spin",
         choices=("auto", "on", "off"),
@@ -97,14 +103,36 @@ def _params(args) -> dict:
 def _open(args):
     from edgepipe.runtime import Generator
 
-    return Generator(
+    gen = Generator(
         args.artifact,
         args.provider,
-        verify_checksums=args.verify,
+        verify=args.verify,
         max_length=args.max_length,
         intra_op_num_threads=args.threads,
         spinning=args.spin,
     )
+    if args.verify and gen.artifact.verification != "verified":
+        print(
+            f"warning: {args.artifact}: {gen.artifact.verification}; its files may be corrupt "
+            "(--no-verify silences this)",
+            file=sys.stderr,
+        )
+    return gen
+
+
+def _read_stdin() -> str:
+    """All of stdin as UTF-8 text; bytes that are not UTF-8 raise `ValueError` saying so."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    return sys.stdin.read() if buffer is None else _utf8(buffer.read(), "stdin")
+
+
+def _utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
 
 
 def _guarded(handler):
@@ -117,6 +145,9 @@ def _guarded(handler):
             return handler(args)
         except (GeneratorError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            if getattr(args, "json", False):
+                # Scripts that read the JSON report (`--json > report.json`) get one either way.
+                print(json.dumps({"ok": False, "exit_code": 2, "error": str(exc)}, indent=2))
             return 2
 
     return wrapper
@@ -125,7 +156,7 @@ def _guarded(handler):
 @_guarded
 def _run(args) -> int:
     gen = _open(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _read_stdin() if args.prompt == "-" else args.prompt
     params = _params(args)
     if args.chat:
         messages = [{"role": "user", "content": prompt}]
@@ -172,33 +203,76 @@ def _chat(args) -> int:
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        text = line.rstrip("\n")
-        command = text.strip()
-        if not command:
+        try:
+            line = _read_line()
+        except ValueError as exc:  # one undecodable line ends that line, not the session
+            print(f"error: {exc}", file=sys.stderr)
             continue
+        if line is None:
+            break
+        command = line.strip()
         if command in ("/exit", "/quit"):
             break
-        if command == "/reset":
-            session.reset()
-            print("[history cleared]")
-            continue
-        if command in ("/think on", "/think off"):
-            session.enable_thinking = command.endswith("on")
-            print(f"[thinking {'on' if session.enable_thinking else 'off'}]")
-            continue
-        if command.startswith("/"):
-            print("[commands: /reset, /think on, /think off, /exit]")
-            continue
-        stream = session.send_stream(text)
+        if command and not _chat_command(session, command):
+            _reply(session, line)
+    return 0
+
+
+def _read_line() -> str | None:
+    """The next stdin line without its newline (None at the end); not UTF-8: `ValueError`."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    raw = sys.stdin.readline() if buffer is None else buffer.readline()
+    if not raw:
+        return None
+    text = raw if isinstance(raw, str) else _utf8(raw, "this line")
+    return text.rstrip("\r\n")
+
+
+def _chat_command(session, command: str) -> bool:
+    """Handle a /command; False when `command` is a user turn."""
+    if command == "/reset":
+        session.reset()
+        print("[history cleared]")
+    elif command in ("/think on", "/think off"):
+        session.enable_thinking = command.endswith("on")
+        print(f"[thinking {'on' if session.enable_thinking else 'off'}]")
+    elif command.startswith("/"):
+        print("[commands: /reset, /think on, /think off, /exit]")
+    else:
+        return False
+    return True
+
+
+def _reply(session, text: str) -> None:
+    """Stream one reply. The history is trimmed from the oldest turn when it outgrows the
+    context; a bad line or Ctrl-C ends this reply only (the turn is not kept)."""
+    from edgepipe.runtime import GeneratorError, PromptTooLong
+
+    dropped = 0
+    try:
+        while True:
+            stream = session.send_stream(text)
+            try:
+                first = next(stream, None)
+            except PromptTooLong:
+                if not session.drop_oldest_turn():
+                    raise
+                dropped += 1
+                continue
+            break
+        if dropped:
+            print(f"[context full: dropped the {dropped} oldest turn(s); system prompt kept]")
+        if first is not None:
+            sys.stdout.write(first)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        sys.stdout.flush()
-    return 0
+    except KeyboardInterrupt:
+        sys.stdout.write("\n[reply interrupted]\n")
+    except (GeneratorError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    sys.stdout.flush()
 
 
 def cmd_chat(args) -> int:

@@ -9,13 +9,13 @@ genai_config.json's `decoder.pipeline`, and its manifest may name compiled EPCon
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepipe.runtime.errors import ArtifactError
 from edgepipe.runtime.providers import CPU_PROVIDER, install_package
+from edgepipe.runtime.verify import SKIPPED, UNVERIFIABLE, VERIFIED, verify_files
 
 # A bare export folder (no manifest profile) runs on the plain onnxruntime wheel.
 CPU_PACKAGE = install_package(CPU_PROVIDER)
@@ -48,6 +48,8 @@ class Artifact:
         pipeline: static artifacts: stage name (`prefill`, `decode`) -> graph file.
         ep_context: static artifacts: stage name -> compiled EPContext graph (from the manifest's
             `static.ep_context`), empty when none was compiled.
+        verification: what was checked: `verified` (every manifest sha256 holds), not verified
+            (turned off), or `unverifiable: ...` (no manifest.json to check against).
     """
 
     path: Path
@@ -69,6 +71,7 @@ class Artifact:
     output_names: dict = field(default_factory=dict)
     pipeline: dict = field(default_factory=dict)
     ep_context: dict = field(default_factory=dict)
+    verification: str = SKIPPED
 
     @property
     def tokenizer_path(self) -> Path:
@@ -100,32 +103,6 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (model data can be gigabytes)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_checksums(folder: Path, files: dict[str, str]) -> None:
-    """Check every `relative path -> sha256` entry of a manifest.
-
-    Raises:
-        ArtifactError: naming the first file that is missing or whose sha256 differs.
-    """
-    for rel, expected in sorted(files.items()):
-        path = folder / rel
-        if not path.is_file():
-            raise ArtifactError(path, "listed in manifest.json but missing; re-copy the artifact")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise ArtifactError(
-                path, f"sha256 {actual} != {expected} in manifest.json; the file is corrupt"
-            )
-
-
 def _id_list(value) -> list[int]:
     if value is None:
         return []
@@ -139,8 +116,9 @@ def load_artifact(folder, *, verify: bool = False) -> Artifact:
 
     Args:
         folder: the artifact directory.
-        verify: check every sha256 listed in `manifest.json` (reads every byte: slow for big
-            models, so off by default).
+        verify: check every sha256 listed in `manifest.json`; each file is hashed once and
+            remembered until its size, mtime or inode changes (`edgepipe.runtime.verify`). A
+            folder without a manifest loads, with `verification` saying it is unverifiable.
 
     Raises:
         ArtifactError: a file is missing, corrupt, or fails its checksum; the message names it.
@@ -185,11 +163,7 @@ def load_artifact(folder, *, verify: bool = False) -> Artifact:
     profile = (manifest or {}).get("profile") or {}
     compiled = ((manifest or {}).get("static") or {}).get("ep_context") or {}
     ep_context = {stage: path / name for stage, name in (compiled.get("graphs") or {}).items()}
-    if manifest is not None and verify:
-        files = manifest.get("files")
-        if not isinstance(files, dict):
-            raise ArtifactError(manifest_path, "has no `files` map of sha256 sums to verify")
-        verify_checksums(path, files)
+    verification = _verify(path, manifest) if verify else SKIPPED
 
     return Artifact(
         path=path,
@@ -211,7 +185,19 @@ def load_artifact(folder, *, verify: bool = False) -> Artifact:
         output_names=dict(decoder.get("outputs") or {}),
         pipeline=pipeline,
         ep_context=ep_context,
+        verification=verification,
     )
+
+
+def _verify(path: Path, manifest: dict | None) -> str:
+    """Check the manifest's sha256 sums; what `Artifact.verification` says."""
+    if manifest is None:
+        return UNVERIFIABLE
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactError(path / "manifest.json", "has no `files` map of sha256 sums to verify")
+    verify_files(path, files)
+    return VERIFIED
 
 
 def _pipeline_files(folder: Path, pipeline) -> dict[str, Path]:

@@ -65,3 +65,11 @@ class InvalidConstraint(GeneratorError, ValueError):
 
     Also a `ValueError`, as a bad argument.
     """
+
+
+class InvalidPrompt(GeneratorError, ValueError):
+    """A prompt the model cannot take: text that is not valid Unicode (a lone surrogate, e.g.
+    from undecodable bytes), or a token id outside the vocabulary.
+
+    Also a `ValueError`, like every other bad argument value.
+    """

@@ -20,6 +20,7 @@ from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter
 from edgepipe.runtime.engines import CacheStore, Engine, open_engine
 from edgepipe.runtime.engines.kv import position_limit
 from edgepipe.runtime.errors import ArtifactError, PromptTooLong
+from edgepipe.runtime.inputs import check_ids, check_text
 from edgepipe.runtime.options import spinning_config
 from edgepipe.runtime.results import GenerationResult, Metrics, Stream
 from edgepipe.runtime.rows import Row, Thinking
@@ -43,7 +44,13 @@ class Generator:
         artifact_dir: the artifact (or bare export) folder.
         provider: execution provider; default the artifact's `profile.provider` (CPU for a bare
             export folder).
-        verify_checksums: check every sha256 in `manifest.json` first (reads every byte).
+        verify: check every sha256 in `manifest.json` (default on). Each file is hashed once
+            and remembered in the user cache until its size, mtime or inode changes, so only
+            the first load of an artifact pays for reading every byte; a corrupt download then
+            fails here instead of printing garbage, which is why an app gets it by default.
+            A folder without a manifest still loads: `artifact.verification` says it is
+            unverifiable (the CLI prints that as a warning).
+        verify_checksums: the former name of `verify` (None: use `verify`).
         max_length: cap on KV positions per row (prompt + generated); default the context window.
             Memory is always sized per request; this only bounds it.
         session_options: an `onnxruntime.SessionOptions` to use as is.
@@ -78,7 +85,8 @@ class Generator:
         artifact_dir,
         provider: str | None = None,
         *,
-        verify_checksums: bool = False,
+        verify: bool = True,
+        verify_checksums: bool | None = None,
         max_length: int | None = None,
         session_options=None,
         intra_op_num_threads: int | None = None,
@@ -89,7 +97,10 @@ class Generator:
     ):
         import tokenizers
 
-        self.artifact: Artifact = load_artifact(artifact_dir, verify=verify_checksums)
+        verify = verify if verify_checksums is None else verify_checksums
+        if not isinstance(verify, bool):
+            raise ValueError(f"verify must be True or False, got {verify!r}")
+        self.artifact: Artifact = load_artifact(artifact_dir, verify=verify)
         art = self.artifact
         if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
             raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
@@ -97,7 +108,10 @@ class Generator:
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be an int >= 1 or None, got {prefill_chunk!r}")
 
-        self.tokenizer = tokenizers.Tokenizer.from_file(str(art.tokenizer_path))
+        try:
+            self.tokenizer = tokenizers.Tokenizer.from_file(str(art.tokenizer_path))
+        except Exception as exc:  # tokenizers raises a bare Exception for any parse error
+            raise ArtifactError(art.tokenizer_path, f"not a tokenizer file ({exc})") from None
         try:
             self._token_bytes = TokenBytes(self.tokenizer)
         except (ValueError, KeyError):
@@ -145,7 +159,7 @@ class Generator:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no special tokens added)."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(check_text(text), add_special_tokens=False).ids
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `token_ids`."""
@@ -356,14 +370,15 @@ class Generator:
             prompt = prompt.tolist()
         if not isinstance(prompt, Sequence) or len(prompt) == 0:
             raise ValueError("prompt must be a string, a non-empty list of token ids, or a batch")
+        vocab = self.artifact.vocab_size
         if all(isinstance(t, (int, np.integer)) for t in prompt):
-            return [[int(t) for t in prompt]], True
+            return [check_ids(prompt, vocab)], True
         batch = []
         for i, item in enumerate(prompt):
             if isinstance(item, str):
                 batch.append(self.encode(item))
             elif isinstance(item, Sequence) and all(isinstance(t, (int, np.integer)) for t in item):
-                batch.append([int(t) for t in item])
+                batch.append(check_ids(item, vocab, f"prompt[{i}]"))
             else:
                 raise ValueError(f"prompt[{i}] must be a string or a list of token ids")
         return batch, False

@@ -59,6 +59,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
         _check_float("temperature", self.temperature, 0.0, math.inf, low_open=False)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
@@ -70,7 +72,7 @@ class SamplingParams:
         ):
             raise ValueError(f"seed must be an int >= 0 or None, got {self.seed!r}")
         if self.stop_token_ids is not None and not all(
-            isinstance(t, int) and t >= 0 for t in self.stop_token_ids
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
         ):
             raise ValueError(f"stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}")
         if not all(isinstance(s, str) and s for s in self.stop_strings):
@@ -126,6 +128,8 @@ def merge_params(defaults: SamplingParams, **overrides) -> SamplingParams:
     for key in ("stop_token_ids", "stop_strings"):
         if key in changes:
             value = changes[key]
+            if not isinstance(value, (int, str, Iterable)):
+                raise ValueError(f"{key} must be a value or a list of them, got {value!r}")
             changes[key] = (value,) if isinstance(value, (int, str)) else tuple(value)
     return replace(defaults, **changes).validate()
 

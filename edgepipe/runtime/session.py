@@ -82,6 +82,23 @@ class ChatSession:
 
         return Stream(pieces())
 
+    def drop_oldest_turn(self) -> bool:
+        """Forget the oldest user turn and its replies (the system prompt stays).
+
+        What a chat does when its history outgrows the context (`edgepipe chat` calls it on
+        `PromptTooLong`); the cache keeps whatever prefix still matches.
+
+        Returns:
+            False when there was no earlier turn to drop.
+        """
+        first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+        users = [i for i, m in enumerate(self.messages) if i >= first and m["role"] == "user"]
+        if not users:
+            return False
+        end = users[1] if len(users) > 1 else len(self.messages)
+        del self.messages[first:end]
+        return True
+
     @property
     def cached_tokens(self) -> int:
         """Token positions the cache holds from earlier turns."""

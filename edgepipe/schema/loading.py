@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from edgepipe.arch.families import family_mismatch
 from edgepipe.errors import InvalidInput
 from edgepipe.schema import shipped as resources
 from edgepipe.schema.common import FieldProblems
@@ -197,6 +198,9 @@ def _recipe_problems(
                        "model folder has config.json and *.safetensors)"))  # fmt: skip
     config = _read_config(source.path) if source.path is not None else None
     family = recipe.family or (config or {}).get("model_type") or source.family_hint()
+    mismatch = family_mismatch(recipe.family, config) if recipe.family and config else None
+    if mismatch:
+        fields.append(("family", mismatch))
     gen = recipe.generation
     if family == "qwen2" and (gen.enable_thinking or gen.thinking or gen.thinking_budget):
         fields.append(("generation.enable_thinking", "thinking is a Qwen3 feature; this recipe "

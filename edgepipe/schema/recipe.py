@@ -168,7 +168,13 @@ class TextSample(Strict):
         assert self.file is not None
         if not self.file.is_file():
             raise InvalidInput(f"{self.file}: file not found")
-        return self.file.read_text(encoding="utf-8")
+        try:
+            return self.file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(
+                f"{self.file}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                f"{exc.start}); save it as UTF-8"
+            ) from None
 
 
 class Thresholds(Strict):
