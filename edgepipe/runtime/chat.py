@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from edgepipe.runtime.errors import TemplateRefused
-from edgepipe.runtime.tools import tojson
+from edgepipe.runtime.tools import check_tools, tojson
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -71,15 +71,27 @@ class ChatTemplate:
             if role not in ROLES:
                 raise ValueError(f"messages[{i}].role must be one of {ROLES}, got {role!r}")
             content = message.get("content")
-            if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
+            calls = message.get("tool_calls")
+            if calls is not None and not (
+                isinstance(calls, Sequence)
+                and not isinstance(calls, str)
+                and all(isinstance(c, Mapping) for c in calls)
+            ):
+                raise ValueError(f"messages[{i}].tool_calls must be a list of call dicts")
+            if not isinstance(content, str) and not (content is None and calls):
                 raise ValueError(f"messages[{i}].content must be a string")
             checked.append(dict(message))
         variables = {"messages": checked, "add_generation_prompt": add_generation_prompt}
         if tools:
-            variables["tools"] = list(tools)
+            variables["tools"] = check_tools(tools)
         if enable_thinking is not None:
             variables["enable_thinking"] = enable_thinking
-        return self._template.render(**variables)
+        try:
+            return self._template.render(**variables)
+        except (TypeError, KeyError, AttributeError) as exc:
+            # Data of the right outer shape the template still cannot print (a call without a
+            # function name, a non-JSON argument value): refuse it, naming the cause.
+            raise TemplateRefused(f"the chat template cannot render these messages: {exc}") from exc
 
 
 @dataclass(frozen=True)
