@@ -1,7 +1,7 @@
 """The `edgepipe` command line: `main()` and the parser.
 
 Each group of subcommands is a module of this package with a `register(subparsers)` function
-(catalog: list, validate; run: run, chat, bench; build: build, matrix); those modules import
+(catalog: list, validate; run: run, chat, bench; serve: serve; build: build, matrix); those modules import
 heavy dependencies only inside their handlers, so `edgepipe run` never pays for the build side. The handler returns the process exit code.
 """
 
@@ -11,11 +11,11 @@ import argparse
 import sys
 
 from edgepipe import __version__
-from edgepipe.cli import build, catalog, run
+from edgepipe.cli import build, catalog, run, serve
 from edgepipe.errors import BuildFailed, InvalidInput
 
 # Modules that contribute subcommands, in the order `edgepipe --help` lists them.
-COMMAND_MODULES = (catalog, run, build)
+COMMAND_MODULES = (catalog, run, serve, build)
 
 
 def build_parser() -> argparse.ArgumentParser:
