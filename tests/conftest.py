@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.tokenizer",
     "tests.fixtures.models",
     "tests.fixtures.static",
+    "tests.fixtures.serve",
 ]
