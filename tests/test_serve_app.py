@@ -114,8 +114,13 @@ def test_the_same_seed_gives_the_same_sample(server):
 
     def sample(seed):
         reply = client.chat.completions.create(
-            model="toy", messages=MESSAGES, max_tokens=16, temperature=1.0, top_p=0.95,
-            seed=seed, extra_body={"top_k": 50, "min_p": 0.01, "repetition_penalty": 1.1},
+            model="toy",
+            messages=MESSAGES,
+            max_tokens=16,
+            temperature=1.0,
+            top_p=0.95,
+            seed=seed,
+            extra_body={"top_k": 50, "min_p": 0.01, "repetition_penalty": 1.1},
         )
         return reply.choices[0].message.content
 
@@ -128,8 +133,9 @@ def test_models_lists_the_served_model(server):
     assert [m.id for m in models.data] == ["toy"]
 
 
-def test_thinking_budget_separates_reasoning_content(server_factory, serve_config,
-                                                     thinking_toy_dir):
+def test_thinking_budget_separates_reasoning_content(
+    server_factory, serve_config, thinking_toy_dir
+):
     server = server_factory(replace(serve_config, artifact=thinking_toy_dir))
     client = server.client()
     body = {"thinking_budget": 5}
@@ -140,7 +146,11 @@ def test_thinking_budget_separates_reasoning_content(server_factory, serve_confi
     reasoning = message.model_extra["reasoning_content"]
     assert reasoning and "</think>" not in reasoning and "</think>" not in message.content
     stream = client.chat.completions.create(
-        model="toy", messages=MESSAGES, max_tokens=20, temperature=0, extra_body=body,
+        model="toy",
+        messages=MESSAGES,
+        max_tokens=20,
+        temperature=0,
+        extra_body=body,
         stream=True,
     )
     chunks = list(stream)
@@ -152,11 +162,13 @@ def test_thinking_budget_separates_reasoning_content(server_factory, serve_confi
     assert streamed_content.strip() == message.content.strip()
 
 
-def test_thinking_off_returns_no_reasoning_content(server_factory, serve_config,
-                                                   thinking_toy_dir):
+def test_thinking_off_returns_no_reasoning_content(server_factory, serve_config, thinking_toy_dir):
     server = server_factory(replace(serve_config, artifact=thinking_toy_dir))
     reply = server.client().chat.completions.create(
-        model="toy", messages=MESSAGES, max_tokens=8, temperature=0,
+        model="toy",
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,
         extra_body={"chat_template_kwargs": {"enable_thinking": False}},
     )
     message = reply.choices[0].message

@@ -67,14 +67,20 @@ def test_repeated_prompt_reuses_the_cached_prefix_with_the_same_tokens(
 ):
     server = server_factory(replace(serve_config, parallel=2))
     client = server.client()
-    messages = [{"role": "system", "content": "You are a terse assistant who answers briefly."},
-                {"role": "user", "content": "Name a colour"}]
-    first = client.chat.completions.create(model="toy", messages=messages, max_tokens=8,
-                                           temperature=0)
-    messages = messages + [{"role": "assistant", "content": first.choices[0].message.content},
-                           {"role": "user", "content": "Another one"}]
-    second = client.chat.completions.create(model="toy", messages=messages, max_tokens=8,
-                                            temperature=0)
+    messages = [
+        {"role": "system", "content": "You are a terse assistant who answers briefly."},
+        {"role": "user", "content": "Name a colour"},
+    ]
+    first = client.chat.completions.create(
+        model="toy", messages=messages, max_tokens=8, temperature=0
+    )
+    messages = messages + [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "Another one"},
+    ]
+    second = client.chat.completions.create(
+        model="toy", messages=messages, max_tokens=8, temperature=0
+    )
     assert second.usage.prompt_tokens_details.cached_tokens > 0
     assert second.choices[0].message.content == toy_gen.chat(messages, max_new_tokens=8).text
     assert server.metric("edgepipe_prefix_cache_hit_rate") > 0

@@ -1,8 +1,9 @@
 """The `edgepipe` command line: `main()` and the parser.
 
 Each group of subcommands is a module of this package with a `register(subparsers)` function
-(catalog: list, validate; run: run, chat, bench; serve: serve; build: build, matrix); those modules import
-heavy dependencies only inside their handlers, so `edgepipe run` never pays for the build side. The handler returns the process exit code.
+(catalog: list, validate; run: run, chat, bench; serve: serve; build: build, matrix); those
+modules import heavy dependencies only inside their handlers, so `edgepipe run` never pays for
+the build side nor the server. The handler returns the process exit code.
 """
 
 from __future__ import annotations

@@ -180,13 +180,19 @@ async def complete(state: ServerState, kind: str, request: Request) -> Response:
         prepared = prepare(req, runner.gen, state.config, runner.capacity)
         state.limits.admit_tokens(key, len(prepared.prompt))
         job = runner.submit(
-            RowRequest(prepared.prompt, prepared.params, prepared.params.stop_token_ids,
-                       prepared.thinking)
+            RowRequest(
+                prepared.prompt, prepared.params, prepared.params.stop_token_ids, prepared.thinking
+            )
         )
     except APIError as exc:
         state.metrics.requests.labels(endpoint, str(exc.status)).inc()
-        log_request(endpoint=endpoint, key=key, status=exc.status, error=exc.message,
-                    total_s=round(time.perf_counter() - started, 4))
+        log_request(
+            endpoint=endpoint,
+            key=key,
+            status=exc.status,
+            error=exc.message,
+            total_s=round(time.perf_counter() - started, 4),
+        )
         return error_response(exc)
     state.metrics.prompt_tokens.inc(len(prepared.prompt))
     out = Outcome(kind, state.config.served_name, len(prepared.prompt))
@@ -215,11 +221,17 @@ class RequestContext:
         out.cached_tokens = job.reused
         first = job.first_token_at
         log_request(
-            id=out.id, endpoint=self.endpoint, key=self.key, status=status,
-            prompt_tokens=out.prompt_tokens, cached_tokens=job.reused,
-            completion_tokens=out.completion_tokens, finish_reason=out.finish_reason,
+            id=out.id,
+            endpoint=self.endpoint,
+            key=self.key,
+            status=status,
+            prompt_tokens=out.prompt_tokens,
+            cached_tokens=job.reused,
+            completion_tokens=out.completion_tokens,
+            finish_reason=out.finish_reason,
             ttft_s=None if first is None else round(first - job.submitted, 4),
-            total_s=round(time.perf_counter() - self.started, 4), error=error,
+            total_s=round(time.perf_counter() - self.started, 4),
+            error=error,
         )
 
 

@@ -28,15 +28,15 @@ class ServerMetrics:
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)
         self.requests = Counter(
-            "edgepipe_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"],
+            "edgepipe_requests",
+            "Requests by endpoint and HTTP status",
+            ["endpoint", "status"],
             registry=r,
         )
         self.prompt_tokens = Counter(
             "edgepipe_prompt_tokens", "Prompt tokens of admitted requests", registry=r
         )
-        self.generated_tokens = Counter(
-            "edgepipe_generated_tokens", "Tokens generated", registry=r
-        )
+        self.generated_tokens = Counter("edgepipe_generated_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram(
             "edgepipe_time_to_first_token_seconds",
             "From admission to the first generated token",
@@ -49,9 +49,7 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge(
-            "edgepipe_queue_depth", "Requests waiting for a slot", registry=r
-        )
+        self.queue_depth = Gauge("edgepipe_queue_depth", "Requests waiting for a slot", registry=r)
         self.active = Gauge("edgepipe_active_requests", "Requests holding a slot", registry=r)
         self.slots = Gauge("edgepipe_slots", "Slots (--parallel)", registry=r)
         self.kv_bytes = Gauge(
@@ -73,7 +71,8 @@ class ServerMetrics:
             "edgepipe_prefix_cache_reused_tokens", "Prompt tokens not prefilled", registry=r
         )
         self.cancelled = Counter(
-            "edgepipe_cancelled_requests", "Generations cancelled (disconnect, timeout)",
+            "edgepipe_cancelled_requests",
+            "Generations cancelled (disconnect, timeout)",
             registry=r,
         )
 

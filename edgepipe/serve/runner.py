@@ -151,4 +151,3 @@ async def stream_events(job: Job, state, is_disconnected) -> AsyncIterator[Emiss
         if not done:
             job.cancel()
             state.metrics.cancelled.inc()
-

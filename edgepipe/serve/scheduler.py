@@ -11,6 +11,7 @@ prefilled alone), then runs one step for every active row. Results go back to ea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -55,10 +56,9 @@ class Job:
 
     def push(self, event) -> None:
         """Hand an event to the waiting handler (called from the scheduler thread)."""
-        try:
+        # A closed loop raises RuntimeError: nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the loop closed: nobody is waiting any more
-            pass
 
 
 class Scheduler:
