@@ -264,3 +264,10 @@ def test_request_and_token_limits_give_429_then_recover(server_factory, serve_co
         client.completions.create(model="toy", prompt="one two three", max_tokens=8)
     time.sleep(1.1)
     client.completions.create(model="toy", prompt="one two three", max_tokens=1)
+
+
+def test_max_completion_tokens_bounds_the_answer(server):
+    reply = server.client().chat.completions.create(
+        model="toy", messages=MESSAGES, max_completion_tokens=3, temperature=0
+    )
+    assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"

@@ -148,3 +148,14 @@ def test_load_32_clients_lose_nothing(server_factory, serve_config):
     served = server.metric("edgepipe_requests_total", endpoint="/v1/completions", status="200")
     assert served == 32 * per_client
     assert wait_for(lambda: server.metric("edgepipe_active_requests") == 0)
+
+
+def test_a_request_past_the_timeout_gets_504_and_its_slot_back(server_factory, serve_config):
+    config = replace(serve_config, parallel=1, request_timeout_s=0.3)
+    server = server_factory(config, slow_step_s=0.05)
+    with pytest.raises(openai.APIStatusError) as info:
+        server.client().completions.create(model="toy", prompt="Hello", max_tokens=200)
+    assert info.value.status_code == 504
+    assert wait_for(lambda: server.metric("edgepipe_active_requests") == 0)
+    reply = server.client().completions.create(model="toy", prompt="Hi", max_tokens=2)
+    assert reply.usage.completion_tokens == 2
