@@ -36,15 +36,23 @@ def new_batch(gen, slots=3, capacity=128, prefix=None):
     )
 
 
-def drain(batch, requests):
-    """Join `requests` as slots free up; return each one's (tokens, text, finish reason)."""
+def drain(batch, requests, eager=False):
+    """Join `requests` as slots free up; return each one's (tokens, text, finish reason).
+
+    `eager`: take each new row's first token right after it joins (`sample`), as the server's
+    scheduler does, instead of in the next step.
+    """
     pending, owner, out = list(enumerate(requests)), {}, {}
     while pending or batch.active:
+        emissions = []
         while pending and batch.free:
             i, request = pending.pop(0)
-            owner[batch.join(request)] = i
+            slot = batch.join(request)
+            owner[slot] = i
             out[i] = ([], [], None)
-        for e in batch.step():
+            if eager:
+                emissions.append(batch.sample(slot))
+        for e in emissions + batch.step():
             tokens, texts, _ = out[owner[e.slot]]
             tokens.append(e.token)
             texts.append(e.text)
@@ -53,11 +61,13 @@ def drain(batch, requests):
     return [(t, "".join(x), r) for t, x, r in (out[i] for i in range(len(requests)))]
 
 
-def test_rows_joining_and_leaving_give_their_tokens_alone(gen):
-    params = [merge_params(gen.defaults, max_new_tokens=n) for n in (5, 30, 12, 20, 7)]
-    requests = [RowRequest(gen.encode(p), q) for p, q in zip(PROMPTS, params, strict=True)]
-    results = drain(new_batch(gen, slots=3), requests)
-    for prompt, p, (tokens, text, reason) in zip(PROMPTS, params, results, strict=True):
+@pytest.mark.parametrize("eager", [False, True])
+def test_rows_joining_and_leaving_give_their_tokens_alone(gen, eager):
+    params = [merge_params(gen.defaults, max_new_tokens=n) for n in (5, 30, 12, 20, 7, 1)]
+    prompts = PROMPTS + ["One token"]
+    requests = [RowRequest(gen.encode(p), q) for p, q in zip(prompts, params, strict=True)]
+    results = drain(new_batch(gen, slots=3), requests, eager=eager)
+    for prompt, p, (tokens, text, reason) in zip(prompts, params, results, strict=True):
         alone = gen.generate(prompt, max_new_tokens=p.max_new_tokens)
         assert tokens == alone.token_ids and text == alone.text
         assert reason == alone.finish_reason

@@ -6,7 +6,8 @@ opposite: requests arrive and finish at any time. `SlotBatch` keeps one KV buffe
 rows (`kv.KVCache`) for its whole life; a request *joins* by taking a free row and prefilling its
 prompt into that row alone (a row view of the buffer, as `DynamicRequest` prefills rows of
 different lengths), every `step()` samples one token for each active row and feeds all of them
-in one decoder call, and a row *leaves* (finished, or cancelled by its caller) by giving its slot
+in one decoder call (`sample()` takes a new row's first token at once, so it need not wait for
+a step), and a row *leaves* (finished, or cancelled by its caller) by giving its slot
 back, between two steps.
 
 Batching does not change tokens: rows are right-padded and onnxruntime's CPU
@@ -79,6 +80,7 @@ class _Slot:
     max_steps: int
     length: int  # KV positions the row holds
     logits: np.ndarray | None = None
+    fresh: bool = True  # `logits` not sampled yet
     steps: int = 0
     reuse: int = 0
 
@@ -202,26 +204,41 @@ class SlotBatch:
         self._rows.pop(slot, None)
 
     def step(self) -> list[Emission]:
-        """Sample one token for every active row, then feed the unfinished rows in one call.
+        """Sample one token for every row with fresh logits, then feed the unfinished rows in
+        one call (their logits are fresh again for the next step).
 
         Returns:
-            One `Emission` per row that was active; rows that finished have left.
+            One `Emission` per row sampled; rows that finished have left.
         """
-        emissions, feeding = [], []
-        for slot in sorted(self._rows):
-            s = self._rows[slot]
-            token = s.row.next_token(s.logits, s.sampler, s.thinking)
-            s.steps += 1
-            text = s.row.accept(token, s.stop_ids, last=s.steps == s.max_steps)
-            reason = s.row.finish_reason if s.row.done else None
-            emissions.append(Emission(slot, token, text, s.row.done, reason))
-            if s.row.done:
-                self._leave(slot)
-            else:
-                feeding.append(slot)
+        emissions = [self._sample(slot) for slot in sorted(self._rows) if self._rows[slot].fresh]
+        feeding = sorted(self._rows)  # every row left holds a sampled token not yet fed
         if feeding:
             self._decode(feeding)
         return emissions
+
+    def sample(self, slot: int) -> Emission:
+        """Sample a row's next token now, without waiting for `step()`.
+
+        A scheduler calls it right after `join` so the new row's first token goes out as soon
+        as its prompt is prefilled, not after the other joining rows' prefills and a step;
+        the next `step()` feeds the token with the other rows.
+
+        Raises:
+            ValueError: the row's logits were already sampled.
+        """
+        if not self._rows[slot].fresh:
+            raise ValueError(f"slot {slot} has no fresh logits: call step()")
+        return self._sample(slot)
+
+    def _sample(self, slot: int) -> Emission:
+        s = self._rows[slot]
+        token = s.row.next_token(s.logits, s.sampler, s.thinking)
+        s.fresh, s.logits = False, None
+        s.steps += 1
+        text = s.row.accept(token, s.stop_ids, last=s.steps == s.max_steps)
+        if s.row.done:
+            self._leave(slot)
+        return Emission(slot, token, text, s.row.done, s.row.finish_reason if s.row.done else None)
 
     def _leave(self, slot: int) -> None:
         s = self._rows.pop(slot)
@@ -259,7 +276,8 @@ class SlotBatch:
             binding = self._bindings[height] = (kv, self.engine.bind(kv))
         logits = self.engine.run(feed, lengths, *binding)
         for slot in feeding:
-            self._rows[slot].logits = logits[slot]
+            s = self._rows[slot]
+            s.logits, s.fresh = logits[slot], True
 
     def _rows_view(self, height: int):
         """(key OrtValues, value OrtValues) over rows 0..height-1 (contiguous: shares memory)."""

@@ -161,6 +161,8 @@ class Scheduler:
             job.reused = self.batch.reused(slot)
             with self._cond:
                 self._running[slot] = job
+            # The first token goes out now, not after the other joining rows' prefills.
+            self._deliver(self.batch.sample(slot), time.perf_counter())
 
     def _step(self) -> None:
         try:
