@@ -48,6 +48,7 @@ def drain(batch, requests, eager=False):
         while pending and batch.free:
             i, request = pending.pop(0)
             slot = batch.join(request)
+            batch.prefill(slot)
             owner[slot] = i
             out[i] = ([], [], None)
             if eager:
@@ -88,6 +89,7 @@ def test_a_cancelled_row_frees_its_slot_between_steps(gen):
     batch = new_batch(gen, slots=1)
     params = merge_params(gen.defaults, max_new_tokens=50)
     slot = batch.join(RowRequest(gen.encode("Hi"), params))
+    batch.prefill(slot)
     batch.step()
     assert batch.free == 0 and batch.kv_bytes_in_use > 0
     batch.cancel(slot)
@@ -112,3 +114,25 @@ def test_a_prompt_that_fills_the_slot_is_refused(gen):
 def test_static_engines_are_refused(gen):
     with pytest.raises(GeneratorError, match="dynamic"):
         SlotBatch(object(), gen.tokenizer, slots=1, capacity=8, eos_token_ids=[], pad_token_id=0)
+
+
+def test_a_prompt_fed_a_budget_at_a_time_while_others_decode_keeps_every_token(serve_toy_dir):
+    gen = Generator(serve_toy_dir, prefill_chunk=4)
+    params = merge_params(gen.defaults, max_new_tokens=12)
+    batch = new_batch(gen, slots=2)
+    # The slow prompt takes slot 0, below the decoding row: decode steps pad it at its next
+    # prompt position, which its next chunk must overwrite.
+    slow = batch.join(RowRequest(gen.encode(PROMPTS[2]), params))
+    fast = batch.join(RowRequest(gen.encode(PROMPTS[0]), params))
+    batch.prefill(fast)
+    out = {slow: [], fast: [batch.sample(fast).token]}
+    calls = 0
+    while batch.active:
+        if batch.prefilling(slow):
+            assert batch.prefill(slow, budget=4) == 4 or not batch.prefilling(slow)
+            calls += 1
+        for e in batch.step():
+            out[e.slot].append(e.token)
+    assert calls > 3
+    assert out[slow] == gen.generate(PROMPTS[2], max_new_tokens=12).token_ids
+    assert out[fast] == gen.generate(PROMPTS[0], max_new_tokens=12).token_ids

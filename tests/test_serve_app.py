@@ -5,6 +5,7 @@ Every test runs uvicorn on 127.0.0.1 with the toy artifact (tests/fixtures/serve
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import httpx
@@ -244,25 +245,26 @@ def test_health_and_requests_are_503_when_the_model_is_not_loaded(
 
 
 def test_request_and_token_limits_give_429_then_recover(server_factory, serve_config):
-    config = replace(serve_config, requests_per_minute=2, rate_window_s=1.0)
+    # 2 requests per 4 s: one comes back every 2 s, far slower than three tiny requests.
+    config = replace(serve_config, requests_per_minute=2, rate_window_s=4.0)
     server = server_factory(config)
     client = server.client()
     for _ in range(2):
         client.completions.create(model="toy", prompt="Hi", max_tokens=1)
     with pytest.raises(openai.RateLimitError) as info:
         client.completions.create(model="toy", prompt="Hi", max_tokens=1)
-    assert int(info.value.response.headers["Retry-After"]) >= 1
-    import time
-
-    time.sleep(1.1)
+    retry_after = int(info.value.response.headers["Retry-After"])
+    assert 1 <= retry_after <= 2
+    time.sleep(retry_after)
     client.completions.create(model="toy", prompt="Hi", max_tokens=1)
 
-    tokens = server_factory(replace(serve_config, tokens_per_minute=12, rate_window_s=1.0))
-    client = tokens.client()
-    client.completions.create(model="toy", prompt="one two three", max_tokens=8)
-    with pytest.raises(openai.RateLimitError):
-        client.completions.create(model="toy", prompt="one two three", max_tokens=8)
-    time.sleep(1.1)
+    # 12 tokens per 2 s: one request's 30 generated tokens put the bucket well below zero.
+    config = replace(serve_config, tokens_per_minute=12, rate_window_s=2.0)
+    client = server_factory(config).client()
+    client.completions.create(model="toy", prompt="one two three", max_tokens=30)
+    with pytest.raises(openai.RateLimitError) as info:
+        client.completions.create(model="toy", prompt="one two three", max_tokens=1)
+    time.sleep(int(info.value.response.headers["Retry-After"]))
     client.completions.create(model="toy", prompt="one two three", max_tokens=1)
 
 

@@ -3,12 +3,12 @@
 `Generator.generate` runs a batch in lock step from start to end: a row that finishes early
 keeps its place until the longest row is done, and no row can join. A server needs the
 opposite: requests arrive and finish at any time. `SlotBatch` keeps one KV buffer of `slots`
-rows (`kv.KVCache`) for its whole life; a request *joins* by taking a free row and prefilling its
-prompt into that row alone (a row view of the buffer, as `DynamicRequest` prefills rows of
-different lengths), every `step()` samples one token for each active row and feeds all of them
-in one decoder call (`sample()` takes a new row's first token at once, so it need not wait for
-a step), and a row *leaves* (finished, or cancelled by its caller) by giving its slot
-back, between two steps.
+rows (`kv.KVCache`) for its whole life. A request *joins* by taking a free row; `prefill()`
+feeds its prompt into that row alone (a row view of the buffer, as `DynamicRequest` prefills
+rows of different lengths), all at once or a budget of tokens at a time so that the other rows
+keep decoding meanwhile; `sample()` takes its first token as soon as the prompt is in. Every
+`step()` samples one token for each decoding row and feeds all of them in one decoder call. A
+row *leaves* (finished, or cancelled by its caller) by giving its slot back, between two steps.
 
 Batching does not change tokens: rows are right-padded and onnxruntime's CPU
 `GroupQueryAttention` reads each row's length from `seqlens_k`, so a row's logits equal those
@@ -78,9 +78,9 @@ class _Slot:
     stop_ids: frozenset[int]
     thinking: Thinking | None
     max_steps: int
-    length: int  # KV positions the row holds
+    length: int  # KV positions the row holds (the prompt's, while it is being prefilled)
     logits: np.ndarray | None = None
-    fresh: bool = True  # `logits` not sampled yet
+    fresh: bool = False  # `logits` holds logits not sampled yet
     steps: int = 0
     reuse: int = 0
 
@@ -158,7 +158,11 @@ class SlotBatch:
         return self._rows[slot].reuse
 
     def join(self, request: RowRequest) -> int:
-        """Take a free slot and prefill `request.prompt` into it; return the slot.
+        """Take a free slot for `request` (and its cached prefix, if any); return the slot.
+
+        The prompt is fed by `prefill(slot)`, all at once or a budget at a time, so a long
+        prompt need not stall the other rows' decoding; until it is complete, `step()` leaves
+        the row alone.
 
         Raises:
             RuntimeError: no slot is free.
@@ -191,13 +195,45 @@ class SlotBatch:
             thinking=request.thinking,
             # Same bound as Generator: a generated token needs a position for the next feed.
             max_steps=min(p.max_new_tokens, self.capacity - len(prompt) + 1),
-            length=len(prompt),
+            length=0,
         )
         if self.prefix_cache is not None:
-            state.reuse = self.prefix_cache.load(prompt, self.cache, slot)
-        state.logits = self._prefill(slot, prompt, state.reuse)
+            state.reuse = state.length = self.prefix_cache.load(prompt, self.cache, slot)
         self._rows[slot] = state
         return slot
+
+    def prefilling(self, slot: int) -> bool:
+        """Whether `slot`'s prompt is not fully fed yet."""
+        s = self._rows[slot]
+        return s.length < len(s.row.prompt)
+
+    def prefill(self, slot: int, budget: int | None = None) -> int:
+        """Feed `slot`'s prompt, in the engine's prefill chunks, until done or `budget` tokens.
+
+        Chunks start at the same positions as `Generator`'s (multiples of the chunk after the
+        reused prefix), and at least one chunk is fed per call. When the prompt is complete the
+        row has fresh logits: `sample(slot)` or the next `step()` takes its first token.
+
+        Returns:
+            Prompt tokens fed by this call.
+        """
+        s = self._rows[slot]
+        prompt = s.row.prompt
+        if s.length >= len(prompt):
+            return 0
+        chunk = self.engine.prefill_chunk or len(prompt)
+        kv = self.cache.ortvalues(slot)
+        io = self.engine.bind(kv)
+        ids = np.array([prompt], dtype=np.int64)
+        fed = 0
+        while s.length < len(prompt) and (budget is None or fed < budget or fed == 0):
+            begin = s.length
+            end = min(begin + chunk - (begin - s.reuse) % chunk, len(prompt))
+            logits = self.engine.run(ids[:, begin:end], np.array([end]), kv, io)
+            s.length, fed = end, fed + end - begin
+        if s.length == len(prompt):
+            s.logits, s.fresh = logits[0], True
+        return fed
 
     def cancel(self, slot: int) -> None:
         """Free `slot` now (its caller went away); its positions are not kept."""
@@ -211,7 +247,8 @@ class SlotBatch:
             One `Emission` per row sampled; rows that finished have left.
         """
         emissions = [self._sample(slot) for slot in sorted(self._rows) if self._rows[slot].fresh]
-        feeding = sorted(self._rows)  # every row left holds a sampled token not yet fed
+        # Every decoding row left holds a sampled token not yet fed; prefilling rows wait.
+        feeding = [slot for slot in sorted(self._rows) if not self.prefilling(slot)]
         if feeding:
             self._decode(feeding)
         return emissions
@@ -246,25 +283,18 @@ class SlotBatch:
             # The last sampled token was never fed: the row holds prompt + out[:-1].
             self.prefix_cache.save(s.row.prompt + s.row.out[:-1], self.cache, slot)
 
-    def _prefill(self, slot: int, prompt: list[int], start: int) -> np.ndarray:
-        """Feed `prompt[start:]` into `slot`'s row in chunks; return its next-token logits."""
-        engine = self.engine
-        ids = np.array([prompt], dtype=np.int64)
-        kv = self.cache.ortvalues(slot)
-        io = engine.bind(kv)
-        chunk = engine.prefill_chunk or len(prompt)
-        logits = None
-        for begin in range(start, len(prompt), chunk):
-            end = min(begin + chunk, len(prompt))
-            lengths = np.array([end], dtype=np.int64)
-            logits = engine.run(ids[:, begin:end], lengths, kv, io)
-        return logits[0]
-
     def _decode(self, feeding: list[int]) -> None:
-        """One decoder call over rows 0..max(feeding); free slots in between get a pad."""
+        """One decoder call over rows 0..max(feeding).
+
+        Rows in between that do not decode get a pad token: a free row at its position 0, a
+        prefilling row at its next prompt position, which its next prefill chunk overwrites.
+        """
         height = max(feeding) + 1
         feed = np.full((height, 1), self.pad_token_id, dtype=np.int64)
         lengths = np.ones(height, dtype=np.int64)
+        for slot, s in self._rows.items():
+            if slot < height and self.prefilling(slot):
+                lengths[slot] = s.length + 1
         for slot in feeding:
             s = self._rows[slot]
             feed[slot, 0] = s.row.out[-1]

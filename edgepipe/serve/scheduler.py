@@ -68,10 +68,16 @@ class Scheduler:
         batch: the slots.
         max_queue: jobs waiting for a slot at most.
         metrics: a `ServerMetrics` (gauges updated each step), or None.
+        prefill_budget: prompt tokens fed between two decode steps (at least one chunk): a long
+            prompt is fed over several steps instead of stalling the rows already decoding.
     """
 
-    def __init__(self, batch: SlotBatch, *, max_queue: int, metrics=None):
+    def __init__(
+        self, batch: SlotBatch, *, max_queue: int, metrics=None, prefill_budget: int = 512
+    ):
         self.batch, self.max_queue, self.metrics = batch, max_queue, metrics
+        self.prefill_budget = prefill_budget
+        self._prefilling: deque[int] = deque()  # slots whose prompt is being fed, oldest first
         self._waiting: deque[Job] = deque()
         self._running: dict[int, Job] = {}
         self._cond = threading.Condition()
@@ -127,7 +133,8 @@ class Scheduler:
                     break
             self._drop_cancelled()
             self._admit()
-            if self._running:
+            self._prefill()
+            if any(not self.batch.prefilling(slot) for slot in self._running):
                 self._step()
             self._observe()
         for job in list(self._waiting) + list(self._running.values()):
@@ -145,6 +152,8 @@ class Scheduler:
                 if job.cancelled.is_set():
                     self.batch.cancel(slot)
                     del self._running[slot]
+                    if slot in self._prefilling:
+                        self._prefilling.remove(slot)
                     job.push(Finished())
 
     def _admit(self) -> None:
@@ -161,7 +170,27 @@ class Scheduler:
             job.reused = self.batch.reused(slot)
             with self._cond:
                 self._running[slot] = job
-            # The first token goes out now, not after the other joining rows' prefills.
+            self._prefilling.append(slot)
+
+    def _prefill(self) -> None:
+        """Feed waiting prompts, oldest first, up to the budget; send each first token at once."""
+        budget = self.prefill_budget
+        while self._prefilling and budget > 0:
+            slot = self._prefilling[0]
+            job = self._running[slot]
+            try:
+                budget -= self.batch.prefill(slot, budget)
+            except Exception as exc:  # onnxruntime failed on this prompt: fail its request only
+                self._prefilling.popleft()
+                self.batch.cancel(slot)
+                with self._cond:
+                    del self._running[slot]
+                job.push(Finished(exc))
+                continue
+            if self.batch.prefilling(slot):
+                return
+            self._prefilling.popleft()
+            # The first token goes out now, not after the other prompts and a decode step.
             self._deliver(self.batch.sample(slot), time.perf_counter())
 
     def _step(self) -> None:
@@ -170,6 +199,7 @@ class Scheduler:
         except Exception as exc:  # onnxruntime failed: fail the jobs in the step, keep serving
             with self._cond:
                 running, self._running = self._running, {}
+            self._prefilling.clear()
             for slot, job in running.items():
                 self.batch.cancel(slot)
                 job.push(Finished(exc))
