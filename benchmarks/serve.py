@@ -9,8 +9,9 @@ sampling an eos in 64 tokens is ~1e-3). Each client sends `--requests` requests 
 other, streaming, over `/v1/completions`; each server runs alone (never both at once).
 
 Per concurrency level: aggregate generated tokens/s (all tokens / wall time of the level),
-p50/p99 time to first token (request sent -> first streamed text), and per-request decode
-tokens/s ((tokens - 1) / (last - first token)). Goals (issue 15): at 4 clients, aggregate
+p50/p99 time to first token (request sent -> first streamed text), p50/p99 inter-token latency
+(between streamed text chunks) and per-request decode tokens/s ((tokens - 1) / (last - first
+token)). Goals (issue 15): at 4 clients, aggregate
 >= 2.5x edgepipe's single-stream decode and >= 1.0x llama-server's; p99 TTFT at 4 clients
 <= 2x the single-client one.
 
@@ -99,7 +100,8 @@ async def one_request(client, url: str, prompt: list[int], gen_len: int) -> dict
     tokens = usage if usage is not None else len(times)
     first, last = (times[0], times[-1]) if times else (sent, sent)
     decode = (tokens - 1) / (last - first) if tokens > 1 and last > first else None
-    return {"ttft_s": first - sent, "tokens": tokens, "decode_tps": decode}
+    gaps = np.diff(times).tolist() if len(times) > 1 else []
+    return {"ttft_s": first - sent, "tokens": tokens, "decode_tps": decode, "gaps": gaps}
 
 
 async def level(url: str, clients: int, requests: int, prompt_len: int, gen_len: int) -> dict:
@@ -122,6 +124,7 @@ async def level(url: str, clients: int, requests: int, prompt_len: int, gen_len:
         wall = time.perf_counter() - started
     ttft = np.array([r["ttft_s"] for r in results])
     decode = [r["decode_tps"] for r in results if r["decode_tps"]]
+    gaps = [g for r in results for g in r["gaps"]] or [0.0]
     return {
         "clients": clients,
         "requests": len(results),
@@ -131,6 +134,8 @@ async def level(url: str, clients: int, requests: int, prompt_len: int, gen_len:
         "ttft_p50_s": round(float(np.percentile(ttft, 50)), 4),
         "ttft_p99_s": round(float(np.percentile(ttft, 99)), 4),
         "decode_tokens_per_s_mean": round(float(np.mean(decode)), 2) if decode else None,
+        "itl_p50_s": round(float(np.percentile(gaps, 50)), 4),
+        "itl_p99_s": round(float(np.percentile(gaps, 99)), 4),
         "load_after": load_now(),
     }
 

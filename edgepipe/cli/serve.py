@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--prefix-cache-mb", type=int, default=256, help="memory for prompt prefixes (256; 0=off)"
     )
+    parser.add_argument(
+        "--prefill-budget", type=int, default=256, help="prompt tokens fed between steps (256)"
+    )
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     parser.add_argument("--provider", help="execution provider (default: the artifact's)")
     parser.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds (30)")
@@ -60,6 +63,7 @@ def config_from_args(args: argparse.Namespace, serve_config, read_api_keys):
         tokens_per_minute=args.tpm,
         rate_window_s=args.rate_window,
         prefix_cache_bytes=args.prefix_cache_mb << 20,
+        prefill_budget=args.prefill_budget,
         threads=args.threads,
         provider=args.provider,
         shutdown_grace_s=args.shutdown_grace,

@@ -26,6 +26,8 @@ class ServeConfig:
             (None: unlimited); named per minute, as OpenAI's limits are.
         rate_window_s: the buckets' window (60; tests shorten it).
         prefix_cache_bytes: memory for reusable prompt prefixes (0: off).
+        prefill_budget: prompt tokens fed between two decode steps (at least one chunk): lower
+            keeps streams flowing while long prompts arrive, higher gets first tokens sooner.
         threads: onnxruntime intra-op threads (None: its default).
         provider: execution provider (None: the artifact's).
         shutdown_grace_s: on SIGTERM/SIGINT, time in-flight requests get to finish.
@@ -47,6 +49,7 @@ class ServeConfig:
     tokens_per_minute: float | None = None
     rate_window_s: float = 60.0
     prefix_cache_bytes: int = 256 << 20
+    prefill_budget: int = 256
     threads: int | None = None
     provider: str | None = None
     shutdown_grace_s: float = 30.0

@@ -65,7 +65,10 @@ class Runner:
             pad_token_id=gen.artifact.pad_token_id,
             prefix_cache=prefix,
         )
-        runner = cls(gen, batch, Scheduler(batch, max_queue=config.max_queue))
+        scheduler = Scheduler(
+            batch, max_queue=config.max_queue, prefill_budget=config.prefill_budget
+        )
+        runner = cls(gen, batch, scheduler)
         if metrics is not None:
             runner.attach(metrics)
         if start:

@@ -73,7 +73,7 @@ class Scheduler:
     """
 
     def __init__(
-        self, batch: SlotBatch, *, max_queue: int, metrics=None, prefill_budget: int = 512
+        self, batch: SlotBatch, *, max_queue: int, metrics=None, prefill_budget: int = 256
     ):
         self.batch, self.max_queue, self.metrics = batch, max_queue, metrics
         self.prefill_budget = prefill_budget
