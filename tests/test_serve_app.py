@@ -130,8 +130,11 @@ def test_the_same_seed_gives_the_same_sample(server):
 
 
 def test_models_lists_the_served_model(server):
-    models = server.client().models.list()
-    assert [m.id for m in models.data] == ["toy"]
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == ["toy"]
+    assert client.models.retrieve("toy").id == "toy"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
 
 
 def test_thinking_budget_separates_reasoning_content(
@@ -188,6 +191,7 @@ def test_thinking_off_returns_no_reasoning_content(server_factory, serve_config,
         ({"logprobs": True}, "logprobs"),
         ({"temperature": 5}, "temperature"),
         ({"max_tokens": 5000}, "max_tokens"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
 def test_unsupported_or_invalid_fields_get_400_naming_the_field(server, extra, param):

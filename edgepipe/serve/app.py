@@ -100,6 +100,7 @@ def create_app(config: ServeConfig, runner: Runner | None = None) -> Starlette:
         Route("/health", partial(health, state), methods=["GET"]),
         Route("/metrics", partial(metrics, state), methods=["GET"]),
         Route("/v1/models", partial(models, state), methods=["GET"]),
+        Route("/v1/models/{model:path}", partial(models, state), methods=["GET"]),
         Route("/v1/chat/completions", partial(complete, state, "chat"), methods=["POST"]),
         Route("/v1/completions", partial(complete, state, "completion"), methods=["POST"]),
     ]
@@ -131,6 +132,7 @@ async def metrics(state: ServerState, request: Request) -> Response:
 
 
 async def models(state: ServerState, request: Request) -> Response:
+    """`/v1/models` (the list) and `/v1/models/{model}` (one entry, or 404)."""
     try:
         state.keys.identify(request.headers.get("authorization"))
     except APIError as exc:
@@ -138,7 +140,12 @@ async def models(state: ServerState, request: Request) -> Response:
     name = state.config.served_name
     created = int(state.config.artifact.stat().st_mtime) if state.config.artifact.exists() else 0
     entry = {"id": name, "object": "model", "created": created, "owned_by": "edgepipe"}
-    return JSONResponse({"object": "list", "data": [entry]})
+    asked = request.path_params.get("model")
+    if asked is None:
+        return JSONResponse({"object": "list", "data": [entry]})
+    if asked != name:
+        return error_response(model_not_found(asked, name))
+    return JSONResponse(entry)
 
 
 async def read_body(request: Request, limit: int):

@@ -97,6 +97,11 @@ def refuse_unsupported(req: _Common) -> None:
     Raises:
         APIError: 400 naming the field and, where there is one, the alternative.
     """
+    if req.stream_options is not None and not req.stream:
+        raise bad_request(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled",
+            param="stream_options",
+        )
     if req.n not in (None, 1):
         raise unsupported("n", "Only n=1 is supported: send one request per completion")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -169,7 +174,8 @@ def sampling_overrides(req: _Common, max_tokens: int) -> dict:
         "top_k": None if req.top_k is None else max(req.top_k, 0),  # -1 = off (vLLM)
         "min_p": req.min_p,
         "repetition_penalty": req.repetition_penalty,
-        "seed": req.seed,
+        # OpenAI takes any 64-bit seed; numpy's generator wants one >= 0.
+        "seed": None if req.seed is None else req.seed % 2**64,
         "stop_strings": stop_strings(req.stop),
     }
     if req.temperature is not None:
