@@ -38,7 +38,14 @@ import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-from common import RESULTS, cached_build, load_now, machine_facts, source_model  # noqa: E402
+from common import (  # noqa: E402
+    CACHE,
+    RESULTS,
+    cached_build,
+    load_now,
+    machine_facts,
+    source_model,
+)
 
 START_TIMEOUT_S = 300.0
 
@@ -143,7 +150,8 @@ async def level(url: str, clients: int, requests: int, prompt_len: int, gen_len:
 def bench_server(name: str, cmd: list[str], port: int, args) -> list[dict]:
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(BENCH_DIR.parent)}
-    log = open(RESULTS / f"serve-{name}.log", "w")  # noqa: SIM115 (closed below)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    log = open(CACHE / f"serve-{name}.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_ready(url, proc)
