@@ -10,6 +10,7 @@ pytest_plugins = [
     "tests.fixtures.static",
     "tests.fixtures.constrained",
     "tests.fixtures.lora",
+    "tests.fixtures.serve",
 ]
 
 

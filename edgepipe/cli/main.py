@@ -1,11 +1,12 @@
 """The `edgepipe` command line: `main()` and the parser.
 
 Each group of subcommands is a module of `edgepipe.cli` with a `register(subparsers)` function
-(catalog: list, validate; run: run, chat, bench; build: build, matrix; cache: cache) that
-registers its handlers through `edgepipe.cli.command.add_command`. Those modules import heavy
-dependencies and the build side only inside their handlers, so `edgepipe run` never pays for
-the build side. A handler returns the process exit code; the errors every command shares are turned
-into exit codes here (2 invalid input, 1 a failed build, 130 interrupted, 141 a closed pipe).
+(catalog: list, validate; run: run, chat, bench; serve: serve; build: build, matrix; cache:
+cache) that registers its handlers through `edgepipe.cli.command.add_command`. Those modules
+import heavy dependencies, the build side and the server only inside their handlers, so
+`edgepipe run` never pays for them. A handler returns the process exit code; the errors every
+command shares are turned into exit codes here (2 invalid input, 1 a failed build, 130
+interrupted, 141 a closed pipe).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import argparse
 import sys
 
 from edgepipe import __version__
-from edgepipe.cli import build, cache, catalog, run
+from edgepipe.cli import build, cache, catalog, run, serve
 from edgepipe.cli.quiet import quiet_third_parties, terminate_as_interrupt
 from edgepipe.errors import BuildFailed, InvalidInput
 
 # Modules that contribute subcommands, in the order `edgepipe --help` lists them.
-COMMAND_MODULES = (catalog, run, build, cache)
+COMMAND_MODULES = (catalog, run, serve, build, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

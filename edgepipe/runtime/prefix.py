@@ -1,0 +1,130 @@
+"""A bounded cache of KV prefixes, so a prompt that starts like an earlier one skips that part.
+
+Chat clients resend the whole conversation every turn, and many requests share a system prompt:
+the keys and values of those leading tokens are the same every time (a decoder's position i
+depends only on tokens 0..i). `PrefixCache` keeps copies of finished rows' KV positions, keyed
+by the token ids they hold, within a byte budget (least recently used entries go first). A new
+prompt takes the entry with the longest common prefix, copies those positions into its own KV
+row, and prefills only the rest: onnxruntime's GroupQueryAttention continues from cached
+positions exactly as from its own earlier call (the same property chunked prefill and
+`ChatSession` rely on).
+
+Entries are copies, not shared buffers: a row overwrites its positions past the common prefix,
+and rows of a batch live in one buffer per layer, so sharing would need copy-on-write bookkeeping
+for a saving of one memcpy per request.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class PrefixStats:
+    """Lookups, hits and reused tokens since the cache was created."""
+
+    lookups: int = 0
+    hits: int = 0
+    reused_tokens: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+
+class PrefixCache:
+    """Token-id prefixes and their KV positions, bounded by bytes.
+
+    Args:
+        max_bytes: memory the entries may hold together (0 disables the cache).
+        min_tokens: shortest prefix worth reusing (shorter matches count as misses: copying a
+            few positions saves less than the bookkeeping costs).
+    """
+
+    def __init__(self, max_bytes: int, *, min_tokens: int = 4):
+        self.max_bytes = int(max_bytes)
+        self.min_tokens = max(1, int(min_tokens))
+        self.stats = PrefixStats()
+        self.nbytes = 0
+        # ids tuple -> (keys, values): per layer, arrays [kv_heads, len(ids), head_dim].
+        self._entries: OrderedDict[tuple[int, ...], tuple[list, list]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def load(self, prompt: list[int], cache, row: int) -> int:
+        """Copy the longest cached prefix of `prompt` into `row` of `cache`; return its length.
+
+        At most `len(prompt) - 1` positions are reused: one prompt token must still be fed to
+        get the logits of the next one.
+
+        Args:
+            prompt: the new prompt's ids.
+            cache: the `KVCache` holding the row.
+            row: the batch row to fill.
+        """
+        self.stats.lookups += 1
+        best, best_len = None, 0
+        for ids in self._entries:
+            common = _common_prefix(ids, prompt)
+            if common > best_len:
+                best, best_len = ids, common
+        reuse = min(best_len, len(prompt) - 1)
+        if best is None or reuse < self.min_tokens:
+            return 0
+        self._entries.move_to_end(best)
+        keys, values = self._entries[best]
+        for dst, src in zip(cache.keys + cache.values, keys + values, strict=True):
+            dst[row, :, :reuse] = src[:, :reuse]
+        self.stats.hits += 1
+        self.stats.reused_tokens += reuse
+        return reuse
+
+    def save(self, ids: list[int], cache, row: int) -> None:
+        """Keep a copy of the first `len(ids)` positions of `row` (the KV of `ids`).
+
+        An entry that is a prefix of `ids` is replaced (the new one serves every prompt it
+        served); an entry that already extends `ids` makes this one redundant.
+        """
+        key = tuple(ids)
+        if self.max_bytes <= 0 or len(key) < self.min_tokens:
+            return
+        for old in list(self._entries):
+            if _common_prefix(old, key) == len(key):
+                self._entries.move_to_end(old)
+                return
+            if _common_prefix(old, key) == len(old):
+                self._drop(old)
+        n = len(key)
+        keys = [np.array(a[row, :, :n]) for a in cache.keys]
+        values = [np.array(a[row, :, :n]) for a in cache.values]
+        size = sum(a.nbytes for a in keys) + sum(a.nbytes for a in values)
+        if size > self.max_bytes:
+            return
+        while self._entries and self.nbytes + size > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+        self._entries[key] = (keys, values)
+        self.nbytes += size
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        self._entries.clear()
+        self.nbytes = 0
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        keys, values = self._entries.pop(key)
+        self.nbytes -= sum(a.nbytes for a in keys) + sum(a.nbytes for a in values)
+
+
+def _common_prefix(a, b) -> int:
+    """Length of the common prefix of two id sequences."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x = np.asarray(a[:n], dtype=np.int64)
+    y = np.asarray(b[:n], dtype=np.int64)
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if diff.size else n

@@ -1,0 +1,168 @@
+"""From a validated request to the row the scheduler runs: prompt ids, sampling, thinking.
+
+Chat messages are rendered with the artifact's chat template (`Generator.render_chat`), with
+`chat_template_kwargs.enable_thinking` passed through for Qwen3. The thinking budget is the
+runtime's (`rows.Thinking`): once a row has thought that many tokens, `</think>` is forced and
+the model answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgepipe.runtime.errors import TemplateRefused
+from edgepipe.runtime.rows import Thinking
+from edgepipe.runtime.sampling import merge_params
+from edgepipe.serve.errors import bad_request
+from edgepipe.serve.schemas import ChatRequest, CompletionRequest, sampling_overrides
+
+# OpenAI's default max_tokens for legacy completions; chat has none (the context decides).
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass
+class Prepared:
+    """A request ready for the scheduler.
+
+    Attributes:
+        prompt: prompt token ids.
+        params: validated `SamplingParams`.
+        thinking: the budget bookkeeping, or None.
+        thinking_started: the prompt opened a thinking block.
+        reasoning: whether to split `reasoning_content` from `content` (Qwen3 templates).
+    """
+
+    prompt: list[int]
+    params: object
+    thinking: Thinking | None
+    thinking_started: bool
+    reasoning: bool
+
+
+def message_text(message: dict, index: int) -> dict:
+    """`message` with its content as one string (OpenAI also allows a list of text parts).
+
+    Raises:
+        APIError: 400 for a content part that is not text (images, audio).
+    """
+    content = message.get("content")
+    if content is None:
+        content = ""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise bad_request(
+                    f"messages[{index}].content: only text parts are supported, got {kind!r}",
+                    param=f"messages.{index}.content",
+                )
+            texts.append(str(part.get("text", "")))
+        content = "".join(texts)
+    return {**message, "content": content}
+
+
+def prepare_chat(req: ChatRequest, gen, config, capacity: int) -> Prepared:
+    """Render and tokenize a chat request.
+
+    Raises:
+        APIError: 400 for bad messages, template refusals, limits exceeded.
+    """
+    kwargs = req.chat_template_kwargs or {}
+    enable = kwargs.get("enable_thinking")
+    if enable is not None and not isinstance(enable, bool):
+        raise bad_request("chat_template_kwargs.enable_thinking must be a boolean")
+    messages = [message_text(m, i) for i, m in enumerate(req.messages)]
+    try:
+        text = gen.render_chat(messages, enable_thinking=enable)
+    except (TemplateRefused, ValueError) as exc:
+        raise bad_request(str(exc), param="messages") from None
+    ids = gen.encode(text)
+    started = opens_thinking(text)
+    budget = req.thinking_budget
+    if budget is None:
+        budget = kwargs.get("thinking_budget")
+    thinking = thinking_plan(gen, started, enable, budget)
+    requested = req.max_completion_tokens or req.max_tokens
+    params = _params(req, gen, ids, requested, config, capacity)
+    reasoning = gen.chat_template.supports_thinking or started
+    return Prepared(ids, params, thinking, started, reasoning)
+
+
+def prepare_completion(req: CompletionRequest, gen, config, capacity: int) -> Prepared:
+    """Tokenize a completion request's prompt (text or token ids, one prompt).
+
+    Raises:
+        APIError: 400 for batches of prompts, empty prompts, limits exceeded.
+    """
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise bad_request("Send one prompt per request", param="prompt")
+        prompt = prompt[0]
+    ids = gen.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    vocab = gen.artifact.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise bad_request(f"Token ids must be in [0, {vocab})", param="prompt")
+    requested = req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+    params = _params(req, gen, ids, requested, config, capacity)
+    return Prepared(ids, params, None, False, False)
+
+
+def _params(req, gen, ids: list[int], requested: int | None, config, capacity: int):
+    """Check the prompt and max_tokens against the limits; return merged `SamplingParams`."""
+    if not ids:
+        raise bad_request("The prompt is empty", param="prompt")
+    limit = min(config.max_prompt_tokens or capacity - 1, capacity - 1)
+    if len(ids) > limit:
+        raise bad_request(
+            f"The prompt has {len(ids)} tokens; this server accepts at most {limit}",
+            param="messages" if isinstance(req, ChatRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    if requested is not None and requested > config.max_tokens:
+        raise bad_request(
+            f"max_tokens is {requested}; this server allows at most {config.max_tokens}",
+            param="max_tokens",
+        )
+    room = capacity - len(ids)
+    if requested is not None and requested > room:
+        raise bad_request(
+            f"This server's context holds {capacity} tokens; the prompt has {len(ids)} and "
+            f"{requested} were requested. Shorten the prompt or lower max_tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    max_tokens = requested or min(config.max_tokens, room)
+    try:
+        return merge_params(gen.defaults, **sampling_overrides(req, max_tokens))
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def opens_thinking(prompt: str) -> bool:
+    """Whether the rendered prompt leaves the model inside an open thinking block."""
+    tail = prompt.rsplit("<|im_start|>assistant", 1)[-1]
+    return tail.rstrip().endswith("<think>")
+
+
+def thinking_plan(gen, started: bool, enable_thinking, budget) -> Thinking | None:
+    """The thinking-budget bookkeeping for a chat row (None without a budget or thinking).
+
+    Raises:
+        APIError: 400 for a budget on a tokenizer without `</think>`.
+    """
+    if budget is None or enable_thinking is False:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise bad_request("thinking_budget must be an integer >= 0", param="thinking_budget")
+    close_id = gen.tokenizer.token_to_id("</think>")
+    if close_id is None:
+        raise bad_request("thinking_budget needs a Qwen3 model (no </think> token)")
+    return Thinking(
+        budget=budget,
+        started=started,
+        open_id=gen.tokenizer.token_to_id("<think>"),
+        close_id=close_id,
+        close_ids=gen.encode("</think>\n\n"),
+    )

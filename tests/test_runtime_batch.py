@@ -1,0 +1,138 @@
+"""SlotBatch: rows that join and leave a shared KV batch give the tokens they give alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgepipe.runtime import Generator, GeneratorError, PromptTooLong
+from edgepipe.runtime.batch import RowRequest, SlotBatch
+from edgepipe.runtime.prefix import PrefixCache
+from edgepipe.runtime.sampling import merge_params
+
+PROMPTS = [
+    "Hello world, this is",
+    "Hi",
+    "A much longer prompt with quite a few more tokens in it than the others",
+    "x y z",
+    "Hello world, this is a longer one",
+]
+
+
+@pytest.fixture(scope="module")
+def gen(serve_toy_dir):
+    return Generator(serve_toy_dir)
+
+
+def new_batch(gen, slots=3, capacity=128, prefix=None):
+    art = gen.artifact
+    return SlotBatch(
+        gen.engine,
+        gen.tokenizer,
+        slots=slots,
+        capacity=capacity,
+        eos_token_ids=art.eos_token_ids,
+        pad_token_id=art.pad_token_id,
+        prefix_cache=prefix,
+    )
+
+
+def drain(batch, requests, eager=False):
+    """Join `requests` as slots free up; return each one's (tokens, text, finish reason).
+
+    `eager`: take each new row's first token right after it joins (`sample`), as the server's
+    scheduler does, instead of in the next step.
+    """
+    pending, owner, out = list(enumerate(requests)), {}, {}
+    while pending or batch.active:
+        emissions = []
+        while pending and batch.free:
+            i, request = pending.pop(0)
+            slot = batch.join(request)
+            batch.prefill(slot)
+            owner[slot] = i
+            out[i] = ([], [], None)
+            if eager:
+                emissions.append(batch.sample(slot))
+        for e in emissions + batch.step():
+            tokens, texts, _ = out[owner[e.slot]]
+            tokens.append(e.token)
+            texts.append(e.text)
+            if e.done:
+                out[owner[e.slot]] = (tokens, texts, e.finish_reason)
+    return [(t, "".join(x), r) for t, x, r in (out[i] for i in range(len(requests)))]
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_rows_joining_and_leaving_give_their_tokens_alone(gen, eager):
+    params = [merge_params(gen.defaults, max_new_tokens=n) for n in (5, 30, 12, 20, 7, 1)]
+    prompts = PROMPTS + ["One token"]
+    requests = [RowRequest(gen.encode(p), q) for p, q in zip(prompts, params, strict=True)]
+    results = drain(new_batch(gen, slots=3), requests, eager=eager)
+    for prompt, p, (tokens, text, reason) in zip(prompts, params, results, strict=True):
+        alone = gen.generate(prompt, max_new_tokens=p.max_new_tokens)
+        assert tokens == alone.token_ids and text == alone.text
+        assert reason == alone.finish_reason
+
+
+def test_a_cached_prefix_is_reused_without_changing_tokens(gen):
+    prefix = PrefixCache(1 << 24)
+    batch = new_batch(gen, prefix=prefix)
+    params = merge_params(gen.defaults, max_new_tokens=10)
+    first = drain(batch, [RowRequest(gen.encode(PROMPTS[0]), params)])[0]
+    again = drain(batch, [RowRequest(gen.encode(PROMPTS[4]), params)])[0]
+    assert prefix.stats.hits == 1 and prefix.stats.reused_tokens >= 4
+    assert again[0] == gen.generate(PROMPTS[4], max_new_tokens=10).token_ids
+    assert first[0] == gen.generate(PROMPTS[0], max_new_tokens=10).token_ids
+
+
+def test_a_cancelled_row_frees_its_slot_between_steps(gen):
+    batch = new_batch(gen, slots=1)
+    params = merge_params(gen.defaults, max_new_tokens=50)
+    slot = batch.join(RowRequest(gen.encode("Hi"), params))
+    batch.prefill(slot)
+    batch.step()
+    assert batch.free == 0 and batch.kv_bytes_in_use > 0
+    batch.cancel(slot)
+    assert batch.free == 1 and batch.kv_bytes_in_use == 0 and batch.step() == []
+
+
+def test_a_row_stops_at_the_slot_capacity_with_length(gen):
+    batch = new_batch(gen, slots=1, capacity=32)
+    params = merge_params(gen.defaults, max_new_tokens=100, stop_token_ids=[])
+    prompt = gen.encode(PROMPTS[2])
+    ((tokens, _, reason),) = drain(batch, [RowRequest(prompt, params)])
+    assert reason == "length" and len(tokens) == 32 - len(prompt) + 1
+
+
+def test_a_prompt_that_fills_the_slot_is_refused(gen):
+    batch = new_batch(gen, slots=1, capacity=8)
+    with pytest.raises(PromptTooLong):
+        batch.join(RowRequest(list(range(100, 110)), merge_params(gen.defaults)))
+    assert batch.free == 1
+
+
+def test_static_engines_are_refused(gen):
+    with pytest.raises(GeneratorError, match="dynamic"):
+        SlotBatch(object(), gen.tokenizer, slots=1, capacity=8, eos_token_ids=[], pad_token_id=0)
+
+
+def test_a_prompt_fed_a_budget_at_a_time_while_others_decode_keeps_every_token(serve_toy_dir):
+    gen = Generator(serve_toy_dir, prefill_chunk=4)
+    params = merge_params(gen.defaults, max_new_tokens=12)
+    batch = new_batch(gen, slots=2)
+    # The slow prompt takes slot 0, below the decoding row: decode steps pad it at its next
+    # prompt position, which its next chunk must overwrite.
+    slow = batch.join(RowRequest(gen.encode(PROMPTS[2]), params))
+    fast = batch.join(RowRequest(gen.encode(PROMPTS[0]), params))
+    batch.prefill(fast)
+    out = {slow: [], fast: [batch.sample(fast).token]}
+    calls = 0
+    while batch.active:
+        if batch.prefilling(slow):
+            assert batch.prefill(slow, budget=4) == 4 or not batch.prefilling(slow)
+            calls += 1
+        for e in batch.step():
+            out[e.slot].append(e.token)
+    assert calls > 3
+    assert out[slow] == gen.generate(PROMPTS[2], max_new_tokens=12).token_ids
+    assert out[fast] == gen.generate(PROMPTS[0], max_new_tokens=12).token_ids
