@@ -549,12 +549,7 @@ def build_decoder(
     cfg, weights, ctx, quant = _checked_inputs(
         model_dir, activation_dtype, quant, context_length, weights
     )
-    layout = Layout(
-        packed_qkv=packed_qkv,
-        rotary_in_attention=rotary_in_attention,
-        fused_bias=fused_bias,
-        qk_norm=cfg.family.qk_norm,
-    )
+    layout = Layout(packed_qkv, rotary_in_attention, fused_bias, qk_norm=cfg.family.qk_norm)
     builder, bytes_written = _write_graph(
         cfg,
         weights,
