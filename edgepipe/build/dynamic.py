@@ -14,6 +14,10 @@ KV cache grows with the sequence, run by onnxruntime-genai and `edgepipe.runtime
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from edgepipe.build.cache import ENTRY_FILE, StageCache
@@ -29,8 +33,10 @@ from edgepipe.build.shared import (
     evaluation_ids,
     export_key,
     export_step,
+    float16_bytes,
     model_facts,
     package_build,
+    summary_line,
 )
 from edgepipe.errors import BuildFailed
 
@@ -40,6 +46,9 @@ EXPORT_ROOTS = ("edgepipe.stages.export.dynamic", "edgepipe.arch.presets")
 # Not part of a dynamic artifact: the source's config.json rides along in the export folder
 # for the build's own use (`model_facts`), and the cache entry's index.
 NOT_IN_ARTIFACT = (ENTRY_FILE, "config.json")
+# `precision.target_kl` measures each group's sensitivity on this many calibration tokens: the
+# ranking it needs settles long before the evaluation text's 256 (tiny-trained: same order).
+SENSITIVITY_TOKENS = 128
 
 
 def supported_here(plan: BuildPlan) -> str | None:
@@ -149,6 +158,49 @@ class Fp16Stage:
         return guard_report(self.fp32_maxima, fp16_maxima, self.guard, self.policy, casts)
 
 
+def _meet_target_kl(
+    plan: BuildPlan, cache: StageCache, work: Path, report: Report, reference_dir: Path, guard
+) -> tuple[BuildPlan, dict]:
+    """`precision.target_kl` (`edgepipe.build.target_kl`): the plan whose evaluation KL against
+    the unquantized export meets the target, and the manifest's record of how it was chosen.
+
+    Candidate plans measured on the evaluation text go through the stage cache (the chosen one
+    is the build's export); the one-group sensitivity exports are scratch, removed once run.
+    """
+    from edgepipe.build.target_kl import choose_precision
+    from edgepipe.stages.validate.metrics import compare_logits
+    from edgepipe.stages.validate.runner import DecoderRunner
+
+    facts = model_facts(plan, reference_dir)
+    texts = {"evaluation": evaluation_ids(plan, *facts)}
+    texts["calibration"] = (
+        calibration_ids(plan, *facts, limit=SENSITIVITY_TOKENS)
+        if plan.recipe.calibration is not None
+        else texts["evaluation"][:SENSITIVITY_TOKENS]
+    )
+    reference = DecoderRunner(reference_dir / "model.onnx")
+    expected = {text: reference.teacher_forced(ids) for text, ids in texts.items()}
+    scratch = StageCache(cache.root, enabled=False)
+    count = itertools.count()
+
+    def measure(resolved, text: str) -> dict:
+        trial = replace(plan, resolved=resolved)
+        keep = text == "evaluation"
+        out = work / f"target-kl-{next(count)}"
+        folder, _ = _export(trial, trial.quant_plan(), cache if keep else scratch, out, report,
+                            guard=guard)  # fmt: skip
+        logits = DecoderRunner(folder / "model.onnx").teacher_forced(texts[text])
+        shutil.rmtree(out, ignore_errors=True)  # a cached entry lives on in the cache
+        return compare_logits(logits, expected[text], texts[text])
+
+    config = json.loads((reference_dir / "config.json").read_text(encoding="utf-8"))
+    float_weights = "fp32" if plan.activation_dtype == "float32" else "fp16"
+    chosen, record = choose_precision(
+        plan.resolved, config, measure, float_weights=float_weights, report=report
+    )
+    return replace(plan, resolved=chosen), record
+
+
 def _transformers_reference(plan: BuildPlan, work: Path, report: Report) -> Path | None:
     """The source folder for a transformers reference, or None without torch + transformers
     (`pip install 'edgepipe[build]'`): validation then compares with the unquantized export."""
@@ -243,10 +295,13 @@ def build_into(
     report = stages.sub("export")
     fp16 = Fp16Stage(plan, cache, work, report) if plan.activation_dtype == "float16" else None
     guard = fp16.guard if fp16 is not None else None
-    export_dir, result.cached = _export(plan, quant, cache, work / "export", report, guard=guard)
-    reference_dir = None
+    reference_dir = target = None
     if quant is not None:
         reference_dir, _ = _export(plan, None, cache, work / "reference", report, guard=guard)
+    if quant is not None and plan.resolved.target_kl is not None:
+        plan, target = _meet_target_kl(plan, cache, work, report, reference_dir, guard)
+        quant = plan.quant_plan()
+    export_dir, result.cached = _export(plan, quant, cache, work / "export", report, guard=guard)
 
     stages("optimize")
     artifact = tmp / "artifact"
@@ -265,6 +320,8 @@ def build_into(
         plan, artifact, export_dir, reference_dir, fp16, quant, work, stages
     )
     fp16_record = fp16.record(reference_dir or export_dir) if fp16 is not None else None
+    if target is not None:
+        validation["quality"]["groups"] = target["groups"]
     _record_validation(plan, result, validation, export_dir)
 
     stages("package")
@@ -281,6 +338,9 @@ def build_into(
             "optimization": optimization,
             "provider_check": provider,
             "fp16_guard": fp16_record,
+            "target_kl": target,
         },
     )
     result.size_bytes = manifest["size_bytes"]
+    fp16_bytes = float16_bytes(reference_dir or export_dir, plan.activation_dtype)
+    result.summary = summary_line(plan, result, fp16_bytes)
