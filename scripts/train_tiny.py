@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from edgepipe.presets import PresetSpec, preset_config
-from edgepipe.qwen2 import QWEN2, ArchShape
-from edgepipe.tokenizer import build_qwen_tokenizer
+from edgepipe.arch.presets import PresetSpec, preset_config
+from edgepipe.arch.qwen2 import QWEN2
+from edgepipe.arch.spec import ArchShape
+from edgepipe.arch.tokenizer import build_qwen_tokenizer
 
 VOCAB = 151936
 ENDOFTEXT = 151643

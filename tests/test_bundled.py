@@ -17,7 +17,7 @@ from edgepipe.arch.bundled import (
     expand_embedding,
 )
 from edgepipe.errors import InvalidInput
-from edgepipe.safetensors_io import SINGLE_FILE, read_header, read_tensor
+from edgepipe.formats.safetensors import SINGLE_FILE, read_header, read_tensor
 
 VOCAB = 151936
 # Not standard-library text (written for this test), so it is held out by construction.

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepipe.arch.qwen2 import QWEN2
+from edgepipe.arch.tokenizer import write_tokenizer_files
 from edgepipe.errors import InvalidInput
-from edgepipe.qwen2 import QWEN2
-from edgepipe.safetensors_io import SINGLE_FILE, read_header, read_tensor, write_safetensors
-from edgepipe.tokenizer import write_tokenizer_files
+from edgepipe.formats.safetensors import SINGLE_FILE, read_header, read_tensor, write_safetensors
 
 _DATA = Path(__file__).parent / "data"
 BUNDLED: dict[str, Path] = {"tiny-trained": _DATA / "tiny-trained"}

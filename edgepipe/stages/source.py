@@ -1,12 +1,14 @@
 """The source stage: where the model's `config.json` and safetensors come from.
 
-Three kinds, exactly one per recipe (see the recipe schema):
+Four kinds, exactly one per recipe (see the recipe schema):
 
 * `hub: {id, revision}` — `huggingface_hub.snapshot_download` at the pinned revision, only the
   files the builder reads (config, safetensors, tokenizer). It honours `HF_HUB_OFFLINE=1` and
   the Hugging Face cache (`HF_HOME`), so CI can pre-fill the cache and build offline.
 * `path: <folder>` — a local folder, used in place (never modified).
 * `preset: {name, seed}` — a random-weight model written by `edgepipe.arch.presets.write_preset`.
+* `bundled: {name}` — a trained model shipped inside edgepipe in compact form, expanded into
+  the build's work folder by `edgepipe.arch.bundled.expand_bundled`.
 
 `identity()` is known before anything is downloaded or written, so the stage cache can decide
 whether the export must run at all; `materialize()` produces the folder only when needed.
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepipe import schema
+from edgepipe.arch.bundled import bundled_folder, expand_bundled
 from edgepipe.build.cache import hash_tree
 from edgepipe.errors import BuildFailed, InvalidInput
 
@@ -41,9 +44,9 @@ class ModelSource:
     """A resolved model source (the stage; `edgepipe.schema.Source` is the recipe block).
 
     Attributes:
-        kind: `hub`, `path` or `preset`.
-        spec: the recipe's source block as a dict (`{"id", "revision"}`, `{"path"}` or
-            `{"name", "seed"}`).
+        kind: `hub`, `path`, `preset` or `bundled`.
+        spec: the recipe's source block as a dict (`{"id", "revision"}`, `{"path"}`,
+            `{"name", "seed"}` or `{"name"}`).
         base_dir: folder that relative `path` sources are resolved against (the recipe's).
     """
 
@@ -63,7 +66,8 @@ class ModelSource:
         """What identifies the weights, for cache keys and the manifest.
 
         hub: id and pinned revision; path: the sha256 of every config/safetensors file (a
-        folder's name says nothing about its content); preset: name and seed.
+        folder's name says nothing about its content); preset: name and seed; bundled: name
+        and the sha256 of its compact files (retrained weights are another model).
         """
         if self._identity is not None:
             return self._identity
@@ -71,6 +75,9 @@ class ModelSource:
             ident = {"hub": self.spec["id"], "revision": self.spec.get("revision")}
         elif self.kind == "preset":
             ident = {"preset": self.spec["name"], "seed": self.spec.get("seed", 0)}
+        elif self.kind == "bundled":
+            files = _weight_files(bundled_folder(self.spec["name"]))
+            ident = {"bundled": self.spec["name"], "files": files}
         else:
             folder = self.folder
             if not (folder / "config.json").is_file():
@@ -78,12 +85,7 @@ class ModelSource:
                     f"source.path: {folder} has no config.json; point it at a Hugging Face "
                     "model folder (config.json + *.safetensors)"
                 )
-            files = {
-                rel: digest
-                for rel, digest in hash_tree(folder).items()
-                if rel.endswith((".json", ".safetensors"))
-            }
-            ident = {"path": str(folder), "files": files}
+            ident = {"path": str(folder), "files": _weight_files(folder)}
         self._identity = ident
         return ident
 
@@ -96,7 +98,7 @@ class ModelSource:
         """The model folder, downloading or writing it on first use.
 
         Args:
-            work_dir: where a preset is written (inside the build's temp folder).
+            work_dir: where a preset or a bundled model is written (the build's temp folder).
             progress: called with a short status line (the hub download shows its own bars).
 
         Raises:
@@ -117,9 +119,23 @@ class ModelSource:
             out = Path(work_dir) / "preset"
             write_preset(self.spec["name"], int(self.spec.get("seed", 0)), out)
             self._dir = out
+        elif self.kind == "bundled":
+            if progress:
+                progress(f"expanding bundled model {self.spec['name']}")
+            out = Path(work_dir) / f"bundled-{self.spec['name']}"
+            self._dir = expand_bundled(self.spec["name"], out)
         else:
             self._dir = _download(self.spec["id"], self.spec.get("revision"), progress)
         return self._dir
+
+
+def _weight_files(folder: Path) -> dict[str, str]:
+    """sha256 of each config / safetensors file in `folder`."""
+    return {
+        rel: digest
+        for rel, digest in hash_tree(folder).items()
+        if rel.endswith((".json", ".safetensors"))
+    }
 
 
 def _download(repo_id: str, revision: str | None, progress) -> Path:
@@ -160,4 +176,6 @@ def source_from_recipe(source: schema.Source, base_dir: Path | None = None) -> M
         return ModelSource("hub", spec, base)
     if source.preset is not None:
         return ModelSource("preset", {"name": source.preset.name, "seed": source.preset.seed}, base)
+    if source.bundled is not None:
+        return ModelSource("bundled", {"name": source.bundled.name}, base)
     return ModelSource("path", {"path": str(source.path)}, base)
