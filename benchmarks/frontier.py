@@ -47,7 +47,10 @@ ROWS: dict[str, dict] = {
     "gptq-int8-table": {"method": "gptq", "embedding": "int8", "lm_head": "int8"},
     "target-kl-0.02": {"method": "rtn", "embedding": "same", "lm_head": "same", "target_kl": 0.02},
     "target-kl-0.005": {
-        "method": "rtn", "embedding": "same", "lm_head": "same", "target_kl": 0.005,
+        "method": "rtn",
+        "embedding": "same",
+        "lm_head": "same",
+        "target_kl": 0.005,
     },  # fmt: skip
     "int8": {"weights": "int8", "method": "rtn", "embedding": "same", "lm_head": "same"},
     "body-only-rtn": {"method": "rtn", "embedding": "fp32", "lm_head": "fp32"},
@@ -120,6 +123,40 @@ def decode_speed(rows: dict[str, dict], rounds: int, gen_len: int) -> None:
         PROMPT, max_new_tokens=gen_len, do_sample=False).text} if built else {}  # fmt: skip
 
 
+def genai_row(out: Path) -> dict:
+    """onnxruntime-genai's int4 build of the same model (its builder's defaults): size, and
+    quality against transformers on the recipe's evaluation ids (the unquantized export matches
+    transformers to 1e-3, so this is the reference the other rows use)."""
+    import subprocess
+
+    from common import folder_bytes, genai_builder_cmd
+
+    from edgepipe.arch.bundled import expand_bundled
+    from edgepipe.arch.tokenizer import build_qwen_tokenizer
+    from edgepipe.schema import load_recipe
+    from edgepipe.stages.validate.metrics import compare_logits
+    from edgepipe.stages.validate.reference import transformers_logits
+    from edgepipe.stages.validate.runner import DecoderRunner
+
+    model = expand_bundled("tiny-trained", out / "source")
+    cmd = genai_builder_cmd(model, out / "genai", out / "genai-cache")
+    subprocess.run(cmd, check=True, capture_output=True)
+    evaluation = load_recipe(RECIPE).evaluation
+    ids = build_qwen_tokenizer("qwen2").encode(evaluation.read(), add_special_tokens=False).ids
+    ids = ids[: evaluation.max_tokens]
+    logits = DecoderRunner(out / "genai" / "model.onnx").teacher_forced(ids)
+    q = compare_logits(logits, transformers_logits(model, ids), ids)
+    size = sum(p.stat().st_size for p in (out / "genai").glob("model.onnx*"))
+    return {
+        "status": "built",
+        "kl": q["kl"],
+        "top1_agreement": q["top1_agreement"],
+        "perplexity_ratio": q["perplexity_ratio"],
+        "size_bytes": size,
+        "folder_bytes": folder_bytes(out / "genai"),
+    }
+
+
 def table(rows: dict[str, dict]) -> str:
     """The markdown table docs/quantization.md carries."""
     lines = [
@@ -148,10 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-len", type=int, default=64)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ep-frontier")
     parser.add_argument("--name", default="frontier")
+    parser.add_argument("--genai", action="store_true", help="add onnxruntime-genai's int4")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         rows = build_rows(args.rows, Path(tmp), args.cache)
+        if args.genai:
+            rows["onnxruntime-genai-int4"] = genai_row(Path(tmp))
         if args.rounds:
             decode_speed(rows, args.rounds, args.gen_len)
         doc = {"machine": machine_facts(), "uptime": os.getloadavg(), "rows": rows}
