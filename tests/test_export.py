@@ -339,9 +339,9 @@ def test_quantized_export_matches_dequantized_reference(
     monkeypatch.setattr("edgepipe.stages.export.common.TABLE_CHUNK_ROWS", 300)
 
     model_dir = make_tiny_model("qwen3", hidden_size=128, head_dim=32)
+    table = QuantSpec(8, 32, False, "rtn", 0)
     plan = QuantPlan(
-        default=QuantSpec(bits, 32, bits == 8, "rtn", 0),
-        embedding=QuantSpec(8, 32, False, "rtn", 0),
+        default=QuantSpec(bits, 32, bits == 8, "rtn", 0), embedding=table, lm_head=table
     )
     result = build_decoder(model_dir, tmp_path / "onnx", quant=plan, context_length=256)
     ops = op_types(result.model_path)
@@ -359,7 +359,8 @@ def test_tied_quantized_embedding_is_stored_once(make_tiny_model, tmp_path):
     from edgepipe.stages.quantize.plan import QuantPlan, QuantSpec
 
     model_dir = make_tiny_model("qwen2")
-    plan = QuantPlan(default=None, embedding=QuantSpec(4, 32, False, "rtn", 0))
+    table = QuantSpec(4, 32, False, "rtn", 0)
+    plan = QuantPlan(default=None, embedding=table, lm_head=table)
     build_decoder(model_dir, tmp_path, quant=plan, context_length=256)
     model = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
     where = {

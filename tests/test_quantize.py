@@ -271,3 +271,15 @@ def test_plan_float_zero_points_apply_to_hqq_body_weights_only():
     assert not plan.spec_for("model.embed_tokens.weight").float_zero_points
     with pytest.raises(InvalidInput, match=r"precision\.float_zero_points"):
         QuantPlan.from_precision("int4", method="rtn", float_zero_points=True)
+
+
+def test_a_tied_model_plan_gives_both_sides_the_more_precise_table_spec():
+    plan = QuantPlan.from_precision("int4", embedding="int4", lm_head="int8")
+    tied = plan.for_model(True)
+    assert tied.embedding == tied.lm_head == plan.lm_head
+    assert plan.for_model(False) == plan
+    float_head = QuantPlan.from_precision("int4", embedding="int4", lm_head="fp32").for_model(True)
+    assert float_head.embedding is None and float_head.lm_head is None
+    # No quantized gather (a float embedding): the head keeps its own quantized copy.
+    copy = QuantPlan.from_precision("int4", embedding="fp16", lm_head="int4")
+    assert copy.for_model(True) == copy

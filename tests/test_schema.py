@@ -208,6 +208,40 @@ def test_for_weight_applies_exclude_then_first_matching_override():
     assert resolved.for_weight("model.norm.weight") == ("int4", 32)
 
 
+@pytest.mark.parametrize(
+    ("embedding", "lm_head", "table"),
+    [
+        ("int4", "int8", "int8"),  # the shipped Qwen recipes: one 8-bit table
+        ("int8", "int4", "int8"),
+        ("int4", "int4", "int4"),
+        ("int4", "fp32", "fp32"),  # a float head reads a float table
+        ("fp16", "fp32", "fp32"),
+        ("fp16", "int4", None),  # no quantized gather (directml): a quantized head copy
+    ],
+)
+def test_a_tied_table_takes_the_more_precise_of_embedding_and_lm_head(embedding, lm_head, table):
+    from edgepipe.schema.precision import tied_table
+
+    assert tied_table(embedding, lm_head) == table
+
+
+def test_for_model_records_the_one_table_a_tied_dynamic_model_holds(tmp_path):
+    plan = "{weights: int4, embedding: same, lm_head: int8, profiles: {directml: {lm_head: same}}}"
+    text = recipe_text(**{"+": f"precision: {plan}\n"})
+    recipe = schema.load_recipe(write(tmp_path, "mine.yaml", text))
+    x64 = recipe.precision_for("cpu-x64")
+    assert x64.tied is None, "the model's tie is not known from the recipe alone"
+    tied = x64.for_model(True, "dynamic")
+    assert (tied.embedding, tied.lm_head, tied.tied) == ("int8", "int8", True)
+    untied = x64.for_model(False, "dynamic")
+    assert (untied.embedding, untied.lm_head, untied.tied) == ("int4", "int8", False)
+    # A static graph stores two tables (its Gather needs one scale), each at its own precision.
+    qnn = recipe.precision_for("qnn-htp").for_model(True, "static")
+    assert qnn.tied is False and qnn.embedding == recipe.precision_for("qnn-htp").embedding
+    dml = recipe.precision_for("directml").for_model(True, "dynamic")
+    assert (dml.embedding, dml.lm_head, dml.tied) == ("fp16", "int4", False)
+
+
 def test_precision_for_refuses_a_precision_the_profile_cannot_run(tmp_path):
     text = recipe_text(**{"+": "precision:\n  weights: int8\n"})
     problems = problems_for(tmp_path, text)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from edgepipe.schema.precision import Override, ResolvedPrecision
+from edgepipe.schema.precision import Override, ResolvedPrecision, tied_table
 
 #: `Measure(resolved, text)` -> the `compare_logits` metrics of the plan's export against the
 #: unquantized export on `text` ("calibration" or "evaluation").
@@ -68,9 +68,9 @@ def weight_groups(config: Mapping) -> list[WeightGroup]:
 
 def _precision_of(resolved: ResolvedPrecision, group: WeightGroup) -> str:
     if group.name == TABLE:
-        # A tied model stores one table: the wider of the two sides decides its bytes.
-        sides = (resolved.embedding, resolved.lm_head)
-        return "int8" if "int8" in sides else resolved.embedding
+        # A tied model stores one table at the schema's rule; a model with two tables (a float
+        # gather, a quantized head) counts its head, the one the promotion can change.
+        return tied_table(resolved.embedding, resolved.lm_head) or resolved.lm_head
     return resolved.weights
 
 

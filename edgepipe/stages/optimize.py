@@ -5,6 +5,7 @@ Two steps, each from an input folder to a new output folder (the input is never 
 1. **Layout**: unused nodes and initializers are removed (onnx-ir's dead-code pass) and every
    weight goes to one external file `model.onnx.data`, written in graph order, so the same
    graph always gives the same bytes.
+   A weight two initializers share (a tied table) is stored once (`share_duplicates`).
 2. **ORT offline optimization** at the profile's level, saved through
    `SessionOptions.optimized_model_filepath` with the initializers in one external file
    (`session.optimized_model_external_initializers_file_name`). Only the CPU provider's
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe.errors import BuildFailed, InvalidInput
+from edgepipe.formats.external_data import share_duplicates
 from edgepipe.stages.validate.runner import CPU, DecoderRunner
 
 MODEL = "model.onnx"
@@ -77,6 +79,11 @@ def clean_layout(
     """Copy `src_dir` to `dst_dir` with the model's unused initializers removed and every
     weight in one `model.onnx.data`. Files named in `exclude` are not copied.
 
+    Weights that several initializers hold (a tied model's quantized table, viewed 2-D by
+    GatherBlockQuantized and 3-D by MatMulNBits) are stored once: onnx-ir's `save`, like
+    onnxruntime's optimizer before it, writes each initializer on its own, and
+    `share_duplicates` points the copies back at one region.
+
     Returns:
         The number of initializers removed.
     """
@@ -94,6 +101,7 @@ def clean_layout(
     # Weights external; small tensors (axes, shapes) inline, since onnxruntime's shape
     # inference cannot read external data and refuses such graphs.
     ir.save(model, dst_dir / MODEL, external_data=DATA, size_threshold_bytes=1024, max_workers=1)
+    share_duplicates(dst_dir / MODEL)
     return removed
 
 

@@ -311,6 +311,9 @@ class _DecoderBuilder:
         if cfg.tie_word_embeddings and table is not None:
             # The tied lm_head reads the embedding's quantized bytes: one copy on disk, viewed
             # 3-D as MatMulNBits requires (its 8-bit prepack rejects the 2-D gather layout).
+            # `QuantPlan.for_model` gave both sides the table's spec (the more precise one).
+            if self.linears.spec(self.fam.lm_head) != table.spec:
+                raise AssertionError("tied lm_head: pass the plan through QuantPlan.for_model")
             packed = writer.alias("lm_head.qweight", table.data, table.packed_shape)
             inputs: list[ir.Value | None] = [x, packed, table.scales, table.zero_points]
             while inputs[-1] is None:
@@ -440,8 +443,9 @@ class _DecoderBuilder:
 
 def _checked_inputs(
     model_dir: Path, activation_dtype: str, quant: QuantPlan | None, context_length: int | None
-) -> tuple[DecoderConfig, SafetensorsModel, int]:
-    """The model's config, its weights (names and shapes checked) and the context length."""
+) -> tuple[DecoderConfig, SafetensorsModel, int, QuantPlan | None]:
+    """The model's config, its weights (names and shapes checked), the context length and the
+    plan as this model gets it (`QuantPlan.for_model`)."""
     if activation_dtype not in ACTIVATION_DTYPES:
         raise InvalidInput(
             f"activation_dtype: {activation_dtype!r}; allowed: {list(ACTIVATION_DTYPES)}"
@@ -457,10 +461,12 @@ def _checked_inputs(
         )
     if quant is not None:
         quant.check_patterns(expected_shapes(cfg))
+        # A tied model's one table takes the more precise of embedding / lm_head.
+        quant = quant.for_model(cfg.tie_word_embeddings)
     ctx = int(context_length or cfg.max_position_embeddings)
     if ctx < 1:
         raise InvalidInput(f"context_length: {ctx}; must be a positive number of tokens")
-    return cfg, weights, ctx
+    return cfg, weights, ctx, quant
 
 
 def _calibration_ids(quant: QuantPlan | None, ids: np.ndarray | None) -> np.ndarray | None:
@@ -534,7 +540,7 @@ def build_decoder(
         InvalidInput: bad folder, config, weights or arguments (every problem listed).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    cfg, weights, ctx = _checked_inputs(model_dir, activation_dtype, quant, context_length)
+    cfg, weights, ctx, quant = _checked_inputs(model_dir, activation_dtype, quant, context_length)
     layout = Layout(
         packed_qkv=packed_qkv,
         rotary_in_attention=rotary_in_attention,

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from edgepipe.errors import InvalidInput
-from edgepipe.schema.precision import Override, ResolvedPrecision
+from edgepipe.schema.precision import Override, ResolvedPrecision, tied_table
 from edgepipe.stages.quantize.blocks import (
     ALLOWED_BLOCK_SIZES,
     CALIBRATED_METHODS,
@@ -150,7 +150,7 @@ class QuantPlan:
     fnmatch patterns over HF weight names, e.g. "model.layers.*.mlp.down_proj.weight" or
     "model.layers.0.*".
 
-    For a tied model the embedding spec governs the one shared copy (see `quantize_embedding`).
+    A tied model's one table follows `edgepipe.schema.precision.tied_table` (`for_model`).
     """
 
     default: QuantSpec | None
@@ -176,6 +176,23 @@ class QuantPlan:
             if fnmatch.fnmatchcase(weight_name, pattern):
                 return spec
         return self.default
+
+    def for_model(self, tie_word_embeddings: bool) -> QuantPlan:
+        """The plan as a model with (or without) a tied lm_head gets it.
+
+        A tied model has one table: `tied_table` (the schema's rule, also behind the manifest's
+        `ResolvedPrecision.for_model`) picks the more precise of `embedding` / `lm_head`, and
+        both fields get its spec (None: a float table, Gather + Gemm). A float embedding with a
+        quantized head keeps both specs: the head quantizes a copy of its own.
+        """
+        if not tie_word_embeddings:
+            return self
+        sides = {_precision_of(self.embedding): self.embedding}
+        sides.setdefault(_precision_of(self.lm_head), self.lm_head)
+        table = tied_table(_precision_of(self.embedding), _precision_of(self.lm_head))
+        if table is None:
+            return self
+        return replace(self, embedding=sides[table], lm_head=sides[table])
 
     def specs(self) -> list[QuantSpec]:
         """Every spec the plan can hand out."""
@@ -319,6 +336,11 @@ class QuantPlan:
             ),
         )
         return cls.from_resolved(resolved, float_zero_points=float_zero_points)
+
+
+def _precision_of(spec: QuantSpec | None) -> str:
+    # A float side is stored in the activation dtype; for `tied_table` any float outranks int8.
+    return "fp32" if spec is None else f"int{spec.bits}"
 
 
 def _matches_any(name: str, patterns: Iterable[str]) -> bool:
