@@ -67,6 +67,7 @@ def row_recipe(name: str, precision: dict, folder: Path) -> Path:
     doc["targets"] = ["cpu-x64"]
     if precision:
         doc["precision"] = precision
+    doc["precision"].pop("profiles", None)  # entries of targets this row does not build
     doc["evaluation"]["file"] = str(RECIPE.parent / doc["evaluation"]["file"])
     path = folder / f"{doc['name']}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
@@ -129,6 +130,7 @@ def genai_row(out: Path) -> dict:
     transformers to 1e-3, so this is the reference the other rows use)."""
     import subprocess
 
+    import numpy as np
     from common import folder_bytes, genai_builder_cmd
 
     from edgepipe.arch.bundled import expand_bundled
@@ -144,7 +146,13 @@ def genai_row(out: Path) -> dict:
     evaluation = load_recipe(RECIPE).evaluation
     ids = build_qwen_tokenizer("qwen2").encode(evaluation.read(), add_special_tokens=False).ids
     ids = ids[: evaluation.max_tokens]
-    logits = DecoderRunner(out / "genai" / "model.onnx").teacher_forced(ids)
+    runner = DecoderRunner(out / "genai" / "model.onnx")
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    # genai's graph leaves the cache dims symbolic: the config says what they are.
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    past = np.zeros((1, config["num_key_value_heads"], 0, head_dim), np.float32)
+    runner.empty_past = lambda: dict.fromkeys(runner.past_names, past)
+    logits = runner.teacher_forced(ids)
     q = compare_logits(logits, transformers_logits(model, ids), ids)
     size = sum(p.stat().st_size for p in (out / "genai").glob("model.onnx*"))
     return {
@@ -190,8 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         rows = build_rows(args.rows, Path(tmp), args.cache)
+        (RESULTS / f"{args.name}.partial.json").write_text(json.dumps(rows, default=str))
         if args.genai:
-            rows["onnxruntime-genai-int4"] = genai_row(Path(tmp))
+            try:
+                rows["onnxruntime-genai-int4"] = genai_row(Path(tmp))
+            except Exception as exc:  # the builder's failure must not lose the other rows
+                rows["onnxruntime-genai-int4"] = {"status": "failed", "error": repr(exc)}
         if args.rounds:
             decode_speed(rows, args.rounds, args.gen_len)
         doc = {"machine": machine_facts(), "uptime": os.getloadavg(), "rows": rows}
