@@ -33,6 +33,7 @@ from common import REPO, RESULTS, machine_facts  # noqa: E402
 RECIPE = REPO / "recipes" / "tiny-trained.yaml"
 PROMPT = "import os\n\n\ndef read_lines(path):\n    "
 
+_INT4_TABLE4 = {"method": "rtn", "embedding": "same", "lm_head": "same"}
 #: row name -> the recipe's `precision` block for it (cpu-x64: int4 weights by default).
 ROWS: dict[str, dict] = {
     "all-int4": {"method": "rtn", "embedding": "same", "lm_head": "same"},
@@ -45,13 +46,9 @@ ROWS: dict[str, dict] = {
     "hqq-int8-table": {"method": "hqq", "embedding": "int8", "lm_head": "int8"},
     "gptq": {"method": "gptq", "embedding": "same", "lm_head": "same"},
     "gptq-int8-table": {"method": "gptq", "embedding": "int8", "lm_head": "int8"},
-    "target-kl-0.02": {"method": "rtn", "embedding": "same", "lm_head": "same", "target_kl": 0.02},
-    "target-kl-0.005": {
-        "method": "rtn",
-        "embedding": "same",
-        "lm_head": "same",
-        "target_kl": 0.005,
-    },  # fmt: skip
+    "target-kl-0.02": {**_INT4_TABLE4, "target_kl": 0.02},
+    "target-kl-0.005": {**_INT4_TABLE4, "target_kl": 0.005},
+    "target-kl-0.001": {**_INT4_TABLE4, "target_kl": 0.001},
     "int8": {"weights": "int8", "method": "rtn", "embedding": "same", "lm_head": "same"},
     "body-only-rtn": {"method": "rtn", "embedding": "fp32", "lm_head": "fp32"},
     "body-only-hqq": {"method": "hqq", "embedding": "fp32", "lm_head": "fp32"},
@@ -108,7 +105,7 @@ def decode_speed(rows: dict[str, dict], rounds: int, gen_len: int) -> None:
     """Median greedy decode tokens/s per built row, rows alternated `rounds` times."""
     from edgepipe.runtime import Generator
 
-    built = [n for n, r in rows.items() if r["status"] == "built"]
+    built = [n for n, r in rows.items() if r.get("artifact")]
     generators = {n: Generator(rows[n]["artifact"]) for n in built}
     speeds: dict[str, list[float]] = {n: [] for n in built}
     for _ in range(rounds):
@@ -198,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         rows = build_rows(args.rows, Path(tmp), args.cache)
-        (RESULTS / f"{args.name}.partial.json").write_text(json.dumps(rows, default=str))
         if args.genai:
             try:
                 rows["onnxruntime-genai-int4"] = genai_row(Path(tmp))
