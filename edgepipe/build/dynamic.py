@@ -35,6 +35,7 @@ from edgepipe.build.shared import (
     export_step,
     float16_bytes,
     model_facts,
+    model_precision,
     package_build,
     summary_line,
 )
@@ -264,6 +265,23 @@ def _record_validation(
         )
 
 
+def _check_weights(plan: BuildPlan, artifact: Path, export_dir: Path, resolved) -> dict:
+    """The artifact's weights against the precision the manifest will record, each stored
+    once (`edgepipe.stages.validate.precision_check.check_artifact_weights`).
+
+    Raises:
+        BuildFailed: they disagree.
+    """
+    from edgepipe.arch.families import read_config
+    from edgepipe.stages.validate.precision_check import check_artifact_weights
+
+    cfg = read_config(export_dir)
+    try:
+        return check_artifact_weights(artifact / "model.onnx", resolved, cfg, plan.activation_dtype)
+    except BuildFailed as exc:
+        raise BuildFailed(f"{plan.name}: {exc}") from exc
+
+
 def build_into(
     plan: BuildPlan,
     cache: StageCache,
@@ -323,6 +341,8 @@ def build_into(
     if target is not None:
         validation["quality"]["groups"] = target["groups"]
     _record_validation(plan, result, validation, export_dir)
+    resolved = model_precision(plan, export_dir)
+    validation["precision_check"] = _check_weights(plan, artifact, export_dir, resolved)
 
     stages("package")
     family, _ = model_facts(plan, export_dir)
@@ -340,6 +360,7 @@ def build_into(
             "fp16_guard": fp16_record,
             "target_kl": target,
         },
+        resolved,
     )
     result.size_bytes = manifest["size_bytes"]
     fp16_bytes = float16_bytes(reference_dir or export_dir, plan.activation_dtype)

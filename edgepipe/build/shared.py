@@ -20,6 +20,7 @@ from edgepipe.build.cache import StageCache, build_code_hash, content_hash
 from edgepipe.build.plan import BuildPlan
 from edgepipe.errors import InvalidInput
 from edgepipe.process import peak_rss_bytes
+from edgepipe.schema.precision import ResolvedPrecision
 
 # Evaluation text is cut to this many tokens unless the recipe asks for fewer: validation runs
 # the artifact token by token, and 256 tokens already separate a good build from a broken one.
@@ -121,6 +122,14 @@ def model_facts(plan: BuildPlan, folder: Path) -> tuple[str, int]:
     model's, which every export folder carries a copy of (see `export_step`)."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     return plan.recipe.resolve_family(config), int(config["vocab_size"])
+
+
+def model_precision(plan: BuildPlan, folder: Path) -> ResolvedPrecision:
+    """The build's precision as its model gets it (`ResolvedPrecision.for_model`: a tied
+    model's one table), from the `config.json` in `folder`: what the manifest records."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    tied = bool(config.get("tie_word_embeddings", False))
+    return plan.resolved.for_model(tied, plan.profile.graph_variant)
 
 
 def _text_ids(plan: BuildPlan, which: str, family: str, vocab_size: int, limit: int) -> list[int]:
@@ -298,11 +307,13 @@ def package_build(
     result: BuildResult,
     start: float,
     reports: dict,
+    resolved: ResolvedPrecision,
     **extra: Any,
 ) -> dict:
     """`edgepipe.stages.package.package_artifact` with what every build variant records the
     same way: recipe, profile (with its session provider options), source identity, the export
     record and the wall time since `start`; `reports` and `extra` hold the variant's own parts.
+    `resolved` is the precision the graph holds (`model_precision`).
 
     Returns:
         The manifest.
@@ -321,7 +332,7 @@ def package_build(
         source={"kind": plan.source.kind, **plan.source.identity()},
         reports={
             **reports,
-            "export": {"cached": result.cached, "resolved_precision": as_plain(plan.resolved)},
+            "export": {"cached": result.cached, "resolved_precision": as_plain(resolved)},
         },
         build_seconds=time.perf_counter() - start,
         **extra,

@@ -38,6 +38,7 @@ from edgepipe.build.shared import (
     export_key,
     export_step,
     model_facts,
+    model_precision,
     package_build,
 )
 from edgepipe.errors import BuildFailed
@@ -280,6 +281,7 @@ def build_into(
             "optimization": optimization,
             "provider_check": provider,
         },
+        model_precision(plan, export_dir),
         static=_static_section(plan, quant, qdq_record, validation),
     )
     result.size_bytes = manifest["size_bytes"]
