@@ -202,6 +202,22 @@ def _meet_target_kl(
     return replace(plan, resolved=chosen), record
 
 
+def _plan_exports(plan: BuildPlan, quant, cache: StageCache, work: Path, report: Report, guard):
+    """A quantized build's unquantized reference export, and the plan `precision.target_kl`
+    chooses against it.
+
+    Returns:
+        (plan, its QuantPlan, the reference folder or None, the `target_kl` record or None).
+    """
+    if quant is None:
+        return plan, quant, None, None
+    reference_dir, _ = _export(plan, None, cache, work / "reference", report, guard=guard)
+    if plan.resolved.target_kl is None:
+        return plan, quant, reference_dir, None
+    plan, target = _meet_target_kl(plan, cache, work, report, reference_dir, guard)
+    return plan, plan.quant_plan(), reference_dir, target
+
+
 def _transformers_reference(plan: BuildPlan, work: Path, report: Report) -> Path | None:
     """The source folder for a transformers reference, or None without torch + transformers
     (`pip install 'edgepipe[build]'`): validation then compares with the unquantized export."""
@@ -313,12 +329,7 @@ def build_into(
     report = stages.sub("export")
     fp16 = Fp16Stage(plan, cache, work, report) if plan.activation_dtype == "float16" else None
     guard = fp16.guard if fp16 is not None else None
-    reference_dir = target = None
-    if quant is not None:
-        reference_dir, _ = _export(plan, None, cache, work / "reference", report, guard=guard)
-    if quant is not None and plan.resolved.target_kl is not None:
-        plan, target = _meet_target_kl(plan, cache, work, report, reference_dir, guard)
-        quant = plan.quant_plan()
+    plan, quant, reference_dir, target = _plan_exports(plan, quant, cache, work, report, guard)
     export_dir, result.cached = _export(plan, quant, cache, work / "export", report, guard=guard)
 
     stages("optimize")
