@@ -157,6 +157,16 @@ def test_thresholds_pass_and_fail_by_name():
     assert any("top1_agreement" in f and ">= 0.95" in f for f in failures)
 
 
+def test_failed_quality_gate_names_bound_value_and_the_recipe_changes_that_pass():
+    metrics = {"kl": 0.039, "top1_agreement": 0.93, "perplexity_ratio": 1.01}
+    (kl,) = check_thresholds(metrics, {"max_kl": 0.02})
+    assert kl.startswith("kl = 0.039, required <= 0.02 (max_kl)")
+    assert "precision.lm_head: int8" in kl and "precision.target_kl: 0.016" in kl
+    assert "validation.max_kl: 0.049" in kl  # the measured value passes the relaxed gate
+    (top1,) = check_thresholds(metrics, {"min_top1_agreement": 0.95})
+    assert "validation.min_top1_agreement: 0.90" in top1
+
+
 def test_unknown_threshold_names_the_known_metrics():
     with pytest.raises(InvalidInput, match=r"validation\.max_speed.*kl"):
         check_thresholds({"kl": 0.0}, {"max_speed": 1})

@@ -58,7 +58,7 @@ def test_shipped_files_are_all_there():
     assert set(SHIPPED_RECIPES) == {
         "qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct", "qwen2.5-3b-instruct",
         "qwen2.5-coder-1.5b-instruct", "qwen2.5-math-1.5b-instruct", "qwen3-0.6b",
-        "qwen3-1.7b", "qwen3-4b", "tiny-qwen2", "tiny-qwen3",
+        "qwen3-1.7b", "qwen3-4b", "tiny-qwen2", "tiny-qwen3", "tiny-trained",
     }  # fmt: skip
 
 
@@ -276,11 +276,17 @@ BAD_RECIPES = {
     ),
     "two sources": (
         {"  preset:": "  hub: {id: Qwen/Qwen3-0.6B, revision: v1.0}\n  preset:"},
-        ["mine.yaml: source: give exactly one of hub, modelscope, path, preset (got hub, preset)"],
+        [
+            "mine.yaml: source: give exactly one of hub, modelscope, path, preset, bundled "
+            "(got hub, preset)"
+        ],
     ),
     "no source": (
         {"  preset: {name: tiny-qwen2, seed: 0}\n": "  {}\n"},
-        ["mine.yaml: source: give exactly one of hub, modelscope, path, preset (got none)"],
+        [
+            "mine.yaml: source: give exactly one of hub, modelscope, path, preset, bundled "
+            "(got none)"
+        ],
     ),
     "block size not a power of two": (
         {"+": "precision: {block_size: 48}\n"},

@@ -80,3 +80,19 @@ def test_offline_hub_miss_fails_with_a_hint(tmp_path, monkeypatch):
         source.materialize(tmp_path)
     assert calls["revision"] == "b" * 40
     assert calls["allow_patterns"] == list(HUB_ALLOW_PATTERNS)
+
+
+def test_bundled_identity_hashes_the_compact_files_and_materializes_a_full_folder(tmp_path):
+    source = stage({"bundled": {"name": "tiny-trained"}})
+    ident = source.identity()
+    assert ident["bundled"] == "tiny-trained"
+    assert {"config.json", "model.safetensors"} <= set(ident["files"])
+    folder = source.materialize(tmp_path)
+    assert folder.parent == tmp_path
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    assert config["vocab_size"] == 151936 and (folder / "tokenizer.json").is_file()
+
+
+def test_unknown_bundled_name_lists_the_known_ones():
+    with pytest.raises(ValidationError, match="tiny-trained"):
+        stage({"bundled": {"name": "nope"}})

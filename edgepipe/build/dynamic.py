@@ -14,6 +14,10 @@ KV cache grows with the sequence, run by onnxruntime-genai and `edgepipe.runtime
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from edgepipe.build.cache import ENTRY_FILE, StageCache
@@ -29,9 +33,11 @@ from edgepipe.build.shared import (
     evaluation_ids,
     export_key,
     export_step,
+    float16_bytes,
     model_facts,
     model_precision,
     package_build,
+    summary_line,
 )
 from edgepipe.errors import BuildFailed
 
@@ -41,6 +47,9 @@ EXPORT_ROOTS = ("edgepipe.stages.export.dynamic", "edgepipe.arch.presets", "edge
 # Not part of a dynamic artifact: the source's config.json rides along in the export folder
 # for the build's own use (`model_facts`), and the cache entry's index.
 NOT_IN_ARTIFACT = (ENTRY_FILE, "config.json")
+# `precision.target_kl` measures each group's sensitivity on this many calibration tokens: the
+# ranking it needs settles long before the evaluation text's 256 (tiny-trained: same order).
+SENSITIVITY_TOKENS = 128
 
 
 def supported_here(plan: BuildPlan) -> str | None:
@@ -149,6 +158,65 @@ class Fp16Stage:
         fp16_maxima = activation_maxima(fp16_dir / "model.onnx", self.ids)
         casts = guard_casts(fp16_dir / "model.onnx")
         return guard_report(self.fp32_maxima, fp16_maxima, self.guard, self.policy, casts)
+
+
+def _meet_target_kl(
+    plan: BuildPlan, cache: StageCache, work: Path, report: Report, reference_dir: Path, guard
+) -> tuple[BuildPlan, dict]:
+    """`precision.target_kl` (`edgepipe.build.target_kl`): the plan whose evaluation KL against
+    the unquantized export meets the target, and the manifest's record of how it was chosen.
+
+    Candidate plans measured on the evaluation text go through the stage cache (the chosen one
+    is the build's export); the one-group sensitivity exports are scratch, removed once run.
+    """
+    from edgepipe.build.target_kl import choose_precision
+    from edgepipe.stages.validate.metrics import compare_logits
+    from edgepipe.stages.validate.runner import DecoderRunner
+
+    facts = model_facts(plan, reference_dir)
+    texts = {"evaluation": evaluation_ids(plan, *facts)}
+    texts["calibration"] = (
+        calibration_ids(plan, *facts, limit=SENSITIVITY_TOKENS)
+        if plan.recipe.calibration is not None
+        else texts["evaluation"][:SENSITIVITY_TOKENS]
+    )
+    reference = DecoderRunner(reference_dir / "model.onnx")
+    expected = {text: reference.teacher_forced(ids) for text, ids in texts.items()}
+    scratch = StageCache(cache.root, enabled=False)
+    count = itertools.count()
+
+    def measure(resolved, text: str) -> dict:
+        trial = replace(plan, resolved=resolved)
+        keep = text == "evaluation"
+        out = work / f"target-kl-{next(count)}"
+        folder, _ = _export(trial, trial.quant_plan(), cache if keep else scratch, out, report,
+                            guard=guard)  # fmt: skip
+        logits = DecoderRunner(folder / "model.onnx").teacher_forced(texts[text])
+        shutil.rmtree(out, ignore_errors=True)  # a cached entry lives on in the cache
+        return compare_logits(logits, expected[text], texts[text])
+
+    config = json.loads((reference_dir / "config.json").read_text(encoding="utf-8"))
+    float_weights = "fp32" if plan.activation_dtype == "float32" else "fp16"
+    chosen, record = choose_precision(
+        plan.resolved, config, measure, float_weights=float_weights, report=report
+    )
+    return replace(plan, resolved=chosen), record
+
+
+def _plan_exports(plan: BuildPlan, quant, cache: StageCache, work: Path, report: Report, guard):
+    """A quantized build's unquantized reference export, and the plan `precision.target_kl`
+    chooses against it.
+
+    Returns:
+        (plan, its QuantPlan, the reference folder or None, the `target_kl` record or None).
+    """
+    if quant is None:
+        return plan, quant, None, None
+    reference_dir, _ = _export(plan, None, cache, work / "reference", report, guard=guard)
+    if plan.resolved.target_kl is None:
+        return plan, quant, reference_dir, None
+    plan, target = _meet_target_kl(plan, cache, work, report, reference_dir, guard)
+    return plan, plan.quant_plan(), reference_dir, target
 
 
 def _transformers_reference(plan: BuildPlan, work: Path, report: Report) -> Path | None:
@@ -263,10 +331,8 @@ def build_into(
     report = stages.sub("export")
     fp16 = Fp16Stage(plan, cache, work, report) if plan.activation_dtype == "float16" else None
     guard = fp16.guard if fp16 is not None else None
+    plan, quant, reference_dir, target = _plan_exports(plan, quant, cache, work, report, guard)
     export_dir, result.cached = _export(plan, quant, cache, work / "export", report, guard=guard)
-    reference_dir = None
-    if quant is not None:
-        reference_dir, _ = _export(plan, None, cache, work / "reference", report, guard=guard)
 
     stages("optimize")
     artifact = tmp / "artifact"
@@ -285,6 +351,8 @@ def build_into(
         plan, artifact, export_dir, reference_dir, fp16, quant, work, stages
     )
     fp16_record = fp16.record(reference_dir or export_dir) if fp16 is not None else None
+    if target is not None:
+        validation["quality"]["groups"] = target["groups"]
     _record_validation(plan, result, validation, export_dir)
     resolved = model_precision(plan, export_dir)
     validation["precision_check"] = _check_weights(plan, artifact, export_dir, resolved)
@@ -303,7 +371,10 @@ def build_into(
             "optimization": optimization,
             "provider_check": provider,
             "fp16_guard": fp16_record,
+            "target_kl": target,
         },
         resolved,
     )
     result.size_bytes = manifest["size_bytes"]
+    fp16_bytes = float16_bytes(reference_dir or export_dir, plan.activation_dtype)
+    result.summary = summary_line(plan, result, fp16_bytes)

@@ -232,6 +232,9 @@ def _print_summary(results) -> None:
         )
     console.print(table)
     for r in results:
+        if r.summary:
+            console.print(r.summary, highlight=False)
+    for r in results:
         if r.error:
             console.print(f"[red]{r.recipe}@{r.profile}[/red]: {r.error}")
         elif r.artifact:

@@ -78,6 +78,12 @@ class PartialPrecision(Strict):
     lm_head: SidePrecision | None = None
     exclude: list[str] | None = None
     overrides: list[Override] | None = None
+    # A quality target, in nats per token of KL(unquantized || built) on the evaluation text:
+    # the build measures how much each weight group (the token table, each layer's attention,
+    # each layer's MLP) costs alone and moves the costliest per extra byte to int8 until the
+    # target is met. Lower: closer to the float model, larger file, longer build (one export
+    # per group plus one per step). None: quantize as planned, no search.
+    target_kl: float | None = Field(None, gt=0, le=10)
 
 
 class PrecisionPlan(PartialPrecision):
@@ -119,6 +125,7 @@ class ResolvedPrecision(Strict):
     lm_head: Precision
     exclude: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
+    target_kl: float | None = None
     tied: bool | None = None
 
     def for_model(self, tie_word_embeddings: bool, graph_variant: str) -> ResolvedPrecision:
@@ -203,6 +210,18 @@ def _merge(plan: PrecisionPlan, profile: DeviceProfile) -> ResolvedPrecision:
         lm_head=_side(pick("lm_head", "same"), "lm_head", weights, profile),
         exclude=tuple(pick("exclude", [])),
         overrides=tuple(pick("overrides", [])),
+        # Groups are promoted to int8 MatMulNBits: a recipe-wide target applies only to
+        # quantized dynamic targets that take int8 (not static graphs, float builds, or
+        # DirectML's 4-bit-only MatMulNBits); a target's own entry is checked instead.
+        target_kl=pick("target_kl", None) if _promotable(weights, profile) else part.target_kl,
+    )
+
+
+def _promotable(weights: str, profile: DeviceProfile) -> bool:
+    return (
+        profile.graph_variant == "dynamic"
+        and weights in QUANTIZED
+        and "int8" in profile.weight_precisions
     )
 
 
@@ -245,6 +264,13 @@ def _problems(
     if dynamic and resolved.weights in QUANTIZED and resolved.block_size is None:
         problems.append((f"{key}.block_size", "MatMulNBits needs a block size (16..256)"))
     problems += _method_problems(key, profile, resolved)
+    if resolved.target_kl is not None and not _promotable(resolved.weights, profile):
+        message = (
+            "target_kl promotes weight groups of a quantized dynamic build to int8 MatMulNBits; "
+            f"{profile.name} builds {resolved.weights} {profile.graph_variant} graphs: remove it "
+            "from this target's entry"
+        )
+        problems.append((f"{key}.target_kl", message))
     if not dynamic and resolved.exclude:
         message = (
             f"{profile.name} runs quantized weights only (the HTP has no float MatMul in a "

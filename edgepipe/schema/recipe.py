@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from edgepipe.arch.bundled import BUNDLED
 from edgepipe.arch.presets import PRESETS
 from edgepipe.errors import InvalidInput
 from edgepipe.schema import shipped as resources
@@ -109,15 +110,29 @@ class PresetSource(Strict):
         return value
 
 
+class BundledSource(Strict):
+    """A trained model shipped inside edgepipe (`edgepipe.arch.bundled`): no download."""
+
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if value not in BUNDLED:
+            raise ValueError(f"unknown bundled model {value!r}; allowed: {', '.join(BUNDLED)}")
+        return value
+
+
 class Source(Strict):
-    """Where the weights come from: exactly one of `hub`, `modelscope`, `path` or `preset`,
-    optionally with a LoRA `adapter` on top."""
+    """Where the weights come from: exactly one of `hub`, `modelscope`, `path`, `preset` or
+    `bundled`, optionally with a LoRA `adapter` on top."""
 
     hub: HubSource | None = None
     modelscope: ModelScopeSource | None = None
     path: Path | None = None
     preset: PresetSource | None = None
     adapter: AdapterSource | None = None
+    bundled: BundledSource | None = None
 
     @field_validator("path", mode="before")
     @classmethod
@@ -126,7 +141,7 @@ class Source(Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Source:
-        one_of(self, ("hub", "modelscope", "path", "preset"))
+        one_of(self, ("hub", "modelscope", "path", "preset", "bundled"))
         return self
 
     def family_hint(self) -> Family | None:

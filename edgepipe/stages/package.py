@@ -112,7 +112,7 @@ def package_artifact(
         source: the source identity (hub id + revision, folder file hashes, preset + seed).
         reports: `validation`, `optimization`, `quality`, `export`, `provider_check` (which
             provider and CPU architecture really ran, `edgepipe.stages.validate.graph_check`)
-            and `fp16_guard` (float16 builds) records.
+            `fp16_guard` (float16 builds) and `target_kl` records.
         build_seconds: wall time of the build so far.
         eos_token: `<|im_end|>` for chat models, `<|endoftext|>` for base models.
         static: static (NPU) artifacts: the manifest's `static` section (chunk, kv_capacity,
@@ -158,6 +158,7 @@ def package_artifact(
         "export": reports.get("export"),
         "provider_check": reports.get("provider_check"),
         "fp16_guard": reports.get("fp16_guard"),
+        "target_kl": reports.get("target_kl"),
         "build_seconds": round(build_seconds, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }

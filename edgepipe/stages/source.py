@@ -12,6 +12,8 @@ Four kinds, exactly one per recipe (see the recipe schema):
 Any kind may carry `adapter:` (a PEFT LoRA adapter, `edgepipe.stages.adapter`): the exporter then
 reads the weights through `weights()`, which merges it as each tensor streams through, and the
 identity (cache key, manifest) includes the adapter's files and config.
+* `bundled: {name}` — a trained model shipped inside edgepipe in compact form, expanded into
+  the build's work folder by `edgepipe.arch.bundled.expand_bundled`.
 
 `identity()` is known before anything is downloaded or written, so the stage cache can decide
 whether the export must run at all; `materialize()` produces the folder only when needed.
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepipe import schema
+from edgepipe.arch.bundled import bundled_folder, expand_bundled
 from edgepipe.errors import InvalidInput
 from edgepipe.formats.hashing import hash_tree
 from edgepipe.formats.safetensors import SafetensorsModel
@@ -50,9 +53,9 @@ class ModelSource:
     """A resolved model source (the stage; `edgepipe.schema.Source` is the recipe block).
 
     Attributes:
-        kind: `hub`, `modelscope`, `path` or `preset`.
-        spec: the recipe's source block as a dict (`{"id", "revision"}`, `{"path"}` or
-            `{"name", "seed"}`).
+        kind: `hub`, `modelscope`, `path`, `preset` or `bundled`.
+        spec: the recipe's source block as a dict (`{"id", "revision"}`, `{"path"}`,
+            `{"name", "seed"}` or `{"name"}`).
         base_dir: folder that relative `path` sources are resolved against (the recipe's).
         adapter: the `source.adapter` LoRA adapter merged into the weights, if any.
     """
@@ -74,8 +77,9 @@ class ModelSource:
         """What identifies the weights, for cache keys and the manifest.
 
         hub/modelscope: id and pinned revision; path: the sha256 of every config/safetensors
-        file (a folder's name says nothing about its content); preset: name and seed; plus the
-        adapter's identity when there is one.
+        file (a folder's name says nothing about its content); preset: name and seed; bundled:
+        name and the sha256 of its compact files (retrained weights are another model); plus
+        the adapter's identity when there is one.
         """
         if self._identity is not None:
             return self._identity
@@ -83,6 +87,9 @@ class ModelSource:
             ident = {self.kind: self.spec["id"], "revision": self.spec.get("revision")}
         elif self.kind == "preset":
             ident = {"preset": self.spec["name"], "seed": self.spec.get("seed", 0)}
+        elif self.kind == "bundled":
+            files = _weight_files(bundled_folder(self.spec["name"]))
+            ident = {"bundled": self.spec["name"], "files": files}
         else:
             folder = self.folder
             if not (folder / "config.json").is_file():
@@ -90,12 +97,7 @@ class ModelSource:
                     f"source.path: {folder} has no config.json; point it at a Hugging Face "
                     "model folder (config.json + *.safetensors)"
                 )
-            files = {
-                rel: digest
-                for rel, digest in hash_tree(folder).items()
-                if rel.endswith((".json", ".safetensors"))
-            }
-            ident = {"path": str(folder), "files": files}
+            ident = {"path": str(folder), "files": _weight_files(folder)}
         if self.adapter is not None:
             ident = {**ident, "adapter": self.adapter.identity()}
         self._identity = ident
@@ -124,7 +126,7 @@ class ModelSource:
         """The model folder, downloading or writing it on first use.
 
         Args:
-            work_dir: where a preset is written (inside the build's temp folder).
+            work_dir: where a preset or a bundled model is written (the build's temp folder).
             progress: called with a short status line (the hub download shows its own bars).
 
         Raises:
@@ -149,11 +151,25 @@ class ModelSource:
             self._dir = modelscope_download(
                 self.spec["id"], self.spec["revision"], HUB_ALLOW_PATTERNS, progress=progress
             )
+        elif self.kind == "bundled":
+            if progress:
+                progress(f"expanding bundled model {self.spec['name']}")
+            out = Path(work_dir) / f"bundled-{self.spec['name']}"
+            self._dir = expand_bundled(self.spec["name"], out)
         else:
             self._dir = hub_download(
                 self.spec["id"], self.spec.get("revision"), HUB_ALLOW_PATTERNS, progress=progress
             )
         return self._dir
+
+
+def _weight_files(folder: Path) -> dict[str, str]:
+    """sha256 of each config / safetensors file in `folder`."""
+    return {
+        rel: digest
+        for rel, digest in hash_tree(folder).items()
+        if rel.endswith((".json", ".safetensors"))
+    }
 
 
 def source_from_recipe(source: schema.Source, base_dir: Path | None = None) -> ModelSource:
@@ -173,4 +189,6 @@ def source_from_recipe(source: schema.Source, base_dir: Path | None = None) -> M
     if source.preset is not None:
         spec = {"name": source.preset.name, "seed": source.preset.seed}
         return ModelSource("preset", spec, base, adapter)
+    if source.bundled is not None:
+        return ModelSource("bundled", {"name": source.bundled.name}, base, adapter)
     return ModelSource("path", {"path": str(source.path)}, base, adapter)
