@@ -59,7 +59,7 @@ BAD = {
     ),
     "two sources at once": (
         TINY.replace("source:\n", "source:\n  path: ./model\n"),
-        "tiny-qwen2.yaml: source: give exactly one of hub, modelscope, path, preset "
+        "tiny-qwen2.yaml: source: give exactly one of hub, modelscope, path, preset, bundled "
         "(got path, preset)",
     ),
     "malformed yaml": (
