@@ -13,7 +13,7 @@ import pytest
 from edgepipe.arch.presets import write_preset
 from edgepipe.formats.external_data import duplicate_initializers, share_duplicates
 from edgepipe.stages.export.dynamic import build_decoder
-from edgepipe.stages.optimize import optimize_model
+from edgepipe.stages.optimize import clean_layout, optimize_model, ort_optimize
 from edgepipe.stages.quantize.plan import QuantPlan
 from edgepipe.stages.validate.runner import DecoderRunner
 
@@ -67,9 +67,18 @@ def test_sharing_a_graph_without_duplicates_changes_nothing(tied_export, tmp_pat
     assert (tmp_path / "copy" / "model.onnx.data").read_bytes() == data
 
 
-def test_the_optimized_artifact_stores_the_tied_table_once(tied_export, tmp_path):
-    record = optimize_model(tied_export, tmp_path / "optimized")
-    assert record["applied"], record["reason"]
+def test_the_optimized_graph_stores_the_tied_table_once(tied_export, tmp_path):
+    # onnxruntime's optimizer and the layout clean-up the optimize stage runs after it, called
+    # directly: whether the stage keeps the optimized graph also depends on a timing probe,
+    # which a loaded machine can tip either way.
+    saved = ort_optimize(tied_export / "model.onnx", tmp_path / "ort", "all")
+    clean_layout(saved.parent, tmp_path / "optimized")
     assert duplicate_initializers(tmp_path / "optimized" / "model.onnx") == []
     export_bytes = (tied_export / "model.onnx.data").stat().st_size
     assert (tmp_path / "optimized" / "model.onnx.data").stat().st_size <= export_bytes * 1.01
+
+
+def test_the_optimize_stage_output_stores_the_tied_table_once(tied_export, tmp_path):
+    record = optimize_model(tied_export, tmp_path / "optimized")
+    assert record["reason"] is None or "slower" in record["reason"], record["reason"]
+    assert duplicate_initializers(tmp_path / "optimized" / "model.onnx") == []
