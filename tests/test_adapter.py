@@ -21,7 +21,7 @@ from edgepipe.schema import AdapterSource, Source
 from edgepipe.schema import shipped as resources
 from edgepipe.stages.adapter import adapter_from_recipe
 from edgepipe.stages.source import source_from_recipe
-from tests.fixtures.lora import edit_adapter_config, save_tiny_adapter
+from tests.fixtures.lora import edit_adapter_config, hf_greedy_logits, save_tiny_adapter
 
 pytest.importorskip("peft")
 
@@ -53,23 +53,6 @@ def _greedy(model_path: Path, prompt: list[int], steps: int):
     return logits, tokens
 
 
-def _hf_greedy(model_dir: Path, prompt: list[int], steps: int):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=steps + 1,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
-    return [s[0].numpy() for s in out.logits], out.sequences[0, len(prompt) :].tolist()
-
-
 @pytest.mark.parametrize("case", ["qwen2-all-rslora", "qwen3-patterns", "qwen2-saved-embed"])
 def test_export_with_adapter_matches_transformers_peft_merge(case, lora_cases, tmp_path):
     from edgepipe.stages.export.dynamic import build_decoder
@@ -78,11 +61,11 @@ def test_export_with_adapter_matches_transformers_peft_merge(case, lora_cases, t
     source = stage({"path": str(base), "adapter": {"path": str(adapter)}})
     build_decoder(base, tmp_path, context_length=128, weights=source.weights(base))
     logits, tokens = _greedy(tmp_path / "model.onnx", SMALL_PROMPT, 16)
-    ref_logits, ref_tokens = _hf_greedy(reference, SMALL_PROMPT, 16)
+    ref_logits, ref_tokens = hf_greedy_logits(reference, SMALL_PROMPT, 16)
     diffs = [float(np.abs(a - b).max()) for a, b in zip(logits, ref_logits, strict=True)]
     assert max(diffs) <= TOL, diffs
     assert tokens == ref_tokens
-    base_logits, _ = _hf_greedy(base, SMALL_PROMPT, 0)
+    base_logits, _ = hf_greedy_logits(base, SMALL_PROMPT, 0)
     assert np.abs(base_logits[0] - ref_logits[0]).max() > 1e-2  # the adapter matters
 
 

@@ -10,7 +10,7 @@ import pytest
 from edgepipe.errors import InvalidInput
 from edgepipe.formats.safetensors import SafetensorsModel
 from edgepipe.stages.lora import LoraMergedWeights, open_merged, write_merged_model
-from tests.fixtures.lora import CASES, edit_adapter_config, save_tiny_adapter
+from tests.fixtures.lora import CASES, edit_adapter_config, hf_greedy_logits, save_tiny_adapter
 
 pytest.importorskip("peft")
 
@@ -38,29 +38,12 @@ def test_merged_tensors_match_peft_merge_and_unload(case, lora_cases):
     assert changed >= 4  # the adapter really changes the weights
 
 
-def _hf_greedy(model_dir: Path, prompt: list[int], steps: int):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=steps + 1,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
-    return [s[0].numpy() for s in out.logits], out.sequences[0, len(prompt) :].tolist()
-
-
 def test_write_merged_model_loads_in_transformers_as_the_merge(lora_cases, tmp_path):
     base, adapter, reference = lora_cases["qwen2-saved-embed"]
     write_merged_model(open_merged(base, adapter, tied=True), tmp_path)
     (tmp_path / "config.json").write_bytes((base / "config.json").read_bytes())
-    ours, _ = _hf_greedy(tmp_path, SMALL_PROMPT, 0)
-    theirs, _ = _hf_greedy(reference, SMALL_PROMPT, 0)
+    ours, _ = hf_greedy_logits(tmp_path, SMALL_PROMPT, 0)
+    theirs, _ = hf_greedy_logits(reference, SMALL_PROMPT, 0)
     assert np.abs(ours[0] - theirs[0]).max() <= 1e-5
 
 
