@@ -61,10 +61,6 @@ def supported_here(plan: BuildPlan) -> str | None:
     return None
 
 
-def _needs_calibration(quant) -> bool:
-    return quant is not None and quant.needs_calibration
-
-
 def _export(
     plan: BuildPlan,
     quant,
@@ -89,7 +85,7 @@ def _export(
     from edgepipe.stages.export.dynamic import build_decoder
 
     dtype = dtype or plan.activation_dtype
-    calibrated = _needs_calibration(quant)
+    calibrated = quant is not None and quant.needs_calibration
     inputs = export_key(
         plan,
         quant,

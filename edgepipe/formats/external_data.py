@@ -70,12 +70,24 @@ def _digest(path: Path, offset: int, length: int) -> str:
 
 
 def _groups(model_path: Path, model) -> dict[tuple[int, str], list[Stored]]:
-    """Stored regions grouped by (length, sha256) of their bytes; one digest per region."""
+    """Stored regions grouped by (length, sha256) of their bytes.
+
+    Only regions that share their length with another region are read and hashed: bytes of a
+    length no other region has cannot repeat, so they are grouped by length alone ("" digest).
+    """
+    items = stored_initializers(model)
+    regions_of_length: dict[int, set[tuple[str, int, int]]] = {}
+    for item in items:
+        regions_of_length.setdefault(item.length, set()).add(
+            (item.location, item.offset, item.length)
+        )
     groups: dict[tuple[int, str], list[Stored]] = {}
     digests: dict[tuple[str, int, int], str] = {}
-    for item in stored_initializers(model):
+    for item in items:
         region = (item.location, item.offset, item.length)
-        if region not in digests:
+        if len(regions_of_length[item.length]) == 1:
+            digests[region] = ""
+        elif region not in digests:
             digests[region] = _digest(model_path.parent / item.location, item.offset, item.length)
         groups.setdefault((item.length, digests[region]), []).append(item)
     return groups

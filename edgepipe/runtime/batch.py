@@ -81,7 +81,6 @@ class _Slot:
     length: int  # KV positions the row holds (the prompt's, while it is being prefilled)
     logits: np.ndarray | None = None
     fresh: bool = False  # `logits` holds logits not sampled yet
-    steps: int = 0
     reuse: int = 0
 
 
@@ -271,8 +270,8 @@ class SlotBatch:
         s = self._rows[slot]
         token = s.row.next_token(s.logits, s.sampler, s.thinking)
         s.fresh, s.logits = False, None
-        s.steps += 1
-        text = s.row.accept(token, s.stop_ids, last=s.steps == s.max_steps)
+        # `accept` appends the token: this is step len(out) + 1 of the row.
+        text = s.row.accept(token, s.stop_ids, last=len(s.row.out) + 1 == s.max_steps)
         if s.row.done:
             self._leave(slot)
         return Emission(slot, token, text, s.row.done, s.row.finish_reason if s.row.done else None)
