@@ -34,9 +34,36 @@ BENCH_MODELS = ("qwen2.5-0.5b", "qwen3-0.6b", "qwen2.5-1.5b", "qwen3-1.7b")
 SEED = 0
 MIB = 2**20
 PROFILE = "cpu-x64"
-# cached_build kinds built by edgepipe: as shipped, and with every position's logits (the
-# decoder prompt-lookup decoding verifies drafts with).
-EDGEPIPE_KINDS = ("edgepipe", "edgepipe-all-logits")
+# cached_build kinds built by edgepipe -> the recipe's `precision` block. "edgepipe" is what
+# `edgepipe build` ships for the Qwen recipes (recipes/qwen*.yaml: int4 body, the tied
+# embedding/lm_head table at int8 — llama.cpp's Q4_0 mix keeps it at 8 bits too, so this is the
+# quality-matched row); "edgepipe-all-logits" the same with every position's logits (the decoder
+# prompt-lookup decoding verifies drafts with); "edgepipe-int4-table" one int4 table for both,
+# like onnxruntime-genai's `-p int4` build. `add_edgepipe_kind` adds tuning rows.
+SHIPPED_PRECISION = {"method": "rtn", "embedding": "same", "lm_head": "int8"}
+EDGEPIPE_KINDS: dict[str, dict] = {
+    "edgepipe": SHIPPED_PRECISION,
+    "edgepipe-all-logits": SHIPPED_PRECISION,
+    "edgepipe-int4-table": {"method": "rtn", "embedding": "same", "lm_head": "same"},
+}
+
+
+def add_edgepipe_kind(text: str) -> str:
+    """Register a build kind from `NAME:KEY=VALUE,...` over the shipped precision block (e.g.
+    `b128sym:block_size=128,symmetric=true`); returns the kind's name."""
+    import yaml
+
+    name, _, body = text.partition(":")
+    if not body and name in EDGEPIPE_KINDS:
+        return name
+    precision = dict(SHIPPED_PRECISION)
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        precision[key] = yaml.safe_load(value)
+    EDGEPIPE_KINDS[name] = precision
+    return name
+
+
 # Child processes must never reach a hub: every input is a local folder.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -293,15 +320,12 @@ SHIPPED_STAGES = "export+optimize"
 
 _RECIPE = """\
 # Written by benchmarks/common.py: a shape-exact random {name} for the benchmarks.
-name: bench-{name}
+name: {recipe_name}
 description: shape-exact random-weight {name} (benchmarks only)
 source:
   path: {path}
 targets: [{profile}]
-precision:
-  method: rtn
-  embedding: same                # one int4 table for embedding and tied lm_head, like
-  lm_head: same                  # onnxruntime-genai's `-p int4` build
+precision: {precision}
 validation:                      # random weights: wiring gates only (see recipes/tiny-*.yaml)
   max_kl: 1.0
   min_top1_agreement: 0.0
@@ -309,11 +333,24 @@ validation:                      # random weights: wiring gates only (see recipe
 """
 
 
-def bench_recipe(name: str, model_dir: Path, profile: str = "cpu-x64", cache: Path = CACHE):
-    """A recipe YAML that builds the cached folder `model_dir` (written into the cache)."""
-    path = cache / "recipes" / f"bench-{name}.yaml"
+def bench_recipe(
+    name: str, model_dir: Path, profile: str = "cpu-x64", cache: Path = CACHE, kind="edgepipe"
+):
+    """A recipe YAML that builds the cached folder `model_dir` with `kind`'s precision block
+    (written into the cache)."""
+    recipe_name = f"bench-{name}-{kind}"
+    path = cache / "recipes" / f"{recipe_name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_RECIPE.format(name=name, path=Path(model_dir).resolve(), profile=profile))
+    precision = json.dumps(EDGEPIPE_KINDS[kind])  # JSON is YAML
+    path.write_text(
+        _RECIPE.format(
+            name=name,
+            recipe_name=recipe_name,
+            path=Path(model_dir).resolve(),
+            profile=profile,
+            precision=precision,
+        )
+    )
     return path
 
 
@@ -333,10 +370,9 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
     """Build (or reuse) `kind`'s int4 CPU artifact of `model_dir`; the record says what it cost.
 
     Args:
-        kind: "edgepipe" (`edgepipe build`'s export + quantize + optimize for `PROFILE`: the
-            graph it ships; validation and packaging do not change it), "edgepipe-all-logits"
-            (the same with every position's logits, for speculative decoding) or "genai"
-            (`onnxruntime_genai.models.builder -p int4 -e cpu`).
+        kind: one of `EDGEPIPE_KINDS` (`edgepipe build`'s export + quantize + optimize for
+            `PROFILE` with that precision block: the graph it ships; validation and packaging
+            do not change it) or "genai" (`onnxruntime_genai.models.builder -p int4 -e cpu`).
         name: the preset name (cache folder).
         model_dir: the source folder (`source_model`).
         cache: the benchmark cache; artifacts go to `builds/NAME/KIND/`, records beside.
@@ -358,12 +394,13 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
     if record_path.is_file() and out.is_dir() and not rebuild:
         record = json.loads(record_path.read_text())
         fresh = kind not in EDGEPIPE_KINDS or record.get("stages") == SHIPPED_STAGES
+        fresh = fresh and record.get("precision") == EDGEPIPE_KINDS.get(kind)
         if record.get("code_hash") == code_hash and record.get("rc") == 0 and fresh:
             return {**record, "artifact": str(out)}  # the cache may have moved since
     shutil.rmtree(out, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     if kind in EDGEPIPE_KINDS:
-        recipe = bench_recipe(name, model_dir, PROFILE, cache)
+        recipe = bench_recipe(name, model_dir, PROFILE, cache, kind)
         cmd = edgepipe_build_cmd(
             recipe, PROFILE, model_dir, out, all_logits=kind == "edgepipe-all-logits"
         )
@@ -378,6 +415,7 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
     stdout = record.pop("stdout")
     if kind in EDGEPIPE_KINDS:
         record.update(json.loads(stdout.strip().splitlines()[-1]))
+        record["precision"] = EDGEPIPE_KINDS[kind]
     record["artifact"] = str(out)
     record["artifact_bytes"] = folder_bytes(out, "model.onnx")
     write_json(record_path, record)

@@ -42,6 +42,20 @@ ROWS: dict[str, dict] = {
     "symmetric": {"method": "rtn", "symmetric": True, "embedding": "int8", "lm_head": "int8"},
     "block64": {"method": "rtn", "block_size": 64, "embedding": "int8", "lm_head": "int8"},
     "block128": {"method": "rtn", "block_size": 128, "embedding": "int8", "lm_head": "int8"},
+    "block64-symmetric": {
+        "method": "rtn",
+        "block_size": 64,
+        "symmetric": True,
+        "embedding": "int8",
+        "lm_head": "int8",
+    },
+    "block128-symmetric": {
+        "method": "rtn",
+        "block_size": 128,
+        "symmetric": True,
+        "embedding": "int8",
+        "lm_head": "int8",
+    },
     "hqq": {"method": "hqq", "embedding": "same", "lm_head": "same"},
     "hqq-int8-table": {"method": "hqq", "embedding": "int8", "lm_head": "int8"},
     "gptq": {"method": "gptq", "embedding": "same", "lm_head": "same"},
@@ -57,9 +71,15 @@ ROWS: dict[str, dict] = {
 }
 
 
+# `--eval-tokens`: evaluation tokens of every row (None: the recipe's max_tokens).
+EVAL_TOKENS: int | None = None
+
+
 def row_recipe(name: str, precision: dict, folder: Path) -> Path:
     """A copy of the tiny-trained recipe for cpu-x64 with `precision` replacing its block."""
     doc = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
+    if EVAL_TOKENS:
+        doc["evaluation"]["max_tokens"] = EVAL_TOKENS
     doc["name"] = f"tt-{name}".replace(".", "-")
     doc["targets"] = ["cpu-x64"]
     if precision:
@@ -131,8 +151,6 @@ def genai_row(out: Path) -> dict:
     from common import folder_bytes, genai_builder_cmd
 
     from edgepipe.arch.bundled import expand_bundled
-    from edgepipe.arch.tokenizer import build_qwen_tokenizer
-    from edgepipe.schema import load_recipe
     from edgepipe.stages.validate.metrics import compare_logits
     from edgepipe.stages.validate.reference import transformers_logits
     from edgepipe.stages.validate.runner import DecoderRunner
@@ -140,9 +158,7 @@ def genai_row(out: Path) -> dict:
     model = expand_bundled("tiny-trained", out / "source")
     cmd = genai_builder_cmd(model, out / "genai", out / "genai-cache")
     subprocess.run(cmd, check=True, capture_output=True)
-    evaluation = load_recipe(RECIPE).evaluation
-    ids = build_qwen_tokenizer("qwen2").encode(evaluation.read(), add_special_tokens=False).ids
-    ids = ids[: evaluation.max_tokens]
+    ids = evaluation_ids()
     runner = DecoderRunner(out / "genai" / "model.onnx")
     config = json.loads((model / "config.json").read_text(encoding="utf-8"))
     # genai's graph leaves the cache dims symbolic: the config says what they are.
@@ -160,6 +176,43 @@ def genai_row(out: Path) -> dict:
         "size_bytes": size,
         "folder_bytes": folder_bytes(out / "genai"),
     }
+
+
+def llama_cpp_row(out: Path) -> dict:
+    """llama.cpp's Q4_0 of the same model (its default mix: the tied table at Q8_0), scored
+    like `genai_row`: its teacher-forced logits (llama_cpp.teacher_forced_logits) against
+    transformers' on the recipe's evaluation ids."""
+    import llama_cpp
+    from common import CACHE
+
+    from edgepipe.arch.bundled import expand_bundled
+    from edgepipe.stages.validate.metrics import compare_logits
+    from edgepipe.stages.validate.reference import transformers_logits
+
+    if not llama_cpp.available():
+        llama_cpp.setup()
+    model = expand_bundled("tiny-trained", out / "source-llama")
+    record = llama_cpp.gguf_q4_0("tiny-trained", model, CACHE)
+    ids = evaluation_ids()
+    logits = llama_cpp.teacher_forced_logits(Path(record["artifact"]), ids, out / "llama-logits")
+    q = compare_logits(logits, transformers_logits(model, ids), ids)
+    return {
+        "status": "built",
+        "kl": q["kl"],
+        "top1_agreement": q["top1_agreement"],
+        "perplexity_ratio": q["perplexity_ratio"],
+        "size_bytes": record["artifact_bytes"],
+    }
+
+
+def evaluation_ids() -> list[int]:
+    """The recipe's evaluation token ids (what every row's quality is measured on)."""
+    from edgepipe.arch.tokenizer import build_qwen_tokenizer
+    from edgepipe.schema import load_recipe
+
+    evaluation = load_recipe(RECIPE).evaluation
+    ids = build_qwen_tokenizer("qwen2").encode(evaluation.read(), add_special_tokens=False).ids
+    return ids[: EVAL_TOKENS or evaluation.max_tokens]
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -191,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ep-frontier")
     parser.add_argument("--name", default="frontier")
     parser.add_argument("--genai", action="store_true", help="add onnxruntime-genai's int4")
+    parser.add_argument("--llama-cpp", action="store_true", help="add llama.cpp's Q4_0")
+    parser.add_argument("--eval-tokens", type=int, help="evaluation tokens (default: recipe's)")
     args = parser.parse_args(argv)
+    global EVAL_TOKENS
+    EVAL_TOKENS = args.eval_tokens
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         rows = build_rows(args.rows, Path(tmp), args.cache)
@@ -200,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows["onnxruntime-genai-int4"] = genai_row(Path(tmp))
             except Exception as exc:  # the builder's failure must not lose the other rows
                 rows["onnxruntime-genai-int4"] = {"status": "failed", "error": repr(exc)}
+        if args.llama_cpp:
+            try:
+                rows["llama.cpp-q4_0"] = llama_cpp_row(Path(tmp))
+            except Exception as exc:  # a failed conversion must not lose the other rows
+                rows["llama.cpp-q4_0"] = {"status": "failed", "error": repr(exc)}
         if args.rounds:
             decode_speed(rows, args.rounds, args.gen_len)
         doc = {"machine": machine_facts(), "uptime": os.getloadavg(), "rows": rows}

@@ -10,6 +10,7 @@ transformers, the bench/test extras) and quantizes it to Q4_0. `LlamaBench.round
 an empty context (llama-bench's own definitions).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/llama_cpp.py setup
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/llama_cpp.py server-setup   # + llama-server
     PYTHONPATH=$PWD .venv/bin/python benchmarks/llama_cpp.py bench qwen2.5-0.5b
 """
 
@@ -29,9 +30,11 @@ from common import CACHE, folder_bytes, load_now, run_measured, source_model  # 
 
 HOME = CACHE / "llama.cpp"
 BUILD = HOME / "build"
-# The converter's Qwen2 path imports sentencepiece before it falls back to the BPE vocabulary;
-# it goes here (pip --target), not into the project's environment.
+# The converter's Qwen2 path imports sentencepiece before it falls back to the BPE vocabulary,
+# and the sdist's Python binding (`teacher_forced_logits`) imports diskcache; they go here
+# (pip --target), not into the project's environment.
 PYDEPS = HOME / "pydeps"
+PYDEPS_NEEDED = ("sentencepiece", "diskcache")
 TOOLS = ("llama-bench", "llama-quantize")
 
 
@@ -47,7 +50,8 @@ def binary(name: str) -> Path:
 def available() -> bool:
     """True when llama-bench and llama-quantize are built in the cache."""
     built = all(binary(t).is_file() for t in TOOLS)
-    return built and _source_dir() is not None and (PYDEPS / "sentencepiece").is_dir()
+    deps = all((PYDEPS / name).is_dir() for name in PYDEPS_NEEDED)
+    return built and _source_dir() is not None and deps
 
 
 # /proc/cpuinfo flag -> ggml's CMake switch. AMX is left out on purpose: this VM reports
@@ -91,9 +95,10 @@ def setup(jobs: int | None = None) -> Path:
         archive = sorted(HOME.glob("llama_cpp_python-*.tar.gz"))[-1]
         with tarfile.open(archive) as tar:
             tar.extractall(HOME, filter="data")
-    if not (PYDEPS / "sentencepiece").is_dir():
+    missing = [name for name in PYDEPS_NEEDED if not (PYDEPS / name).is_dir()]
+    if missing:
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--target", str(PYDEPS), "sentencepiece"],
+            [sys.executable, "-m", "pip", "install", "--target", str(PYDEPS), *missing],
             check=True,
         )
     src = _source_dir()
@@ -106,6 +111,24 @@ def setup(jobs: int | None = None) -> Path:
             ["cmake", "--build", str(BUILD), "--target", *TOOLS, "-j", str(jobs)], check=True
         )
     return BUILD
+
+
+def setup_server(jobs: int | None = None) -> Path:
+    """Build llama-server into the same build folder (after `setup`; for benchmarks/serve.py).
+
+    The server is left out of `setup`'s configuration (a minute more of compiling that the other
+    benchmarks never use); this re-configures the folder with it and builds that target only.
+    """
+    setup(jobs)
+    if not binary("llama-server").is_file():
+        switches = ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON"]
+        subprocess.run(["cmake", "-S", str(_source_dir()), "-B", str(BUILD), *switches], check=True)
+        jobs = jobs or os.cpu_count() or 1
+        subprocess.run(
+            ["cmake", "--build", str(BUILD), "--target", "llama-server", "-j", str(jobs)],
+            check=True,
+        )
+    return binary("llama-server")
 
 
 def gguf_q4_0(name: str, model_dir: Path, cache: Path = CACHE) -> dict:
@@ -138,6 +161,36 @@ def gguf_q4_0(name: str, model_dir: Path, cache: Path = CACHE) -> dict:
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+# Teacher-forced logits of a GGUF through the sdist's own ctypes binding (`llama_cpp/`, the
+# Python half of llama-cpp-python) over the libllama built in the cache: argv = GGUF, ids file
+# (JSON list), output .npy. A child process: the binding's package is also named llama_cpp.
+_LOGITS_CHILD = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+ids = json.loads(open(sys.argv[2]).read())
+llm = Llama(sys.argv[1], n_ctx=len(ids) + 8, n_batch=len(ids), n_ubatch=len(ids),
+            logits_all=True, n_threads=2, verbose=False)
+llm.eval(ids)
+np.save(sys.argv[3], np.asarray(llm.scores[: len(ids)], dtype=np.float32))
+"""
+
+
+def teacher_forced_logits(gguf: Path, ids: list[int], work: Path):
+    """llama.cpp's logits at every position of `ids` fed at once ([len(ids), vocab] float32)."""
+    import numpy as np
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "ids.json").write_text(json.dumps([int(t) for t in ids]))
+    out = work / "logits.npy"
+    sdist = _source_dir().parent.parent  # .../llama_cpp_python-X/vendor/llama.cpp -> sdist
+    path = os.pathsep.join([str(sdist), str(PYDEPS)])
+    env = {**os.environ, "PYTHONPATH": path, "LLAMA_CPP_LIB_PATH": str(BUILD / "bin")}
+    cmd = [sys.executable, "-c", _LOGITS_CHILD, str(gguf), str(work / "ids.json"), str(out)]
+    subprocess.run(cmd, check=True, env=env, cwd=work)
+    return np.load(out)
 
 
 class LlamaBench:
@@ -186,11 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("setup", help="download and build llama.cpp into the cache")
+    sub.add_parser("server-setup", help="setup, then build llama-server (benchmarks/serve.py)")
     bench = sub.add_parser("bench", help="convert a shape-exact model and run llama-bench once")
     bench.add_argument("model", help="preset name, e.g. qwen2.5-0.5b")
     args = parser.parse_args(argv)
     if args.command == "setup":
         print(setup())
+        return 0
+    if args.command == "server-setup":
+        print(setup_server())
         return 0
     if not available():
         raise SystemExit("llama.cpp is not built: run `benchmarks/llama_cpp.py setup` first")

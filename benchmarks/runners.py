@@ -58,10 +58,14 @@ def current_rss_bytes() -> int | None:
 class EdgepipeContender:
     """edgepipe.runtime.Generator at its defaults unless options say otherwise."""
 
-    def __init__(self, artifact: str, max_length=None, threads=None, session_config=()):
+    def __init__(
+        self, artifact: str, max_length=None, threads=None, session_config=(), spinning=None
+    ):
         from edgepipe.runtime import Generator
 
         options = {"session_config": dict(session_config)} if session_config else {}
+        if spinning:
+            options["spinning"] = spinning
         self.gen = Generator(
             artifact, max_length=max_length, intra_op_num_threads=threads, **options
         )
@@ -84,10 +88,12 @@ class EdgepipeContender:
 class GenaiContender:
     """onnxruntime-genai on its own artifact, with its genai_config.json defaults."""
 
-    def __init__(self, artifact: str, max_length=None, threads=None, session_config=()):
+    def __init__(
+        self, artifact: str, max_length=None, threads=None, session_config=(), spinning=None
+    ):
         import onnxruntime_genai as og
 
-        if threads or session_config:
+        if threads or session_config or spinning:
             raise ValueError("genai runs at its artifact's session options")
         self.og = og
         self.model = og.Model(artifact)
@@ -177,8 +183,8 @@ def _child_env(src: Path | None) -> dict[str, str]:
     return {**os.environ, **OFFLINE_ENV, "PYTHONPATH": path + (os.pathsep + extra if extra else "")}
 
 
-def _options_args(max_length, threads, session_config) -> list[str]:
-    args = []
+def _options_args(max_length, threads, session_config, spinning=None) -> list[str]:
+    args = ["--spinning", spinning] if spinning else []
     if max_length:
         args += ["--max-length", str(max_length)]
     if threads:
@@ -196,7 +202,7 @@ class Worker:
         artifact: the folder that contender runs.
         name: label in the results.
         src: checkout to import edgepipe from (default: this repository).
-        max_length, threads, session_config: contender options (see `--help`).
+        max_length, threads, session_config, spinning: contender options (see `--help`).
     """
 
     def __init__(
@@ -209,10 +215,11 @@ class Worker:
         max_length: int | None = None,
         threads: int | None = None,
         session_config: tuple[tuple[str, str], ...] = (),
+        spinning: str | None = None,
     ):
         self.name = name or kind
         cmd = [sys.executable, __file__, kind, str(artifact)]
-        cmd += _options_args(max_length, threads, session_config)
+        cmd += _options_args(max_length, threads, session_config, spinning)
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -289,12 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="edgepipe: onnxruntime session config entry (repeatable)",
     )
+    parser.add_argument("--spinning", choices=("auto", "on", "off"), help="edgepipe: spinning=")
     parser.add_argument("--once", nargs=2, type=int, metavar=("PROMPT_LEN", "GEN_LEN"))
     args = parser.parse_args(argv)
     options = {
         "max_length": args.max_length,
         "threads": args.threads,
         "session_config": tuple(args.session_config),
+        "spinning": args.spinning,
     }
     if args.once is None:
         _serve(args.kind, args.artifact, **options)

@@ -15,11 +15,11 @@ token)). Goals (issue 15): at 4 clients, aggregate
 >= 2.5x edgepipe's single-stream decode and >= 1.0x llama-server's; p99 TTFT at 4 clients
 <= 2x the single-client one.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/llama_cpp.py setup   # once, ~4 min on 2 cores
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/llama_cpp.py server-setup   # once, ~5 min
     PYTHONPATH=$PWD .venv/bin/python benchmarks/serve.py [--skip-llama]
 
-llama-server is built from the same vendored llama.cpp (`--server-setup` adds the target to
-llama_cpp.py's build folder). Results go to benchmarks/results/serve.json.
+llama-server is built from the same vendored llama.cpp (`llama_cpp.py server-setup` adds the
+target to llama_cpp.py's build folder). Results go to benchmarks/results/serve.json.
 """
 
 from __future__ import annotations
@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         from llama_cpp import binary, gguf_q4_0
 
         if not binary("llama-server").is_file():
-            raise SystemExit("llama-server is not built: see this script's docstring")
+            raise SystemExit(
+                "llama-server is not built: run `benchmarks/llama_cpp.py server-setup`"
+            )
         gguf = gguf_q4_0(args.model, model_dir)["artifact"]
         port = free_port()
         llama = bench_server(

@@ -56,6 +56,7 @@ from common import (  # noqa: E402
     CACHE,
     PROFILE,
     RESULTS,
+    add_edgepipe_kind,
     busy_load,
     cached_build,
     folder_bytes,
@@ -132,6 +133,10 @@ def _variant(text: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         if key == "threads":
             options["threads"] = int(value)
+        elif key == "spinning":
+            options["spinning"] = value
+        elif key == "build":  # the EDGEPIPE_KINDS artifact it runs (default: edgepipe)
+            options["build"] = value
         else:
             options["session_config"].append((key, value))
     options["session_config"] = tuple(options["session_config"])
@@ -173,24 +178,28 @@ def bench_model(name: str, args, bandwidth: float) -> dict:
     started = time.perf_counter()
     model_dir = source_model(name, args.cache)
     result: dict = {"model": name, "source_bytes": folder_bytes(model_dir, "model")}
-    kinds = ["edgepipe"] + ([] if args.no_genai else ["genai"])
+    kinds = ["edgepipe", *args.build] + ([] if args.no_genai else ["genai"])
     builds = {k: cached_build(k, name, model_dir, args.cache, rebuild=args.rebuild) for k in kinds}
     result["builds"] = builds
     artifacts = {k: Path(b["artifact"]) for k, b in builds.items()}
     gen_len, prompt_lens = args.gen_len, args.prompt_lens
 
-    if not args.no_memory:
-        result["memory"] = memory(artifacts, max(prompt_lens), gen_len)
+    if not args.no_memory:  # the extra builds' memory is the shipped one's, give or take a table
+        measured = {k: a for k, a in artifacts.items() if k not in args.build}
+        result["memory"] = memory(measured, max(prompt_lens), gen_len)
 
     contenders = []
     workers = []
     try:
         for kind, artifact in artifacts.items():
-            max_length = max(prompt_lens) + gen_len if kind == "genai" else None
-            workers.append(Worker(kind, artifact, max_length=max_length))
+            if kind == "genai":
+                workers.append(Worker(kind, artifact, max_length=max(prompt_lens) + gen_len))
+            else:
+                workers.append(Worker("edgepipe", artifact, name=kind))
         for text in args.variant:
             label, options = _variant(text)
-            workers.append(Worker("edgepipe", artifacts["edgepipe"], name=label, **options))
+            artifact = artifacts[options.pop("build", "edgepipe")]
+            workers.append(Worker("edgepipe", artifact, name=label, **options))
         if args.baseline_src:
             workers.append(
                 Worker(
@@ -246,7 +255,23 @@ def main(argv: list[str] | None = None) -> int:
         "--llama-cpp", action="store_true", help="build llama.cpp first when it is not built"
     )
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="an extra edgepipe worker: threads=N, spinning=auto|on|off, build=KIND, or an "
+        "onnxruntime session config entry",
+    )
+    parser.add_argument(
+        "--build",
+        action="append",
+        default=[],
+        type=add_edgepipe_kind,
+        metavar="NAME:KEY=VALUE,...",
+        help="an extra edgepipe build with these precision fields over the shipped block, e.g. "
+        "b128sym:block_size=128,symmetric=true ('edgepipe-int4-table' needs no fields)",
+    )
     parser.add_argument(
         "--busy",
         action="store_true",

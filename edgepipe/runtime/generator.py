@@ -121,7 +121,8 @@ class Generator:
         # thread-safe, so concurrent calls (threads, or interleaved streams) do not interfere.
         self._template: ChatTemplate | None = None
         if spinning is not None:
-            session_config = {**spinning_config(spinning), **(session_config or {})}
+            spin = spinning_config(spinning, intra_op_num_threads)
+            session_config = {**spin, **(session_config or {})}
         self._engine: Engine = open_engine(
             art,
             provider=provider,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 
 # Session config entries of every session the Generator creates (`session_config=` adds or
@@ -17,13 +18,22 @@ SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 # keys are memory.*, gpu_graph_id and disable_synchronize_execution_providers), so the choice is
 # made when the session opens; a second, spinning session per Generator would double the
 # prepacked int4 weights (the Python API exposes no PrepackedWeightsContainer). "auto" spins
-# only when the machine had an idle core when the session opened (1-minute load average at
-# least one below the cores this process may use) and then for at most `AUTO_SPIN_US` per wait,
-# so a worker keeps its core between the kernels of a step but gives it back soon when there is
-# no work. Measured on the shared 2-core VM, shape-exact Qwen2.5-0.5B int4, 8-token prompt, 64
-# tokens, 6 ABBA rounds (benchmarks/side_by_side.py --variant, load 7-15, no idle core ever):
-# spinning on 0.61x of off (0.39x with one core kept busy), a 100 us bounded spin 0.93x (0.88x).
+# only when every intra-op thread has a core of its own: the cores this process may use, less
+# the cores other processes kept busy over `SAMPLE_S` just before the session opens
+# (`busy_cores`, from /proc/stat; the 1-minute load average where that is missing), and then
+# for at most `AUTO_SPIN_US` per wait, so a worker keeps its core between the kernels of a step
+# but gives it back soon when there is no work. An instantaneous sample, not the load average:
+# the average lags by a minute (a build that just ended reads as load), and it counts
+# processes at nice 19 as full ones while they also break a spinning pool's barriers (seen:
+# llama.cpp at 2.9 tok/s beside niced test runs). Measured on the shared 2-core VM, shape-exact
+# Qwen2.5-0.5B int4, 8-token prompt, 64 tokens, 6 ABBA rounds (benchmarks/side_by_side.py
+# --variant, load 7-15, no idle core ever): spinning on 0.61x of off (0.39x with one core kept
+# busy), a 100 us bounded spin 0.93x (0.88x).
 AUTO_SPIN_US = 100
+# How long "auto" watches the CPUs before the session opens, and how much of a core other
+# processes may use while it still counts as spare (/proc/stat counts in 10 ms ticks).
+SAMPLE_S = 0.1
+SPARE_SLACK = 0.3
 SPINNING = ("auto", "on", "off")
 # onnxruntime's log level for the sessions created here: warnings (1) and above by default;
 # the QNN plug-in warns on every session about Windows-on-Arm-only features, so its sessions
@@ -57,8 +67,9 @@ def session_options(
     return options
 
 
-def spinning_config(spinning: str) -> dict[str, str]:
-    """Session config entries of a spinning mode ("auto", "on" or "off").
+def spinning_config(spinning: str, threads: int | None = None) -> dict[str, str]:
+    """Session config entries of a spinning mode ("auto", "on" or "off") for a session of
+    `threads` intra-op threads (None: onnxruntime's default, one per core).
 
     Raises:
         ValueError: an unknown mode (the message lists the allowed ones).
@@ -68,7 +79,7 @@ def spinning_config(spinning: str) -> dict[str, str]:
     if spinning == "on":
         return {"session.intra_op.allow_spinning": "1"}
     if spinning == "auto":
-        if not idle_core():
+        if not spare_cores_for(threads):
             return {"session.intra_op.allow_spinning": "0"}
         return {
             "session.intra_op.allow_spinning": "1",
@@ -77,11 +88,52 @@ def spinning_config(spinning: str) -> dict[str, str]:
     raise ValueError(f"spinning must be one of {SPINNING}, got {spinning!r}")
 
 
-def idle_core() -> bool:
-    """Whether the machine has a core to spare: 1-minute load average <= usable cores - 1."""
+def usable_cores() -> int:
+    """Cores this process may run on."""
     try:
-        cores = len(os.sched_getaffinity(0))
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no affinity or load average (Windows): assume idle
-        return True
-    return load <= cores - 1
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def spare_cores_for(threads: int | None) -> bool:
+    """Whether `threads` intra-op threads (None: one per usable core, onnxruntime's default)
+    would each find a core that other processes leave free (within `SPARE_SLACK` of a core)."""
+    cores = usable_cores()
+    busy = busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average (Windows): assume idle
+            return True
+    return busy + (threads or cores) <= cores + SPARE_SLACK
+
+
+def busy_cores(sample_s: float | None = None) -> float | None:
+    """Cores kept busy over a short sample, on the CPUs this process may use (None where
+    /proc/stat is missing). The caller sleeps meanwhile, so the work is other processes'."""
+    try:
+        cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        before = _cpu_ticks(cpus)
+        time.sleep(SAMPLE_S if sample_s is None else sample_s)
+        after = _cpu_ticks(cpus)
+    except (AttributeError, OSError, ValueError):
+        return None
+    busy = 0.0
+    for cpu, (idle, total) in after.items():
+        idle0, total0 = before.get(cpu, (idle, total))
+        if total > total0:
+            busy += 1.0 - (idle - idle0) / (total - total0)
+    return busy
+
+
+def _cpu_ticks(cpus: set[str]) -> dict[str, tuple[int, int]]:
+    """{cpu: (idle + iowait ticks, all ticks)} from /proc/stat."""
+    ticks = {}
+    with open("/proc/stat", encoding="ascii") as stat:
+        for line in stat:
+            name, *fields = line.split()
+            if name in cpus:
+                values = [int(v) for v in fields[:8]]
+                ticks[name] = (values[3] + values[4], sum(values))
+    return ticks
