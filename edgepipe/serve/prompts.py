@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgepipe.runtime.chat import opens_thinking
 from edgepipe.runtime.errors import TemplateRefused
-from edgepipe.runtime.rows import Thinking
+from edgepipe.runtime.rows import Thinking, thinking_plan
 from edgepipe.runtime.sampling import merge_params
 from edgepipe.serve.errors import bad_request
 from edgepipe.serve.schemas import ChatRequest, CompletionRequest, sampling_overrides
@@ -78,11 +79,14 @@ def prepare_chat(req: ChatRequest, gen, config, capacity: int) -> Prepared:
     except (TemplateRefused, ValueError) as exc:
         raise bad_request(str(exc), param="messages") from None
     ids = gen.encode(text)
-    started = opens_thinking(text)
     budget = req.thinking_budget
     if budget is None:
         budget = kwargs.get("thinking_budget")
-    thinking = thinking_plan(gen, started, enable, budget)
+    try:
+        thinking = thinking_plan(gen.tokenizer, text, enable, budget)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="thinking_budget") from None
+    started = thinking.started if thinking else opens_thinking(text)
     requested = req.max_completion_tokens or req.max_tokens
     params = _params(req, gen, ids, requested, config, capacity)
     reasoning = gen.chat_template.supports_thinking or started
@@ -138,31 +142,3 @@ def _params(req, gen, ids: list[int], requested: int | None, config, capacity: i
         return merge_params(gen.defaults, **sampling_overrides(req, max_tokens))
     except ValueError as exc:
         raise bad_request(str(exc)) from None
-
-
-def opens_thinking(prompt: str) -> bool:
-    """Whether the rendered prompt leaves the model inside an open thinking block."""
-    tail = prompt.rsplit("<|im_start|>assistant", 1)[-1]
-    return tail.rstrip().endswith("<think>")
-
-
-def thinking_plan(gen, started: bool, enable_thinking, budget) -> Thinking | None:
-    """The thinking-budget bookkeeping for a chat row (None without a budget or thinking).
-
-    Raises:
-        APIError: 400 for a budget on a tokenizer without `</think>`.
-    """
-    if budget is None or enable_thinking is False:
-        return None
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-        raise bad_request("thinking_budget must be an integer >= 0", param="thinking_budget")
-    close_id = gen.tokenizer.token_to_id("</think>")
-    if close_id is None:
-        raise bad_request("thinking_budget needs a Qwen3 model (no </think> token)")
-    return Thinking(
-        budget=budget,
-        started=started,
-        open_id=gen.tokenizer.token_to_id("<think>"),
-        close_id=close_id,
-        close_ids=gen.encode("</think>\n\n"),
-    )
