@@ -16,7 +16,7 @@ import numpy as np
 from edgepipe.runtime.artifact import Artifact, load_artifact
 from edgepipe.runtime.chat import ChatTemplate, opens_thinking, split_thinking
 from edgepipe.runtime.constrain import constraint_for
-from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter, TokenBytes
+from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter, token_bytes_for
 from edgepipe.runtime.engines import CacheStore, Engine, open_engine
 from edgepipe.runtime.engines.kv import position_limit
 from edgepipe.runtime.errors import ArtifactError, PromptTooLong
@@ -69,6 +69,8 @@ class Generator:
     Attributes:
         artifact: the loaded `Artifact`.
         tokenizer: the `tokenizers.Tokenizer`.
+        token_bytes: the vocabulary's byte table for streaming text (`detokenize.TokenBytes`;
+            None for a tokenizer that is not byte-level), shared with `batch.SlotBatch`.
         defaults: sampling defaults from the artifact's generation_config.json.
         provider: the execution provider the model runs on.
         continues_prefill: whether a call may append several tokens after cached ones (chunked
@@ -112,10 +114,7 @@ class Generator:
             self.tokenizer = tokenizers.Tokenizer.from_file(str(art.tokenizer_path))
         except Exception as exc:  # tokenizers raises a bare Exception for any parse error
             raise ArtifactError(art.tokenizer_path, f"not a tokenizer file ({exc})") from None
-        try:
-            self._token_bytes = TokenBytes(self.tokenizer)
-        except (ValueError, KeyError):
-            self._token_bytes = None
+        self.token_bytes = token_bytes_for(self.tokenizer)
         self.defaults: SamplingParams = params_from_generation_config(art.generation_config)
         # No lock: every call owns its KV buffers and IOBinding, and onnxruntime's Run is
         # thread-safe, so concurrent calls (threads, or interleaved streams) do not interfere.
@@ -445,7 +444,7 @@ class Generator:
         rows = [
             Row(
                 prompt=ids,
-                detok=IncrementalDetokenizer(self.tokenizer, self._token_bytes),
+                detok=IncrementalDetokenizer(self.tokenizer, self.token_bytes),
                 stops=StopStringFilter(p.stop_strings),
                 thinking=bool(thinking and thinking.started),
                 constraint=constraint() if constraint is not None else None,

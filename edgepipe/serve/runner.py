@@ -64,6 +64,7 @@ class Runner:
             eos_token_ids=gen.artifact.eos_token_ids,
             pad_token_id=gen.artifact.pad_token_id,
             prefix_cache=prefix,
+            token_bytes=gen.token_bytes,  # the generator's table: built once per server
         )
         scheduler = Scheduler(
             batch, max_queue=config.max_queue, prefill_budget=config.prefill_budget
