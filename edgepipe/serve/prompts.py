@@ -1,14 +1,18 @@
-"""From a validated request to the row the scheduler runs: prompt ids, sampling, thinking.
+"""From a validated request to the row the scheduler runs: prompt ids, sampling, thinking,
+constraint.
 
-Chat messages are rendered with the artifact's chat template (`Generator.render_chat`), with
-`chat_template_kwargs.enable_thinking` passed through for Qwen3. The thinking budget is the
-runtime's (`rows.Thinking`): once a row has thought that many tokens, `</think>` is forced and
-the model answers.
+Chat messages are rendered with the artifact's chat template (`Generator.render_chat`, tools
+included; assistant `tool_calls` with OpenAI's JSON-string arguments are parsed for the
+template), with `chat_template_kwargs.enable_thinking` passed through for Qwen3. The thinking
+budget is the runtime's (`rows.thinking_plan`): once a row has thought that many tokens,
+`</think>` is forced and the model answers. A constrained reply (`response_format`, a required
+or named `tool_choice`) does not think, as with `Generator.chat` (serve/structured.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from edgepipe.runtime.chat import opens_thinking
 from edgepipe.runtime.errors import TemplateRefused
@@ -16,6 +20,7 @@ from edgepipe.runtime.rows import Thinking, thinking_plan
 from edgepipe.runtime.sampling import merge_params
 from edgepipe.serve.errors import bad_request
 from edgepipe.serve.schemas import ChatRequest, CompletionRequest, sampling_overrides
+from edgepipe.serve.structured import Structured, compile_constraint, structured_request
 
 # OpenAI's default max_tokens for legacy completions; chat has none (the context decides).
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -31,6 +36,8 @@ class Prepared:
         thinking: the budget bookkeeping, or None.
         thinking_started: the prompt opened a thinking block.
         reasoning: whether to split `reasoning_content` from `content` (Qwen3 templates).
+        structured: the request's tools and response format (empty for completions).
+        constraint: the row's constraint factory, or None.
     """
 
     prompt: list[int]
@@ -38,6 +45,8 @@ class Prepared:
     thinking: Thinking | None
     thinking_started: bool
     reasoning: bool
+    structured: Structured = field(default_factory=Structured)
+    constraint: Callable | None = None
 
 
 def message_text(message: dict, index: int) -> dict:
@@ -48,7 +57,8 @@ def message_text(message: dict, index: int) -> dict:
     """
     content = message.get("content")
     if content is None:
-        content = ""
+        # An assistant message that only calls tools has no content; the templates allow that.
+        return dict(message) if message.get("tool_calls") else {**message, "content": ""}
     if isinstance(content, list):
         texts = []
         for part in content:
@@ -64,18 +74,31 @@ def message_text(message: dict, index: int) -> dict:
 
 
 def prepare_chat(req: ChatRequest, gen, config, capacity: int) -> Prepared:
-    """Render and tokenize a chat request.
+    """Render and tokenize a chat request; check and compile its constraint.
+
+    Call off the event loop: the first constraint builds llguidance's vocabulary (seconds).
 
     Raises:
-        APIError: 400 for bad messages, template refusals, limits exceeded.
+        APIError: 400 for bad messages, tools, response formats, template refusals, limits
+            exceeded; 501 for a constraint without llguidance installed.
     """
     kwargs = req.chat_template_kwargs or {}
     enable = kwargs.get("enable_thinking")
     if enable is not None and not isinstance(enable, bool):
         raise bad_request("chat_template_kwargs.enable_thinking must be a boolean")
+    structured = structured_request(req)
+    constrained = structured.forced or bool(structured.constraint_params)
+    if constrained and gen.chat_template.supports_thinking:
+        if enable:
+            raise bad_request(
+                "A constrained reply (response_format, or tool_choice 'required' or named) "
+                "cannot think: send chat_template_kwargs.enable_thinking false",
+                param="chat_template_kwargs",
+            )
+        enable = False
     messages = [message_text(m, i) for i, m in enumerate(req.messages)]
     try:
-        text = gen.render_chat(messages, enable_thinking=enable)
+        text = gen.render_chat(messages, enable_thinking=enable, tools=structured.tools)
     except (TemplateRefused, ValueError) as exc:
         raise bad_request(str(exc), param="messages") from None
     ids = gen.encode(text)
@@ -90,7 +113,8 @@ def prepare_chat(req: ChatRequest, gen, config, capacity: int) -> Prepared:
     requested = req.max_completion_tokens or req.max_tokens
     params = _params(req, gen, ids, requested, config, capacity)
     reasoning = gen.chat_template.supports_thinking or started
-    return Prepared(ids, params, thinking, started, reasoning)
+    constraint = compile_constraint(structured, gen)  # last: the costliest check
+    return Prepared(ids, params, thinking, started, reasoning, structured, constraint)
 
 
 def prepare_completion(req: CompletionRequest, gen, config, capacity: int) -> Prepared:

@@ -120,6 +120,9 @@ async def stream_events(job: Job, state, is_disconnected) -> AsyncIterator[Emiss
         is_disconnected: an async callable telling whether the client left, or None when the
             response streams (Starlette then cancels the stream itself on disconnect).
 
+    A caller that stops reading before the last emission cancels the job (counted as
+    cancelled) unless it called `job.end_early()` first.
+
     Raises:
         APIError: 504 past the request timeout, 499 when the client left, the job's error.
     """
@@ -152,6 +155,6 @@ async def stream_events(job: Job, state, is_disconnected) -> AsyncIterator[Emiss
                 done = True
                 return
     finally:
-        if not done:
+        if not done and not job.ended_early:
             job.cancel()
             state.metrics.cancelled.inc()
