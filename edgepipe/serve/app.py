@@ -256,7 +256,8 @@ async def whole_body(ctx: RequestContext, request: Request) -> Response:
     """Wait for the whole generation, then answer with one JSON body."""
     out, texts, prepared = ctx.out, [], ctx.prepared
     # Only watched to stop at the first call when parallel tool calls are off.
-    watch = None if prepared.structured.parallel else streamed_reply(prepared)
+    one_call = prepared.structured.parses_calls and not prepared.structured.parallel
+    watch = streamed_reply(prepared) if one_call else None
     try:
         events = stream_events(ctx.job, ctx.state, request.is_disconnected)
         async with contextlib.aclosing(events):
