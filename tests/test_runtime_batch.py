@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from edgepipe.runtime import Generator, GeneratorError, PromptTooLong
@@ -136,3 +138,45 @@ def test_a_prompt_fed_a_budget_at_a_time_while_others_decode_keeps_every_token(s
     assert calls > 3
     assert out[slow] == gen.generate(PROMPTS[2], max_new_tokens=12).token_ids
     assert out[fast] == gen.generate(PROMPTS[0], max_new_tokens=12).token_ids
+
+
+def test_a_constrained_row_among_free_rows_gives_what_each_gives_alone(gen):
+    pytest.importorskip("llguidance")
+    from edgepipe.runtime.constrain import constraint_for
+
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 6}, "n": {"type": "integer"}},
+        "required": ["name", "n"],
+        "additionalProperties": False,
+    }
+    constraint = constraint_for({"json_schema": schema}, gen.tokenizer, gen.artifact)
+    params = merge_params(gen.defaults, max_new_tokens=40)
+    requests = [
+        RowRequest(gen.encode(PROMPTS[0]), params),
+        RowRequest(gen.encode("Person:"), params, constraint=constraint),
+        RowRequest(gen.encode(PROMPTS[2]), params),
+    ]
+    results = drain(new_batch(gen, slots=3), requests, eager=True)
+    constrained = gen.generate("Person:", json_schema=schema, max_new_tokens=40)
+    assert results[1][0] == constrained.token_ids and results[1][1] == constrained.text
+    assert results[1][2] == "stop" and json.loads(results[1][1])["name"] is not None
+    for i in (0, 2):
+        alone = gen.generate(PROMPTS[i], max_new_tokens=40)
+        assert results[i][0] == alone.token_ids, PROMPTS[i]
+    free = gen.generate("Person:", max_new_tokens=40).text
+    assert free != constrained.text  # the toy writes no JSON on its own
+
+
+def test_a_batch_shares_the_generator_byte_table(gen):
+    batch = SlotBatch(
+        gen.engine,
+        gen.tokenizer,
+        slots=1,
+        capacity=8,
+        eos_token_ids=[],
+        pad_token_id=0,
+        token_bytes=gen.token_bytes,
+    )
+    assert gen.token_bytes is not None and batch.token_bytes is gen.token_bytes
+    assert new_batch(gen).token_bytes is not gen.token_bytes  # built when not given

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import tokenizers
 
-from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter, TokenBytes
+from edgepipe.runtime.detokenize import (
+    IncrementalDetokenizer,
+    StopStringFilter,
+    TokenBytes,
+    token_bytes_for,
+)
 
 TEXTS = {
     "chinese": "北京是中华人民共和国的首都，也是全国的政治、文化中心。龘靐麤𠀀𪚥",
@@ -73,6 +78,13 @@ def test_token_bytes_refuses_a_non_byte_level_tokenizer():
     wordpiece.decoder = tokenizers.decoders.WordPiece()
     with pytest.raises(ValueError, match="byte-level"):
         TokenBytes(wordpiece)
+    assert token_bytes_for(wordpiece) is None  # the detokenizer then re-decodes a window
+
+
+def test_token_bytes_for_a_byte_level_tokenizer_gives_its_bytes(tokenizer):
+    table = token_bytes_for(tokenizer)
+    ids = tokenizer.encode(TEXTS["mixed"], add_special_tokens=False).ids
+    assert b"".join(table(t) for t in ids).decode("utf-8") == TEXTS["mixed"]
 
 
 def stop_run(stops, pieces):

@@ -159,3 +159,20 @@ def test_a_request_past_the_timeout_gets_504_and_its_slot_back(server_factory, s
     assert wait_for(lambda: server.metric("edgepipe_active_requests") == 0)
     reply = server.client().completions.create(model="toy", prompt="Hi", max_tokens=2)
     assert reply.usage.completion_tokens == 2
+
+
+def test_the_runner_builds_the_vocabulary_byte_table_once(serve_config, monkeypatch):
+    from edgepipe.runtime.detokenize import TokenBytes
+    from edgepipe.serve.runner import Runner
+
+    built = []
+    init = TokenBytes.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(TokenBytes, "__init__", counting_init)
+    runner = Runner.open(serve_config, start=False)
+    assert len(built) == 1
+    assert runner.batch.token_bytes is runner.gen.token_bytes is built[0]

@@ -16,18 +16,25 @@ of the same prompt alone (see `engines/dynamic.py`). A free slot inside the batc
 token at position 0 of its own row, which no other row attends to. Only the dynamic engine runs
 here: a static artifact's graphs have batch 1 and a fixed cache.
 
-Each row keeps its own `Sampler` (its own seed), stop strings, detokenizer and thinking budget
-(`rows.Row`), so a request's output does not depend on what else is in the batch.
+Each row keeps its own `Sampler` (its own seed), stop strings, detokenizer, thinking budget and
+constraint (`rows.Row`; a constrained row masks only its own logits), so a request's output does
+not depend on what else is in the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter, TokenBytes
+from edgepipe.runtime.constrain import LogitsConstraint
+from edgepipe.runtime.detokenize import (
+    IncrementalDetokenizer,
+    StopStringFilter,
+    TokenBytes,
+    token_bytes_for,
+)
 from edgepipe.runtime.engines.dynamic import DynamicEngine
 from edgepipe.runtime.errors import GeneratorError, PromptTooLong
 from edgepipe.runtime.prefix import PrefixCache
@@ -44,12 +51,15 @@ class RowRequest:
         params: validated sampling parameters (`max_new_tokens`, stop strings, seed, ...).
         stop_ids: ids that end the row (None: the artifact's eos ids).
         thinking: Qwen3 thinking-budget bookkeeping, or None.
+        constraint: a factory of the row's `LogitsConstraint` (what `constrain.constraint_for`
+            returns, already checked), called when the row joins; None: free generation.
     """
 
     prompt: list[int]
     params: SamplingParams
     stop_ids: Iterable[int] | None = None
     thinking: Thinking | None = None
+    constraint: Callable[[], LogitsConstraint] | None = None
 
 
 @dataclass
@@ -97,6 +107,8 @@ class SlotBatch:
         eos_token_ids: the default stop ids.
         pad_token_id: the id fed to free slots.
         prefix_cache: a `PrefixCache` to reuse prompt prefixes from (None: off).
+        token_bytes: the vocabulary's byte table (`Generator.token_bytes`, so a server builds
+            it once); None: built here.
 
     Raises:
         GeneratorError: the engine is not a dynamic one.
@@ -112,6 +124,7 @@ class SlotBatch:
         eos_token_ids: Iterable[int],
         pad_token_id: int,
         prefix_cache: PrefixCache | None = None,
+        token_bytes: TokenBytes | None = None,
     ):
         if not isinstance(engine, DynamicEngine):
             raise GeneratorError(
@@ -130,10 +143,7 @@ class SlotBatch:
         art = engine.artifact
         itemsize = np.dtype(engine.kv_dtype).itemsize
         self.bytes_per_position = 2 * art.num_layers * art.num_kv_heads * art.head_dim * itemsize
-        try:
-            self._token_bytes = TokenBytes(tokenizer)
-        except (ValueError, KeyError):
-            self._token_bytes = None
+        self.token_bytes = token_bytes_for(tokenizer) if token_bytes is None else token_bytes
         self._rows: dict[int, _Slot] = {}
         self._bindings: dict[int, tuple] = {}  # batch height -> (kv OrtValues, IOBinding)
 
@@ -182,9 +192,10 @@ class SlotBatch:
         p = request.params
         row = Row(
             prompt=prompt,
-            detok=IncrementalDetokenizer(self.tokenizer, self._token_bytes),
+            detok=IncrementalDetokenizer(self.tokenizer, self.token_bytes),
             stops=StopStringFilter(p.stop_strings),
             thinking=bool(request.thinking and request.thinking.started),
+            constraint=request.constraint() if request.constraint is not None else None,
         )
         stop_ids = self.eos_token_ids if request.stop_ids is None else request.stop_ids
         state = _Slot(

@@ -94,6 +94,13 @@ class ChatTemplate:
             raise TemplateRefused(f"the chat template cannot render these messages: {exc}") from exc
 
 
+def opens_thinking(prompt: str) -> bool:
+    """Whether a rendered prompt leaves the model inside an open thinking block (a Qwen3
+    template that ends its generation prompt with `<think>`)."""
+    tail = prompt.rsplit("<|im_start|>assistant", 1)[-1]
+    return tail.rstrip().endswith(THINK_OPEN)
+
+
 @dataclass(frozen=True)
 class ThinkingSplit:
     """An assistant reply split into its thinking and its answer."""

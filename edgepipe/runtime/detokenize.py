@@ -62,6 +62,16 @@ class TokenBytes:
         return cached
 
 
+def token_bytes_for(tokenizer) -> TokenBytes | None:
+    """The tokenizer's `TokenBytes`, or None when it is not byte-level (the detokenizer then
+    re-decodes a window of ids). Build it once per tokenizer and share it: every
+    `IncrementalDetokenizer` of a `Generator` or a `SlotBatch` reads the same table."""
+    try:
+        return TokenBytes(tokenizer)
+    except (ValueError, KeyError):
+        return None
+
+
 class IncrementalDetokenizer:
     """Turns token ids, one at a time, into text pieces that never split a character.
 

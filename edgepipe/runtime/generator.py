@@ -14,16 +14,16 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 import numpy as np
 
 from edgepipe.runtime.artifact import Artifact, load_artifact
-from edgepipe.runtime.chat import ChatTemplate, split_thinking
+from edgepipe.runtime.chat import ChatTemplate, opens_thinking, split_thinking
 from edgepipe.runtime.constrain import constraint_for
-from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter, TokenBytes
+from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter, token_bytes_for
 from edgepipe.runtime.engines import CacheStore, Engine, open_engine
 from edgepipe.runtime.engines.kv import position_limit
 from edgepipe.runtime.errors import ArtifactError, PromptTooLong
 from edgepipe.runtime.inputs import check_ids, check_text
 from edgepipe.runtime.options import spinning_config
 from edgepipe.runtime.results import GenerationResult, Metrics, Stream
-from edgepipe.runtime.rows import Row, Thinking
+from edgepipe.runtime.rows import Row, thinking_plan
 from edgepipe.runtime.sampling import (
     Sampler,
     SamplingParams,
@@ -69,6 +69,8 @@ class Generator:
     Attributes:
         artifact: the loaded `Artifact`.
         tokenizer: the `tokenizers.Tokenizer`.
+        token_bytes: the vocabulary's byte table for streaming text (`detokenize.TokenBytes`;
+            None for a tokenizer that is not byte-level), shared with `batch.SlotBatch`.
         defaults: sampling defaults from the artifact's generation_config.json.
         provider: the execution provider the model runs on.
         continues_prefill: whether a call may append several tokens after cached ones (chunked
@@ -112,10 +114,7 @@ class Generator:
             self.tokenizer = tokenizers.Tokenizer.from_file(str(art.tokenizer_path))
         except Exception as exc:  # tokenizers raises a bare Exception for any parse error
             raise ArtifactError(art.tokenizer_path, f"not a tokenizer file ({exc})") from None
-        try:
-            self._token_bytes = TokenBytes(self.tokenizer)
-        except (ValueError, KeyError):
-            self._token_bytes = None
+        self.token_bytes = token_bytes_for(self.tokenizer)
         self.defaults: SamplingParams = params_from_generation_config(art.generation_config)
         # No lock: every call owns its KV buffers and IOBinding, and onnxruntime's Run is
         # thread-safe, so concurrent calls (threads, or interleaved streams) do not interfere.
@@ -319,8 +318,8 @@ class Generator:
             enable_thinking = False
         prompt = self.render_chat(messages, enable_thinking=enable_thinking, tools=tools)
         ids = self.encode(prompt)
-        thinking = self._thinking_plan(prompt, enable_thinking, thinking_budget)
-        started = thinking.started if thinking else self._opens_thinking(prompt)
+        thinking = thinking_plan(self.tokenizer, prompt, enable_thinking, thinking_budget)
+        started = thinking.started if thinking else opens_thinking(prompt)
 
         def split(text: str):
             return split_thinking(text, started=started)
@@ -384,30 +383,6 @@ class Generator:
                 raise ValueError(f"prompt[{i}] must be a string or a list of token ids")
         return batch, False
 
-    def _opens_thinking(self, prompt: str) -> bool:
-        """Whether the rendered prompt leaves the model inside an open thinking block."""
-        tail = prompt.rsplit("<|im_start|>assistant", 1)[-1]
-        return tail.rstrip().endswith("<think>")
-
-    def _thinking_plan(self, prompt: str, enable_thinking, budget) -> Thinking | None:
-        if budget is None:
-            return None
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-            raise ValueError(f"thinking_budget must be an int >= 0 or None, got {budget!r}")
-        if enable_thinking is False:
-            return None
-        open_id = self.tokenizer.token_to_id("<think>")
-        close_id = self.tokenizer.token_to_id("</think>")
-        if close_id is None:
-            raise ValueError("thinking_budget needs a tokenizer with a </think> token (Qwen3)")
-        return Thinking(
-            budget=budget,
-            started=self._opens_thinking(prompt),
-            open_id=open_id,
-            close_id=close_id,
-            close_ids=self.encode("</think>\n\n"),
-        )
-
     def _stream(self, batch, params, *, split=None, **options):
         """A `Stream` of row 0; `options` as for `_run_iter`; `split` separates thinking."""
 
@@ -470,7 +445,7 @@ class Generator:
         rows = [
             Row(
                 prompt=ids,
-                detok=IncrementalDetokenizer(self.tokenizer, self._token_bytes),
+                detok=IncrementalDetokenizer(self.tokenizer, self.token_bytes),
                 stops=StopStringFilter(p.stop_strings),
                 thinking=bool(thinking and thinking.started),
                 constraint=constraint() if constraint is not None else None,

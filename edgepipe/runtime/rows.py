@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgepipe.runtime.chat import opens_thinking
 from edgepipe.runtime.constrain import LogitsConstraint
 from edgepipe.runtime.detokenize import IncrementalDetokenizer, StopStringFilter
 from edgepipe.runtime.sampling import Sampler
@@ -34,6 +35,37 @@ class Thinking:
     open_id: int | None
     close_id: int | None
     close_ids: list[int]
+
+
+def thinking_plan(tokenizer, prompt: str, enable_thinking, budget) -> Thinking | None:
+    """The thinking-budget bookkeeping of a chat reply: None without a budget or with thinking
+    off. `Generator.chat` and the server's chat endpoint both plan rows with it.
+
+    Args:
+        tokenizer: the `tokenizers.Tokenizer` (the ids of `<think>` and `</think>`).
+        prompt: the rendered prompt (does it already open the thinking block?).
+        enable_thinking: the template switch (False: no thinking, no budget).
+        budget: thinking tokens allowed, or None.
+
+    Raises:
+        ValueError: a budget that is not an int >= 0, or a tokenizer without `</think>`.
+    """
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"thinking_budget must be an int >= 0 or None, got {budget!r}")
+    if enable_thinking is False:
+        return None
+    close_id = tokenizer.token_to_id("</think>")
+    if close_id is None:
+        raise ValueError("thinking_budget needs a tokenizer with a </think> token (Qwen3)")
+    return Thinking(
+        budget=budget,
+        started=opens_thinking(prompt),
+        open_id=tokenizer.token_to_id("<think>"),
+        close_id=close_id,
+        close_ids=tokenizer.encode("</think>\n\n", add_special_tokens=False).ids,
+    )
 
 
 @dataclass

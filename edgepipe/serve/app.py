@@ -3,8 +3,9 @@
 `create_app(config)` returns the ASGI app. The model loads on a background thread when the app
 starts, so `/health` answers 503 ("loading") at once and 200 when the first request can run;
 the other endpoints answer 503 until then. Each request: API key (401) -> request bucket (429)
--> body size (413) -> schema (400) -> model name (404) -> prompt and limits (400) -> token
-bucket (429) -> queue (503) -> generation, streamed as SSE or returned whole.
+-> body size (413) -> schema (400) -> model name (404) -> prompt, limits, tools and response
+format (400; run on a worker thread: a first constraint compiles for seconds) -> token bucket
+(429) -> queue (503) -> generation, streamed as SSE or returned whole.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from edgepipe.serve.limits import KeyRing, RateLimits
 from edgepipe.serve.logs import log_request
 from edgepipe.serve.metrics import ServerMetrics
 from edgepipe.serve.prompts import prepare_chat, prepare_completion
-from edgepipe.serve.reasoning import ReasoningSplitter
-from edgepipe.serve.responses import ChunkWriter, Outcome, full_response
+from edgepipe.serve.replies import StreamedReply
+from edgepipe.serve.responses import TOOL_CALLS, ChunkWriter, Outcome, full_response
 from edgepipe.serve.runner import Runner, stream_events
 from edgepipe.serve.schemas import (
     ChatRequest,
@@ -184,12 +185,12 @@ async def complete(state: ServerState, kind: str, request: Request) -> Response:
             raise model_not_found(req.model, state.config.served_name)
         refuse_unsupported(req)
         prepare = prepare_chat if kind == "chat" else prepare_completion
-        prepared = prepare(req, runner.gen, state.config, runner.capacity)
+        # Off the event loop: templates, tokenizing and a first constraint's compile take time.
+        prepared = await asyncio.to_thread(prepare, req, runner.gen, state.config, runner.capacity)
         state.limits.admit_tokens(key, len(prepared.prompt))
+        p = prepared.params
         job = runner.submit(
-            RowRequest(
-                prepared.prompt, prepared.params, prepared.params.stop_token_ids, prepared.thinking
-            )
+            RowRequest(prepared.prompt, p, p.stop_token_ids, prepared.thinking, prepared.constraint)
         )
     except APIError as exc:
         state.metrics.requests.labels(endpoint, str(exc.status)).inc()
@@ -242,21 +243,43 @@ class RequestContext:
         )
 
 
+def streamed_reply(prepared) -> StreamedReply:
+    """The splitter of a request's reply into reasoning, content and tool calls."""
+    return StreamedReply(
+        started=prepared.thinking_started,
+        reasoning=prepared.reasoning,
+        structured=prepared.structured,
+    )
+
+
 async def whole_body(ctx: RequestContext, request: Request) -> Response:
     """Wait for the whole generation, then answer with one JSON body."""
-    out, texts = ctx.out, []
+    out, texts, prepared = ctx.out, [], ctx.prepared
+    # Only watched to stop at the first call when parallel tool calls are off.
+    one_call = prepared.structured.parses_calls and not prepared.structured.parallel
+    watch = streamed_reply(prepared) if one_call else None
     try:
-        async for emission in stream_events(ctx.job, ctx.state, request.is_disconnected):
-            texts.append(emission.text)
-            out.completion_tokens += 1
-            out.finish_reason = emission.finish_reason
+        events = stream_events(ctx.job, ctx.state, request.is_disconnected)
+        async with contextlib.aclosing(events):
+            async for emission in events:
+                texts.append(emission.text)
+                out.completion_tokens += 1
+                out.finish_reason = emission.finish_reason
+                if watch is not None and not emission.done:
+                    watch.push(emission.text)
+                    if watch.complete:
+                        ctx.job.end_early()
+                        break
     except APIError as exc:
         ctx.finish(exc.status, exc.message)
         return error_response(exc)
     out.text = "".join(texts)
     out.cached_tokens = ctx.job.reused
     body = full_response(
-        out, reasoning=ctx.prepared.reasoning, started=ctx.prepared.thinking_started
+        out,
+        reasoning=prepared.reasoning,
+        started=prepared.thinking_started,
+        structured=prepared.structured,
     )
     ctx.finish(200)
     return JSONResponse(body)
@@ -264,23 +287,29 @@ async def whole_body(ctx: RequestContext, request: Request) -> Response:
 
 async def stream_body(ctx: RequestContext, usage: bool):
     """The SSE body; closing it early (client gone) cancels the generation."""
-    out, prepared = ctx.out, ctx.prepared
+    out = ctx.out
     writer = ChunkWriter(out, usage=usage)
-    split = ReasoningSplitter(started=prepared.thinking_started, enabled=prepared.reasoning)
+    reply = streamed_reply(ctx.prepared)
     status, error = 200, None
     try:
         yield writer.first()
-        async for emission in stream_events(ctx.job, ctx.state, None):
-            out.completion_tokens += 1
-            reasoning, content = split.push(emission.text)
-            if emission.done:
-                tail_reasoning, tail_content = split.flush()
-                reasoning, content = reasoning + tail_reasoning, content + tail_content
-                out.finish_reason = emission.finish_reason
-                out.cached_tokens = ctx.job.reused
-            chunk = writer.text(content, reasoning, emission.finish_reason)
-            if chunk:
-                yield chunk
+        events = stream_events(ctx.job, ctx.state, None)
+        async with contextlib.aclosing(events):
+            async for emission in events:
+                out.completion_tokens += 1
+                deltas = reply.push(emission.text)
+                last = emission.done or reply.complete
+                if last:
+                    deltas += reply.close()
+                    out.finish_reason = TOOL_CALLS if reply.tool_calls else emission.finish_reason
+                    out.cached_tokens = ctx.job.reused
+                    if not emission.done:
+                        ctx.job.end_early()  # the reply's one tool call is complete
+                chunk = writer.deltas(deltas, out.finish_reason if last else None)
+                if chunk:
+                    yield chunk
+                if last:
+                    break
         yield writer.end()
     except APIError as exc:
         status, error = exc.status, exc.message

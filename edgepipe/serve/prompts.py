@@ -1,20 +1,26 @@
-"""From a validated request to the row the scheduler runs: prompt ids, sampling, thinking.
+"""From a validated request to the row the scheduler runs: prompt ids, sampling, thinking,
+constraint.
 
-Chat messages are rendered with the artifact's chat template (`Generator.render_chat`), with
-`chat_template_kwargs.enable_thinking` passed through for Qwen3. The thinking budget is the
-runtime's (`rows.Thinking`): once a row has thought that many tokens, `</think>` is forced and
-the model answers.
+Chat messages are rendered with the artifact's chat template (`Generator.render_chat`, tools
+included; assistant `tool_calls` with OpenAI's JSON-string arguments are parsed for the
+template), with `chat_template_kwargs.enable_thinking` passed through for Qwen3. The thinking
+budget is the runtime's (`rows.thinking_plan`): once a row has thought that many tokens,
+`</think>` is forced and the model answers. A constrained reply (`response_format`, a required
+or named `tool_choice`) does not think, as with `Generator.chat` (serve/structured.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from edgepipe.runtime.chat import opens_thinking
 from edgepipe.runtime.errors import TemplateRefused
-from edgepipe.runtime.rows import Thinking
+from edgepipe.runtime.rows import Thinking, thinking_plan
 from edgepipe.runtime.sampling import merge_params
 from edgepipe.serve.errors import bad_request
 from edgepipe.serve.schemas import ChatRequest, CompletionRequest, sampling_overrides
+from edgepipe.serve.structured import Structured, compile_constraint, structured_request
 
 # OpenAI's default max_tokens for legacy completions; chat has none (the context decides).
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -30,6 +36,8 @@ class Prepared:
         thinking: the budget bookkeeping, or None.
         thinking_started: the prompt opened a thinking block.
         reasoning: whether to split `reasoning_content` from `content` (Qwen3 templates).
+        structured: the request's tools and response format (empty for completions).
+        constraint: the row's constraint factory, or None.
     """
 
     prompt: list[int]
@@ -37,6 +45,8 @@ class Prepared:
     thinking: Thinking | None
     thinking_started: bool
     reasoning: bool
+    structured: Structured = field(default_factory=Structured)
+    constraint: Callable | None = None
 
 
 def message_text(message: dict, index: int) -> dict:
@@ -47,7 +57,8 @@ def message_text(message: dict, index: int) -> dict:
     """
     content = message.get("content")
     if content is None:
-        content = ""
+        # An assistant message that only calls tools has no content; the templates allow that.
+        return dict(message) if message.get("tool_calls") else {**message, "content": ""}
     if isinstance(content, list):
         texts = []
         for part in content:
@@ -63,30 +74,47 @@ def message_text(message: dict, index: int) -> dict:
 
 
 def prepare_chat(req: ChatRequest, gen, config, capacity: int) -> Prepared:
-    """Render and tokenize a chat request.
+    """Render and tokenize a chat request; check and compile its constraint.
+
+    Call off the event loop: the first constraint builds llguidance's vocabulary (seconds).
 
     Raises:
-        APIError: 400 for bad messages, template refusals, limits exceeded.
+        APIError: 400 for bad messages, tools, response formats, template refusals, limits
+            exceeded; 501 for a constraint without llguidance installed.
     """
     kwargs = req.chat_template_kwargs or {}
     enable = kwargs.get("enable_thinking")
     if enable is not None and not isinstance(enable, bool):
         raise bad_request("chat_template_kwargs.enable_thinking must be a boolean")
+    structured = structured_request(req)
+    constrained = structured.forced or bool(structured.constraint_params)
+    if constrained and gen.chat_template.supports_thinking:
+        if enable:
+            raise bad_request(
+                "A constrained reply (response_format, or tool_choice 'required' or named) "
+                "cannot think: send chat_template_kwargs.enable_thinking false",
+                param="chat_template_kwargs",
+            )
+        enable = False
     messages = [message_text(m, i) for i, m in enumerate(req.messages)]
     try:
-        text = gen.render_chat(messages, enable_thinking=enable)
+        text = gen.render_chat(messages, enable_thinking=enable, tools=structured.tools)
     except (TemplateRefused, ValueError) as exc:
         raise bad_request(str(exc), param="messages") from None
     ids = gen.encode(text)
-    started = opens_thinking(text)
     budget = req.thinking_budget
     if budget is None:
         budget = kwargs.get("thinking_budget")
-    thinking = thinking_plan(gen, started, enable, budget)
+    try:
+        thinking = thinking_plan(gen.tokenizer, text, enable, budget)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="thinking_budget") from None
+    started = thinking.started if thinking else opens_thinking(text)
     requested = req.max_completion_tokens or req.max_tokens
     params = _params(req, gen, ids, requested, config, capacity)
     reasoning = gen.chat_template.supports_thinking or started
-    return Prepared(ids, params, thinking, started, reasoning)
+    constraint = compile_constraint(structured, gen)  # last: the costliest check
+    return Prepared(ids, params, thinking, started, reasoning, structured, constraint)
 
 
 def prepare_completion(req: CompletionRequest, gen, config, capacity: int) -> Prepared:
@@ -138,31 +166,3 @@ def _params(req, gen, ids: list[int], requested: int | None, config, capacity: i
         return merge_params(gen.defaults, **sampling_overrides(req, max_tokens))
     except ValueError as exc:
         raise bad_request(str(exc)) from None
-
-
-def opens_thinking(prompt: str) -> bool:
-    """Whether the rendered prompt leaves the model inside an open thinking block."""
-    tail = prompt.rsplit("<|im_start|>assistant", 1)[-1]
-    return tail.rstrip().endswith("<think>")
-
-
-def thinking_plan(gen, started: bool, enable_thinking, budget) -> Thinking | None:
-    """The thinking-budget bookkeeping for a chat row (None without a budget or thinking).
-
-    Raises:
-        APIError: 400 for a budget on a tokenizer without `</think>`.
-    """
-    if budget is None or enable_thinking is False:
-        return None
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-        raise bad_request("thinking_budget must be an integer >= 0", param="thinking_budget")
-    close_id = gen.tokenizer.token_to_id("</think>")
-    if close_id is None:
-        raise bad_request("thinking_budget needs a Qwen3 model (no </think> token)")
-    return Thinking(
-        budget=budget,
-        started=started,
-        open_id=gen.tokenizer.token_to_id("<think>"),
-        close_id=close_id,
-        close_ids=gen.encode("</think>\n\n"),
-    )

@@ -15,10 +15,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from edgepipe.runtime.chat import split_thinking
+from edgepipe.serve.replies import chat_message
+from edgepipe.serve.structured import Structured
 
-# The runtime's "stop_string" is OpenAI's "stop" (a stop sequence was generated).
+# The runtime's "stop_string" is OpenAI's "stop" (a stop sequence was generated); "tool_calls"
+# is the server's own, for a reply whose calls were parsed.
 FINISH_REASONS = {"stop": "stop", "stop_string": "stop", "length": "length"}
+TOOL_CALLS = "tool_calls"
 
 
 @dataclass
@@ -56,18 +59,20 @@ class Outcome:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
 
-def full_response(out: Outcome, *, reasoning: bool, started: bool) -> dict:
-    """The non-streaming body."""
-    reason = FINISH_REASONS.get(out.finish_reason or "", out.finish_reason)
+def full_response(
+    out: Outcome, *, reasoning: bool, started: bool, structured: Structured | None = None
+) -> dict:
+    """The non-streaming body; `out.finish_reason` becomes "tool_calls" when tools were called."""
     if out.kind == "completion":
+        reason = FINISH_REASONS.get(out.finish_reason or "", out.finish_reason)
         choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": reason}
         return {**out.head("text_completion"), "choices": [choice], "usage": out.usage()}
-    message = {"role": "assistant", "content": out.text, "refusal": None}
-    if reasoning:
-        parts = split_thinking(out.text, started=started)
-        message["content"] = parts.answer
-        if parts.thinking is not None:
-            message["reasoning_content"] = parts.thinking
+    message = chat_message(
+        out.text, reasoning=reasoning, started=started, structured=structured or Structured()
+    )
+    if message.get("tool_calls"):
+        out.finish_reason = TOOL_CALLS
+    reason = FINISH_REASONS.get(out.finish_reason or "", out.finish_reason)
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
     return {**out.head("chat.completion"), "choices": [choice], "usage": out.usage()}
 
@@ -111,6 +116,29 @@ class ChunkWriter:
         if content:
             delta["content"] = content
         return self._chunk({"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason})
+
+    def deltas(self, deltas: list[dict], finish: str | None = None) -> str:
+        """Chunks for `StreamedReply` deltas, the finish reason on the last; "" when none.
+
+        The finish reason rides on the last text delta, or comes in an empty delta after tool
+        calls (as OpenAI sends it).
+        """
+        if self.out.kind == "completion":
+            return self.text("".join(d.get("content", "") for d in deltas), finish=finish)
+        reason = FINISH_REASONS.get(finish, finish) if finish else None
+        if reason is not None and (not deltas or "tool_calls" in deltas[-1]):
+            deltas = [*deltas, {}]
+        return "".join(
+            self._chunk(
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": None,
+                    "finish_reason": reason if i == len(deltas) - 1 else None,
+                }
+            )
+            for i, delta in enumerate(deltas)
+        )
 
     def end(self) -> str:
         """The usage chunk (when asked for) and `[DONE]`."""

@@ -64,6 +64,7 @@ class Runner:
             eos_token_ids=gen.artifact.eos_token_ids,
             pad_token_id=gen.artifact.pad_token_id,
             prefix_cache=prefix,
+            token_bytes=gen.token_bytes,  # the generator's table: built once per server
         )
         scheduler = Scheduler(
             batch, max_queue=config.max_queue, prefill_budget=config.prefill_budget
@@ -119,6 +120,9 @@ async def stream_events(job: Job, state, is_disconnected) -> AsyncIterator[Emiss
         is_disconnected: an async callable telling whether the client left, or None when the
             response streams (Starlette then cancels the stream itself on disconnect).
 
+    A caller that stops reading before the last emission cancels the job (counted as
+    cancelled) unless it called `job.end_early()` first.
+
     Raises:
         APIError: 504 past the request timeout, 499 when the client left, the job's error.
     """
@@ -151,6 +155,6 @@ async def stream_events(job: Job, state, is_disconnected) -> AsyncIterator[Emiss
                 done = True
                 return
     finally:
-        if not done:
+        if not done and not job.ended_early:
             job.cancel()
             state.metrics.cancelled.inc()

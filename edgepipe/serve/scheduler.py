@@ -38,6 +38,7 @@ class Job:
     Attributes:
         events: `Emission`s, then (only on failure or cancellation) a `Finished`.
         reused: prompt tokens taken from the prefix cache (set when it joins).
+        ended_early: the handler stopped the row because the reply was complete.
         submitted, first_token_at: perf_counter times.
     """
 
@@ -45,6 +46,7 @@ class Job:
         self.request, self.loop = request, loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.ended_early = False
         self.reused = 0
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
@@ -52,6 +54,12 @@ class Job:
 
     def cancel(self) -> None:
         """Ask the scheduler to drop this job before its next step (thread-safe)."""
+        self.cancelled.set()
+
+    def end_early(self) -> None:
+        """The handler has the whole reply before the row stopped (its one tool call, with
+        `parallel_tool_calls: false`): free the slot like a cancellation, but not as one."""
+        self.ended_early = True
         self.cancelled.set()
 
     def push(self, event) -> None:

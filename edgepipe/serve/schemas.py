@@ -3,9 +3,12 @@
 Fields OpenAI defines that edgepipe does not implement are declared anyway, so that a request
 using them gets a clear 400 naming the field instead of being silently ignored: `n` other than
 1, `logprobs`, `logit_bias`, `presence_penalty`/`frequency_penalty` other than 0 (use Qwen's
-`repetition_penalty`), and, until the runtime's tool calling and constrained decoding land,
-`tools`, `tool_choice`, `functions` and a `response_format` other than text (see
-`structured_output_fields`). Fields nobody defines are ignored, as llama-server and vLLM do.
+`repetition_penalty`). Fields nobody defines are ignored, as llama-server and vLLM do.
+
+`tools`, `tool_choice`, `parallel_tool_calls` and `response_format` (json_object, json_schema)
+are served; their contents are checked by serve/structured.py, which also refuses the legacy
+`functions` / `function_call` (send `tools` / `tool_choice`) and `response_format` together
+with callable tools.
 """
 
 from __future__ import annotations
@@ -113,15 +116,8 @@ def refuse_unsupported(req: _Common) -> None:
             )
     if req.logit_bias:
         raise unsupported("logit_bias")
-    if isinstance(req, ChatRequest):
-        if req.logprobs or req.top_logprobs:
-            raise unsupported("logprobs")
-        for name in structured_output_fields(req):
-            raise unsupported(
-                name,
-                f"'{name}' (tool calling / structured output) is not supported by edgepipe "
-                "serve yet",
-            )
+    if isinstance(req, ChatRequest) and (req.logprobs or req.top_logprobs):
+        raise unsupported("logprobs")
     if isinstance(req, CompletionRequest):
         if req.echo:
             raise unsupported("echo")
@@ -131,21 +127,6 @@ def refuse_unsupported(req: _Common) -> None:
             raise unsupported("best_of", "Only best_of=1 is supported")
         if req.logprobs is not None:
             raise unsupported("logprobs")
-
-
-def structured_output_fields(req: ChatRequest) -> list[str]:
-    """The tool-calling / structured-output fields `req` actually uses.
-
-    This is the one place to wire them once the runtime implements them: a text
-    `response_format`, `tool_choice: "none"` and empty tool lists ask for nothing.
-    """
-    used = [name for name in ("tools", "functions") if getattr(req, name)]
-    for name in ("tool_choice", "function_call"):
-        if getattr(req, name) not in (None, "none", "auto"):
-            used.append(name)
-    if req.response_format and req.response_format.get("type") not in (None, "text"):
-        used.append("response_format")
-    return used
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
