@@ -71,15 +71,9 @@ ROWS: dict[str, dict] = {
 }
 
 
-# `--eval-tokens`: evaluation tokens of every row (None: the recipe's max_tokens).
-EVAL_TOKENS: int | None = None
-
-
 def row_recipe(name: str, precision: dict, folder: Path) -> Path:
     """A copy of the tiny-trained recipe for cpu-x64 with `precision` replacing its block."""
     doc = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
-    if EVAL_TOKENS:
-        doc["evaluation"]["max_tokens"] = EVAL_TOKENS
     doc["name"] = f"tt-{name}".replace(".", "-")
     doc["targets"] = ["cpu-x64"]
     if precision:
@@ -206,13 +200,15 @@ def llama_cpp_row(out: Path) -> dict:
 
 
 def evaluation_ids() -> list[int]:
-    """The recipe's evaluation token ids (what every row's quality is measured on)."""
+    """The recipe's evaluation token ids, as many as a build's validation scores (its
+    `max_tokens`, at most `MAX_EVAL_TOKENS`): what every row's quality is measured on."""
     from edgepipe.arch.tokenizer import build_qwen_tokenizer
+    from edgepipe.build.shared import MAX_EVAL_TOKENS
     from edgepipe.schema import load_recipe
 
     evaluation = load_recipe(RECIPE).evaluation
     ids = build_qwen_tokenizer("qwen2").encode(evaluation.read(), add_special_tokens=False).ids
-    return ids[: EVAL_TOKENS or evaluation.max_tokens]
+    return ids[: min(evaluation.max_tokens, MAX_EVAL_TOKENS)]
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -245,10 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="frontier")
     parser.add_argument("--genai", action="store_true", help="add onnxruntime-genai's int4")
     parser.add_argument("--llama-cpp", action="store_true", help="add llama.cpp's Q4_0")
-    parser.add_argument("--eval-tokens", type=int, help="evaluation tokens (default: recipe's)")
     args = parser.parse_args(argv)
-    global EVAL_TOKENS
-    EVAL_TOKENS = args.eval_tokens
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         rows = build_rows(args.rows, Path(tmp), args.cache)

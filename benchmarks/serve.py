@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--requests", type=int, default=3, help="requests per client (3)")
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--gen-len", type=int, default=64)
+    # 128 + 128 like side_by_side.py's decode rows (a chat turn's answer, not a one-liner).
+    parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--parallel", type=int, default=8, help="slots, both servers (8)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-llama", action="store_true", help="edgepipe only")
