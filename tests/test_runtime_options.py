@@ -62,7 +62,7 @@ def test_busy_cores_counts_the_ticks_that_were_not_idle(monkeypatch):
         {"cpu0": (100, 1000), "cpu1": (50, 500)},
         {"cpu0": (107, 1010), "cpu1": (50, 510)},
     ])  # fmt: skip
-    monkeypatch.setattr(runtime_options, "_cpu_ticks", lambda cpus: next(samples))
+    monkeypatch.setattr(runtime_options, "cpu_ticks", lambda cpus: next(samples))
     assert runtime_options.busy_cores(0.0) == pytest.approx(1.3)
 
 

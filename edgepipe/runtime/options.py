@@ -114,9 +114,9 @@ def busy_cores(sample_s: float | None = None) -> float | None:
     /proc/stat is missing). The caller sleeps meanwhile, so the work is other processes'."""
     try:
         cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
-        before = _cpu_ticks(cpus)
+        before = cpu_ticks(cpus)
         time.sleep(SAMPLE_S if sample_s is None else sample_s)
-        after = _cpu_ticks(cpus)
+        after = cpu_ticks(cpus)
     except (AttributeError, OSError, ValueError):
         return None
     busy = 0.0
@@ -127,7 +127,7 @@ def busy_cores(sample_s: float | None = None) -> float | None:
     return busy
 
 
-def _cpu_ticks(cpus: set[str]) -> dict[str, tuple[int, int]]:
+def cpu_ticks(cpus: set[str]) -> dict[str, tuple[int, int]]:
     """{cpu: (idle + iowait ticks, all ticks)} from /proc/stat."""
     ticks = {}
     with open("/proc/stat", encoding="ascii") as stat:
