@@ -11,11 +11,14 @@ positions exactly as from its own earlier call (the same property chunked prefil
 
 Entries are copies, not shared buffers: a row overwrites its positions past the common prefix,
 and rows of a batch live in one buffer per layer, so sharing would need copy-on-write bookkeeping
-for a saving of one memcpy per request.
+for a saving of one memcpy per request. The exception is a buffer nobody writes again: a finished
+`Generator` call's own cache is kept as it is (`save(copy=False)`), since it would be freed
+otherwise. A load always copies, so an entry never changes once saved.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -38,19 +41,29 @@ class PrefixStats:
 class PrefixCache:
     """Token-id prefixes and their KV positions, bounded by bytes.
 
+    Thread-safe: `load`, `save` and `clear` hold a lock (a `Generator` serves concurrent calls).
+
     Args:
         max_bytes: memory the entries may hold together (0 disables the cache).
         min_tokens: shortest prefix worth reusing (shorter matches count as misses: copying a
             few positions saves less than the bookkeeping costs).
+        min_suffix: prompt tokens a load always leaves to prefill (>= 1: the last one's logits
+            are needed).
+
+    Attributes:
+        nbytes: bytes the entries hold (their positions, never more than `max_bytes`).
+        stats: a `PrefixStats`.
     """
 
-    def __init__(self, max_bytes: int, *, min_tokens: int = 4):
+    def __init__(self, max_bytes: int, *, min_tokens: int = 4, min_suffix: int = 1):
         self.max_bytes = int(max_bytes)
         self.min_tokens = max(1, int(min_tokens))
+        self.min_suffix = max(1, int(min_suffix))
         self.stats = PrefixStats()
         self.nbytes = 0
         # ids tuple -> (keys, values): per layer, arrays [kv_heads, len(ids), head_dim].
         self._entries: OrderedDict[tuple[int, ...], tuple[list, list]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -58,65 +71,84 @@ class PrefixCache:
     def load(self, prompt: list[int], cache, row: int) -> int:
         """Copy the longest cached prefix of `prompt` into `row` of `cache`; return its length.
 
-        At most `len(prompt) - 1` positions are reused: one prompt token must still be fed to
-        get the logits of the next one.
+        At most `len(prompt) - min_suffix` positions are reused: one prompt token at least must
+        still be fed to get the logits of the next one.
 
         Args:
             prompt: the new prompt's ids.
             cache: the `KVCache` holding the row.
             row: the batch row to fill.
         """
-        self.stats.lookups += 1
-        best, best_len = None, 0
-        for ids in self._entries:
-            common = _common_prefix(ids, prompt)
-            if common > best_len:
-                best, best_len = ids, common
-        reuse = min(best_len, len(prompt) - 1)
-        if best is None or reuse < self.min_tokens:
-            return 0
-        self._entries.move_to_end(best)
-        keys, values = self._entries[best]
-        for dst, src in zip(cache.keys + cache.values, keys + values, strict=True):
-            dst[row, :, :reuse] = src[:, :reuse]
-        self.stats.hits += 1
-        self.stats.reused_tokens += reuse
-        return reuse
+        with self._lock:
+            self.stats.lookups += 1
+            best, best_len = None, 0
+            for ids in self._entries:
+                common = _common_prefix(ids, prompt)
+                if common > best_len:
+                    best, best_len = ids, common
+            reuse = min(best_len, len(prompt) - self.min_suffix)
+            if best is None or reuse < self.min_tokens:
+                return 0
+            self._entries.move_to_end(best)
+            keys, values = self._entries[best]
+            for dst, src in zip(cache.keys + cache.values, keys + values, strict=True):
+                dst[row, :, :reuse] = src[:, :reuse]
+            self.stats.hits += 1
+            self.stats.reused_tokens += reuse
+            return reuse
 
-    def save(self, ids: list[int], cache, row: int) -> None:
-        """Keep a copy of the first `len(ids)` positions of `row` (the KV of `ids`).
+    def save(self, ids: list[int], cache, row: int, *, copy: bool = True) -> None:
+        """Keep the first `len(ids)` positions of `row` (the KV of `ids`).
 
         An entry that is a prefix of `ids` is replaced (the new one serves every prompt it
-        served); an entry that already extends `ids` makes this one redundant.
+        served); an entry that already extends `ids` makes this one redundant. When `ids` alone
+        would exceed `max_bytes`, its first positions that fit are kept.
+
+        Args:
+            ids: the ids whose keys and values the row holds, from position 0.
+            cache: the `KVCache` holding the row.
+            row: the batch row.
+            copy: False keeps views of `cache`'s buffers instead of copies: only for a cache
+                nothing writes again (a finished call's own), so keeping it costs no copy and
+                no memory that the call had not already filled.
         """
-        key = tuple(ids)
-        if self.max_bytes <= 0 or len(key) < self.min_tokens:
+        per_position = sum(a.shape[1] * a.shape[3] * a.itemsize for a in cache.keys + cache.values)
+        n = min(len(ids), self.max_bytes // max(1, per_position))
+        key = tuple(ids[:n])
+        if n < self.min_tokens:
             return
-        for old in list(self._entries):
-            if _common_prefix(old, key) == len(key):
-                self._entries.move_to_end(old)
-                return
-            if _common_prefix(old, key) == len(old):
-                self._drop(old)
-        n = len(key)
-        keys = [np.array(a[row, :, :n]) for a in cache.keys]
-        values = [np.array(a[row, :, :n]) for a in cache.values]
-        size = sum(a.nbytes for a in keys) + sum(a.nbytes for a in values)
-        if size > self.max_bytes:
-            return
-        while self._entries and self.nbytes + size > self.max_bytes:
-            self._drop(next(iter(self._entries)))
-        self._entries[key] = (keys, values)
-        self.nbytes += size
+        # A shortened entry is copied: a view would keep the whole buffer alive.
+        copy = copy or n < len(ids)
+        with self._lock:
+            for old in list(self._entries):
+                if _common_prefix(old, key) == len(key):
+                    self._entries.move_to_end(old)
+                    return
+                if _common_prefix(old, key) == len(old):
+                    self._drop(old)
+            keys = [_positions(a[row], n, copy) for a in cache.keys]
+            values = [_positions(a[row], n, copy) for a in cache.values]
+            size = sum(a.nbytes for a in keys) + sum(a.nbytes for a in values)
+            while self._entries and self.nbytes + size > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+            self._entries[key] = (keys, values)
+            self.nbytes += size
 
     def clear(self) -> None:
-        """Drop every entry."""
-        self._entries.clear()
-        self.nbytes = 0
+        """Drop every entry (the stats stay)."""
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
 
     def _drop(self, key: tuple[int, ...]) -> None:
         keys, values = self._entries.pop(key)
         self.nbytes -= sum(a.nbytes for a in keys) + sum(a.nbytes for a in values)
+
+
+def _positions(array: np.ndarray, n: int, copy: bool) -> np.ndarray:
+    """The first `n` positions of one row's [kv_heads, capacity, head_dim] buffer."""
+    view = array[:, :n]
+    return np.array(view) if copy else view
 
 
 def _common_prefix(a, b) -> int:
