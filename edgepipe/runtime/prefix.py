@@ -14,6 +14,10 @@ and rows of a batch live in one buffer per layer, so sharing would need copy-on-
 for a saving of one memcpy per request. The exception is a buffer nobody writes again: a finished
 `Generator` call's own cache is kept as it is (`save(copy=False)`), since it would be freed
 otherwise. A load always copies, so an entry never changes once saved.
+
+`PrefixLease` connects the cache to one `Generator` call (batch 1, dynamic engine): it is the
+call's `CacheStore`, so the engine takes the longest cached prefix and prefills only the rest,
+and the call's prompt and output are saved when it ends.
 """
 
 from __future__ import annotations
@@ -23,6 +27,17 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+
+from edgepipe.runtime.engines.kv import plan_capacity
+from edgepipe.runtime.errors import GeneratorError
+
+# `Generator`'s default budget: one 512-token system prompt or document plus a 256-token
+# exchange (768 positions) for the heaviest KV of the registered shapes, float32 as the CPU
+# profiles run it: Qwen3-4B 288 KiB a position (216 MiB), Qwen3-0.6B/1.7B 224 KiB (168 MiB);
+# Qwen2.5-0.5B's 24 KiB make it ~10,900 positions. The server's `--prefix-cache-mb` default is
+# the same. A finished call's cache is kept, not copied, so what it holds is KV the calls had
+# already filled; benchmarks/prefix_reuse.py measures what a hit saves and a miss costs.
+PREFIX_CACHE_BYTES = 256 << 20
 
 
 @dataclass
@@ -143,6 +158,88 @@ class PrefixCache:
     def _drop(self, key: tuple[int, ...]) -> None:
         keys, values = self._entries.pop(key)
         self.nbytes -= sum(a.nbytes for a in keys) + sum(a.nbytes for a in values)
+
+
+class PrefixLease:
+    """The `CacheStore` of one `Generator` call (one prompt, dynamic engine) over a `PrefixCache`.
+
+    `take_cache` hands the engine a fresh cache, sized as the engine sizes a request's, holding
+    the longest cached prefix of the prompt; `keep_cache` saves the call's prompt and output
+    once it ends (a call that fails or is abandoned saves nothing).
+
+    With a chat session (`inner`), the session's own cache comes first: the prefix cache is
+    read only when the session has nothing reusable (its first turn, after a reset), and only
+    such a turn is saved (copied, since the session writes on into it). Later turns live in the
+    session's cache; saving them too would copy a growing conversation every turn.
+
+    Args:
+        prefix: the generator's `PrefixCache`.
+        engine: a `DynamicEngine` (`new_cache`, `artifact`, `max_length`).
+        max_new_tokens: the call's max_new_tokens (sizes the cache).
+        inner: the call's own cache store (a `ChatSession`), or None.
+
+    Attributes:
+        reused: prompt positions this call took from the prefix cache.
+    """
+
+    def __init__(self, prefix: PrefixCache, engine, max_new_tokens: int, inner=None):
+        self.prefix, self.engine, self.max_new_tokens = prefix, engine, max_new_tokens
+        self.inner = inner
+        self.reused = 0
+        self._from_inner = False
+
+    def take_cache(self, prompt_ids: list[int]) -> tuple[object, int]:
+        """(cache, reusable prefix length): the session's, else a new one (0 on a miss)."""
+        if self.inner is not None:
+            cache, reuse = self.inner.take_cache(prompt_ids)
+            if cache is not None:
+                self._from_inner = True
+                return cache, reuse
+        capacity = plan_capacity(
+            len(prompt_ids) + self.max_new_tokens,
+            context_length=self.engine.artifact.context_length,
+            max_length=self.engine.max_length,
+        )
+        cache = self.engine.new_cache(1, capacity)
+        self.reused = self.prefix.load(prompt_ids, cache, 0)
+        return cache, self.reused
+
+    def keep_cache(self, cache, ids: list[int]) -> None:
+        """Give the session its cache back; save `ids`' positions unless they are the session's."""
+        if self.inner is not None:
+            self.inner.keep_cache(cache, ids)
+            if not self._from_inner:
+                self.prefix.save(ids, cache, 0, copy=True)
+        else:
+            self.prefix.save(ids, cache, 0, copy=False)
+
+
+def open_prefix_cache(
+    max_bytes: int | None, graph_variant: str, *, continues_prefill: bool
+) -> PrefixCache | None:
+    """The prefix cache of a `Generator` (`prefix_cache_bytes`), or None when it has none.
+
+    Raises:
+        ValueError: `max_bytes` is not an int >= 0 or None.
+        GeneratorError: a size was asked for a static artifact.
+    """
+    if max_bytes is not None and (
+        isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0
+    ):
+        raise ValueError(f"prefix_cache_bytes must be an int >= 0 or None, got {max_bytes!r}")
+    if graph_variant != "dynamic":
+        if max_bytes:
+            raise GeneratorError(
+                "prefix_cache_bytes: static artifacts keep no prefix cache (their KV is a "
+                "fixed-capacity buffer per request); pass 0 or None"
+            )
+        return None
+    if max_bytes == 0 or not continues_prefill:
+        return None  # a one-call-prefill provider cannot continue after cached positions
+    # Two prompt tokens stay to prefill: a one-token call takes onnxruntime's M = 1 kernels,
+    # whose int4 logits differ from a prefill's (benchmarks/results/speculative.json: plain
+    # and verify-step greedy outputs part after 7-12 tokens on the Qwen2.5-0.5B shape).
+    return PrefixCache(PREFIX_CACHE_BYTES if max_bytes is None else max_bytes, min_suffix=2)
 
 
 def _positions(array: np.ndarray, n: int, copy: bool) -> np.ndarray:
