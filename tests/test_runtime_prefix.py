@@ -64,17 +64,28 @@ def test_min_suffix_leaves_that_many_prompt_tokens_to_prefill():
     assert prefix.load([1, 2, 3, 4, 5, 6, 7, 8], cache_with(0.0), row=1) == 6
 
 
-def test_save_without_copy_keeps_views_and_with_copy_owns_its_arrays():
-    kv = cache_with(1.0, batch=1)
+def test_save_without_copy_keeps_a_nearly_full_buffer_and_counts_it_whole():
+    per_position = 2 * 2 * 1 * 4 * 4  # layers x (k, v) x heads x dim x fp32
+    kv = cache_with(1.0, batch=1, capacity=40)
     views, copies = PrefixCache(1 << 20, min_tokens=2), PrefixCache(1 << 20, min_tokens=2)
-    views.save([1, 2, 3, 4], kv, row=0, copy=False)
-    copies.save([1, 2, 3, 4], kv, row=0)
-    kv.keys[0][0, 0, :4, 0] = 7.0  # a write the views see and the copies do not
+    views.save([1, 2, 3, 4, 5, 6, 7, 8], kv, row=0, copy=False)  # 32 positions unused: kept
+    copies.save([1, 2, 3, 4, 5, 6, 7, 8], kv, row=0)
+    kv.keys[0][0, 0, :4, 0] = 7.0  # a write the kept buffer shows and the copy does not
     for prefix, seen in ((views, 7.0), (copies, 1.0)):
         target = cache_with(0.0)
         assert prefix.load([1, 2, 3, 4, 9], target, row=0) == 4
         assert target.keys[0][0, 0, 0, 0] == seen
-    assert views.nbytes == copies.nbytes == 2 * 2 * 1 * 4 * 4 * 4  # 4 positions either way
+    assert views.nbytes == 40 * per_position and copies.nbytes == 8 * per_position
+
+
+def test_save_without_copy_copies_a_buffer_with_much_unused_capacity():
+    kv = cache_with(1.0, batch=1, capacity=64)
+    prefix = PrefixCache(1 << 20, min_tokens=2)
+    prefix.save([1, 2, 3, 4], kv, row=0, copy=False)  # 60 positions unused: copied
+    kv.keys[0][:] = 7.0
+    target = cache_with(0.0)
+    assert prefix.load([1, 2, 3, 4, 9], target, row=0) == 4
+    assert target.keys[0][0, 0, 0, 0] == 1.0 and prefix.nbytes == 4 * 2 * 2 * 1 * 4 * 4
 
 
 def test_an_entry_over_the_budget_keeps_its_first_positions_that_fit():

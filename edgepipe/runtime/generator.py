@@ -72,8 +72,8 @@ class Generator:
             it off. None: `prefix.PREFIX_CACHE_BYTES` (256 MiB) on dynamic artifacts, off on static
             ones (an explicit size there raises `GeneratorError`) and on one-call-prefill
             providers. Entries cost their positions' KV (`2 x layers x kv_heads x head_dim x
-            dtype bytes` each: Qwen3-0.6B fp32 224 KiB, Qwen2.5-0.5B 24 KiB); a call's own
-            cache is kept without a copy. Batches neither read nor fill it.
+            dtype bytes` each: Qwen3-0.6B fp32 224 KiB, Qwen2.5-0.5B 24 KiB); a call that
+            filled its cache gives it up without a copy. Batches neither read nor fill it.
 
     Attributes:
         artifact: the loaded `Artifact`.

@@ -12,8 +12,8 @@ positions exactly as from its own earlier call (the same property chunked prefil
 Entries are copies, not shared buffers: a row overwrites its positions past the common prefix,
 and rows of a batch live in one buffer per layer, so sharing would need copy-on-write bookkeeping
 for a saving of one memcpy per request. The exception is a buffer nobody writes again: a finished
-`Generator` call's own cache is kept as it is (`save(copy=False)`), since it would be freed
-otherwise. A load always copies, so an entry never changes once saved.
+`Generator` call's own cache, when the call filled it, is kept as it is (`save(copy=False)`),
+since it would be freed otherwise. A load always copies, so an entry never changes once saved.
 
 `PrefixLease` connects the cache to one `Generator` call (batch 1, dynamic engine): it is the
 call's `CacheStore`, so the engine takes the longest cached prefix and prefills only the rest,
@@ -28,16 +28,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgepipe.runtime.engines.kv import plan_capacity
+from edgepipe.runtime.engines.kv import ROUND, plan_capacity
 from edgepipe.runtime.errors import GeneratorError
 
 # `Generator`'s default budget: one 512-token system prompt or document plus a 256-token
 # exchange (768 positions) for the heaviest KV of the registered shapes, float32 as the CPU
 # profiles run it: Qwen3-4B 288 KiB a position (216 MiB), Qwen3-0.6B/1.7B 224 KiB (168 MiB);
 # Qwen2.5-0.5B's 24 KiB make it ~10,900 positions. The server's `--prefix-cache-mb` default is
-# the same. A finished call's cache is kept, not copied, so what it holds is KV the calls had
-# already filled; benchmarks/prefix_reuse.py measures what a hit saves and a miss costs.
+# the same. What it holds is KV the calls had already filled (a call's filled cache is kept, not
+# copied); benchmarks/prefix_reuse.py measures what a hit saves and a miss costs.
 PREFIX_CACHE_BYTES = 256 << 20
+# `save(copy=False)` keeps a buffer whose unused capacity is at most this many positions: a
+# call that ran to max_new_tokens leaves less than the rounding of its capacity unused.
+KEEP_SLACK = ROUND
 
 
 @dataclass
@@ -76,8 +79,8 @@ class PrefixCache:
         self.min_suffix = max(1, int(min_suffix))
         self.stats = PrefixStats()
         self.nbytes = 0
-        # ids tuple -> (keys, values): per layer, arrays [kv_heads, len(ids), head_dim].
-        self._entries: OrderedDict[tuple[int, ...], tuple[list, list]] = OrderedDict()
+        # ids tuple -> (keys, values, bytes counted): per layer, [kv_heads, len(ids), head_dim].
+        self._entries: OrderedDict[tuple[int, ...], tuple[list, list, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -105,7 +108,7 @@ class PrefixCache:
             if best is None or reuse < self.min_tokens:
                 return 0
             self._entries.move_to_end(best)
-            keys, values = self._entries[best]
+            keys, values, _ = self._entries[best]
             for dst, src in zip(cache.keys + cache.values, keys + values, strict=True):
                 dst[row, :, :reuse] = src[:, :reuse]
             self.stats.hits += 1
@@ -123,17 +126,23 @@ class PrefixCache:
             ids: the ids whose keys and values the row holds, from position 0.
             cache: the `KVCache` holding the row.
             row: the batch row.
-            copy: False keeps views of `cache`'s buffers instead of copies: only for a cache
-                nothing writes again (a finished call's own), so keeping it costs no copy and
-                no memory that the call had not already filled.
+            copy: False allows keeping `cache`'s buffers instead of a copy: only for a cache
+                nothing writes again (a finished call's own). They are kept when `ids` fills
+                them to within `KEEP_SLACK` positions, and count whole: numpy backs arrays of
+                4 MiB and more with huge pages, so untouched capacity next to used positions is
+                resident too (measured: 16 positions written in a 224 MiB cache made 121 MiB
+                resident). A fuller buffer is copied, and the call's buffer freed.
         """
         per_position = sum(a.shape[1] * a.shape[3] * a.itemsize for a in cache.keys + cache.values)
+        capacity = cache.keys[0].shape[2]
         n = min(len(ids), self.max_bytes // max(1, per_position))
         key = tuple(ids[:n])
         if n < self.min_tokens:
             return
-        # A shortened entry is copied: a view would keep the whole buffer alive.
-        copy = copy or n < len(ids)
+        keep = not copy and n == len(ids) and capacity - n <= KEEP_SLACK
+        size = (capacity if keep else n) * per_position
+        if size > self.max_bytes:
+            keep, size = False, n * per_position
         with self._lock:
             for old in list(self._entries):
                 if _common_prefix(old, key) == len(key):
@@ -141,12 +150,11 @@ class PrefixCache:
                     return
                 if _common_prefix(old, key) == len(old):
                     self._drop(old)
-            keys = [_positions(a[row], n, copy) for a in cache.keys]
-            values = [_positions(a[row], n, copy) for a in cache.values]
-            size = sum(a.nbytes for a in keys) + sum(a.nbytes for a in values)
+            keys = [_positions(a[row], n, keep) for a in cache.keys]
+            values = [_positions(a[row], n, keep) for a in cache.values]
             while self._entries and self.nbytes + size > self.max_bytes:
                 self._drop(next(iter(self._entries)))
-            self._entries[key] = (keys, values)
+            self._entries[key] = (keys, values, size)
             self.nbytes += size
 
     def clear(self) -> None:
@@ -156,8 +164,7 @@ class PrefixCache:
             self.nbytes = 0
 
     def _drop(self, key: tuple[int, ...]) -> None:
-        keys, values = self._entries.pop(key)
-        self.nbytes -= sum(a.nbytes for a in keys) + sum(a.nbytes for a in values)
+        self.nbytes -= self._entries.pop(key)[2]
 
 
 class PrefixLease:
@@ -242,10 +249,11 @@ def open_prefix_cache(
     return PrefixCache(PREFIX_CACHE_BYTES if max_bytes is None else max_bytes, min_suffix=2)
 
 
-def _positions(array: np.ndarray, n: int, copy: bool) -> np.ndarray:
-    """The first `n` positions of one row's [kv_heads, capacity, head_dim] buffer."""
+def _positions(array: np.ndarray, n: int, keep: bool) -> np.ndarray:
+    """The first `n` positions of one row's [kv_heads, capacity, head_dim] buffer: a view of it
+    (`keep`) or a copy."""
     view = array[:, :n]
-    return np.array(view) if copy else view
+    return view if keep else np.array(view)
 
 
 def _common_prefix(a, b) -> int:
