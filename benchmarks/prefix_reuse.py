@@ -8,7 +8,9 @@
   by one untimed call with another question first, as an app's first request would.
 * **miss**: prompts of the same total length that share nothing (different source files), the
   same two generators alternated: what looking up, keeping and evicting costs when nothing is
-  reused (median total seconds per call and time to first token, ratio).
+  reused (median total seconds per call and time to first token, ratio). These calls run to
+  max_new_tokens, so each call's cache is kept without a copy; **copy** times the other path
+  (a call that stopped early: its positions are copied), median of `--rounds` copies.
 
 The text is Python source from this repository (the bundled tiny-trained model was trained on
 Python). Defaults to that model, built as `edgepipe build` ships it for cpu-x64 (int4) through
@@ -85,6 +87,29 @@ def summary(rows: dict[str, list[dict]]) -> dict:
     }
 
 
+def copy_cost(gen, ids: list[int], gen_len: int, rounds: int, calls: list[dict]) -> dict:
+    """Median seconds to save a finished request's positions as a copy, and its share of a call."""
+    import time
+
+    from edgepipe.runtime.prefix import PrefixCache
+
+    request = gen.engine.begin([ids], gen_len, None)
+    request.prefill()
+    times = []
+    for _ in range(rounds):
+        prefix = PrefixCache(1 << 40)
+        started = time.perf_counter()
+        prefix.save(ids, request.cache, 0, copy=True)
+        times.append(time.perf_counter() - started)
+    median = statistics.median(times)
+    return {
+        "positions": len(ids),
+        "bytes": prefix.nbytes,
+        "ms": round(median * 1e3, 3),
+        "share_of_a_call": round(median / statistics.median(x["total_s"] for x in calls), 4),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-trained", help="bundled model or preset name")
@@ -127,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     miss = alternate(gens, unique, args.gen_len)
     doc["miss"] = summary(miss)
     print("miss:", json.dumps(doc["miss"]), "load", load_now(), flush=True)
+
+    doc["copy"] = copy_cost(gen, unique[0], args.gen_len, args.rounds, miss["reuse"])
+    print("copy:", json.dumps(doc["copy"]), flush=True)
 
     cache, art = gen.prefix_cache, gen.artifact
     stats = cache.stats
