@@ -351,3 +351,29 @@ def test_open_prefix_cache_refuses_static_sizes_and_skips_one_call_providers():
     for bad in (-1, 1.5, True, "1M"):
         with pytest.raises(ValueError, match="prefix_cache_bytes must be"):
             open_prefix_cache(bad, "dynamic", continues_prefill=True)
+
+
+def test_concurrent_calls_share_the_cache_and_keep_their_tokens(artifacts):
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen, ref = pair(artifacts / "int4")
+    prompts = [gen.encode(SYSTEM + f"Question {i}: which shelf?") for i in range(8)]
+    want = [ref.generate(ids, **GREEDY).token_ids for ids in prompts]
+    gen.generate(prompts[0], **GREEDY)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda ids: gen.generate(ids, **GREEDY), prompts))
+    assert [r.token_ids for r in got] == want
+    assert all(r.metrics.prefix_reused_tokens >= len(gen.encode(SYSTEM)) - 1 for r in got)
+    assert gen.prefix_cache.nbytes <= gen.prefix_cache.max_bytes
+
+
+def test_a_static_artifact_has_no_prefix_cache_and_refuses_a_size(tiny_qwen2_dir, tmp_path):
+    from edgepipe.stages.export.static import build_static_decoder
+
+    build_static_decoder(tiny_qwen2_dir, tmp_path, chunk=8, kv_capacity=64)
+    gen = Generator(tmp_path)
+    assert gen.prefix_cache is None and gen.prefix_stats is None
+    assert gen.generate("Hello there", max_new_tokens=4).metrics.prefix_reused_tokens == 0
+    assert Generator(tmp_path, prefix_cache_bytes=0).prefix_cache is None
+    with pytest.raises(GeneratorError, match="pass 0 or None"):
+        Generator(tmp_path, prefix_cache_bytes=1 << 20)
