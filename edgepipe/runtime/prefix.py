@@ -69,7 +69,8 @@ class PrefixCache:
             are needed).
 
     Attributes:
-        nbytes: bytes the entries hold (their positions, never more than `max_bytes`).
+        nbytes: bytes the entries count (their positions, or a kept buffer's whole capacity);
+            never more than `max_bytes`.
         stats: a `PrefixStats`.
     """
 
@@ -131,7 +132,7 @@ class PrefixCache:
                 them to within `KEEP_SLACK` positions, and count whole: numpy backs arrays of
                 4 MiB and more with huge pages, so untouched capacity next to used positions is
                 resident too (measured: 16 positions written in a 224 MiB cache made 121 MiB
-                resident). A fuller buffer is copied, and the call's buffer freed.
+                resident). A buffer with more unused capacity is copied instead.
         """
         per_position = sum(a.shape[1] * a.shape[3] * a.itemsize for a in cache.keys + cache.values)
         capacity = cache.keys[0].shape[2]
