@@ -61,11 +61,17 @@ class EdgepipeContender:
     def __init__(
         self, artifact: str, max_length=None, threads=None, session_config=(), spinning=None
     ):
+        import inspect
+
         from edgepipe.runtime import Generator
 
         options = {"session_config": dict(session_config)} if session_config else {}
         if spinning:
             options["spinning"] = spinning
+        # The rounds repeat each prompt: a prefix cache would time a 2-token prefill. A
+        # --baseline-src checkout from before the cache has no such option (and no cache).
+        if "prefix_cache_bytes" in inspect.signature(Generator).parameters:
+            options["prefix_cache_bytes"] = 0
         self.gen = Generator(
             artifact, max_length=max_length, intra_op_num_threads=threads, **options
         )

@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model_dir or source_model(args.model, args.cache)
     shipped_dir = cached_build("edgepipe", name, model_dir, args.cache)["artifact"]
     all_dir = cached_build("edgepipe-all-logits", name, model_dir, args.cache)["artifact"]
-    shipped, all_logits = Generator(shipped_dir), Generator(all_dir)
+    # No prefix cache: the rounds repeat each prompt, and prefill_ratio times its prefill.
+    shipped = Generator(shipped_dir, prefix_cache_bytes=0)
+    all_logits = Generator(all_dir, prefix_cache_bytes=0)
     doc = {"model": name, "load_before": load_now(), "command": " ".join(sys.argv)}
     if not args.skip_steps:
         _costs(doc, args, shipped, all_logits)

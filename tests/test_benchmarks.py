@@ -14,13 +14,13 @@ import pytest
 
 from tests.fixtures.benchmarks import BENCH, load_scripts
 
-SCRIPTS = load_scripts("common", "quant_sizes", "report", "roofline")
-common, quant_sizes, report, roofline = SCRIPTS.values()
+SCRIPTS = load_scripts("common", "quant_sizes", "report", "roofline", "prefix_reuse")
+common, quant_sizes, report, roofline, prefix_reuse = SCRIPTS.values()
 
 
 def test_loading_the_scripts_leaves_sys_path_and_plain_module_names_alone():
     assert str(BENCH) not in sys.path
-    assert not {"common", "report", "roofline", "quant_sizes"} & set(sys.modules)
+    assert not {"common", "report", "roofline", "quant_sizes", "prefix_reuse"} & set(sys.modules)
     assert roofline.CACHE is common.CACHE, "the scripts share one `common`"
 
 
@@ -134,3 +134,24 @@ def test_child_peak_rss_is_the_childs_not_the_parents():
     del ballast
     assert result["rc"] == 0
     assert 40 <= result["peak_rss_mib"] < 200, result
+
+
+def test_prefix_reuse_reports_ratios_of_medians_and_whether_tokens_matched():
+    def runs(ttfts, totals, prompt, reused):
+        return [
+            {"ttft_s": a, "total_s": b, "prompt_tokens": prompt,
+             "prefix_reused_tokens": reused, "token_ids": [i]}
+            for i, (a, b) in enumerate(zip(ttfts, totals, strict=True))
+        ]  # fmt: skip
+
+    rows = {
+        "reuse": runs([0.01, 0.03, 0.02], [0.1, 0.3, 0.2], 32, 512),
+        "off": runs([0.10, 0.12, 0.08], [0.2, 0.4, 0.3], 544, 0),
+    }
+    got = prefix_reuse.summary(rows)
+    assert got["ttft_ms"] == {"reuse": 20.0, "off": 100.0}
+    assert got["ttft_ratio_off_over_reuse"] == 5.0 and got["total_ratio_reuse_over_off"] == 0.667
+    assert got["prefilled_tokens"] == {"reuse": 32, "off": 544} and got["reused_tokens"] == 512
+    assert got["same_tokens"]
+    rows["off"][1]["token_ids"] = [9]
+    assert not prefix_reuse.summary(rows)["same_tokens"]

@@ -108,6 +108,19 @@ def test_bench_reports_speeds_and_peak_rss(toy, capsys):
     assert report["kv_bytes"] == 2 * 2 * 1 * 32 * 16 * 4  # 16 + 8 tokens rounded up to 32
 
 
+def test_bench_times_prefill_unless_a_prefix_cache_is_asked_for(toy, capsys):
+    argv = ["bench", str(toy), "--prompt-len", "16", "--gen-len", "4", "--repeat", "1", "--json"]
+    assert run_cli(argv) == 0
+    assert json.loads(capsys.readouterr().out)["prefix_reused_tokens"] == 0  # the same prompt
+    assert run_cli(argv + ["--prefix-cache-mb", "16"]) == 0
+    assert json.loads(capsys.readouterr().out)["prefix_reused_tokens"] == 14  # 2 left to prefill
+
+
+def test_a_negative_prefix_cache_size_is_an_error(toy, capsys):
+    assert run_cli(["chat", str(toy), "--prefix-cache-mb", "-1"]) == 2
+    assert "--prefix-cache-mb must be >= 0" in capsys.readouterr().err
+
+
 def test_bench_rejects_a_zero_length(toy, capsys):
     assert run_cli(["bench", str(toy), "--gen-len", "0"]) == 2
     assert "--gen-len must be >= 1" in capsys.readouterr().err

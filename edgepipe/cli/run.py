@@ -35,6 +35,7 @@ def register(subparsers) -> None:
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--no-think", action="store_true", help="Qwen3: start with thinking off")
     chat.add_argument("--thinking-budget", type=int, help="thinking tokens per turn at most")
+    _prefix_arg(chat, None, "default: the runtime's, 256")
     _sampling_args(chat)
 
     bench = add_command(subparsers, "bench", cmd_bench)
@@ -44,6 +45,8 @@ def register(subparsers) -> None:
     bench.add_argument("--repeat", type=int, default=3, help="timed runs (default 3)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     bench.add_argument("--batch", type=int, default=1, help="prompts per call (default 1)")
+    # Off by default: every run repeats the prompt, so a cache would time a 2-token prefill.
+    _prefix_arg(bench, 0, "default 0: the runs repeat one prompt; N times the reuse path")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
@@ -63,6 +66,16 @@ def _artifact_args(parser: argparse.ArgumentParser) -> None:
         "--spin",
         choices=("auto", "on", "off"),
         help="intra-op thread spinning (auto: a bounded spin; default: the runtime's, off)",
+    )
+
+
+def _prefix_arg(parser: argparse.ArgumentParser, default: int | None, note: str) -> None:
+    parser.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=default,
+        metavar="N",
+        help=f"memory for earlier prompts' KV, reused by prompts that start alike ({note}; 0=off)",
     )
 
 
@@ -103,6 +116,9 @@ def _params(args) -> dict:
 def _open(args):
     from edgepipe.runtime import Generator
 
+    prefix_mb = getattr(args, "prefix_cache_mb", None)
+    if prefix_mb is not None and prefix_mb < 0:
+        raise ValueError("--prefix-cache-mb must be >= 0")
     gen = Generator(
         args.artifact,
         args.provider,
@@ -110,6 +126,7 @@ def _open(args):
         max_length=args.max_length,
         intra_op_num_threads=args.threads,
         spinning=args.spin,
+        prefix_cache_bytes=None if prefix_mb is None else prefix_mb << 20,
     )
     if args.verify and gen.artifact.verification != "verified":
         print(
@@ -319,6 +336,7 @@ def _bench(args) -> int:
         "time_to_first_token_s": median([m.time_to_first_token_s for m, _ in runs]),
         "total_s": median([s for _, s in runs]),
         "kv_bytes": runs[-1][0].kv_bytes,
+        "prefix_reused_tokens": runs[-1][0].prefix_reused_tokens,
         "peak_rss_bytes": peak_rss_bytes(),
     }
     if args.json:

@@ -22,6 +22,7 @@ from edgepipe.runtime.engines.kv import position_limit
 from edgepipe.runtime.errors import ArtifactError, PromptTooLong
 from edgepipe.runtime.inputs import check_ids, check_text
 from edgepipe.runtime.options import spinning_config
+from edgepipe.runtime.prefix import PrefixCache, PrefixLease, PrefixStats, open_prefix_cache
 from edgepipe.runtime.results import GenerationResult, Metrics, Stream
 from edgepipe.runtime.rows import Row, thinking_plan
 from edgepipe.runtime.sampling import (
@@ -65,6 +66,14 @@ class Generator:
             prefill memory, same tokens. Not used on providers that prefill in one call
             (`edgepipe.runtime.providers.ONE_CALL_PREFILL`: DirectML), nor by static artifacts
             (their prefill graph has a fixed chunk).
+        prefix_cache_bytes: memory for the KV of earlier calls' prompts and outputs, so a
+            prompt that starts like one of them (a shared system prompt or document) prefills
+            only the rest (`edgepipe.runtime.prefix`); least recently used first out, 0 turns
+            it off. None: `prefix.PREFIX_CACHE_BYTES` (256 MiB) on dynamic artifacts, off on static
+            ones (an explicit size there raises `GeneratorError`) and on one-call-prefill
+            providers. Entries cost their positions' KV (`2 x layers x kv_heads x head_dim x
+            dtype bytes` each: Qwen3-0.6B fp32 224 KiB, Qwen2.5-0.5B 24 KiB); a call that
+            filled its cache gives it up without a copy. Batches neither read nor fill it.
 
     Attributes:
         artifact: the loaded `Artifact`.
@@ -96,6 +105,7 @@ class Generator:
         provider_options: Mapping | None = None,
         prefill_chunk: int | None = 512,
         spinning: str | None = None,
+        prefix_cache_bytes: int | None = None,
     ):
         import tokenizers
 
@@ -134,11 +144,24 @@ class Generator:
         )
         self.provider: str = self._engine.provider
         self.continues_prefill: bool = self._engine.continues_prefill
+        self._prefix = open_prefix_cache(
+            prefix_cache_bytes, art.graph_variant, continues_prefill=self.continues_prefill
+        )
 
     @property
     def engine(self) -> Engine:
         """The engine running the model (`DynamicEngine` or `StaticEngine`), read-only."""
         return self._engine
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The cache of earlier calls' prefixes (`nbytes`, `stats`, `clear()`); None when off."""
+        return self._prefix
+
+    @property
+    def prefix_stats(self) -> PrefixStats | None:
+        """Lookups, hits, reused tokens and hit rate of the prefix cache; None when off."""
+        return None if self._prefix is None else self._prefix.stats
 
     @property
     def prefill_chunk(self) -> int | None:
@@ -454,8 +477,15 @@ class Generator:
         ]
         sampler = Sampler(p)
         drafter = NgramDrafter(rows[0].prompt) if speculative else None
-        loop = self._decode_loop(rows, p, sampler, stop_ids, thinking, cache_store, drafter)
-        return (yield from loop)
+        lease = None
+        if self._prefix is not None and len(rows) == 1:
+            lease = PrefixLease(self._prefix, self._engine, p.max_new_tokens, cache_store)
+        store = cache_store if lease is None else lease
+        loop = self._decode_loop(rows, p, sampler, stop_ids, thinking, store, drafter)
+        results = yield from loop
+        if lease is not None:
+            results[0].metrics.prefix_reused_tokens = lease.reused
+        return results
 
     def _plain_steps(self, rows, request, logits, lengths, max_steps, sampler, stop_ids, thinking):
         """The lock-step loop over the rows; yields row 0's pieces, returns t_first."""

@@ -11,7 +11,8 @@ class Metrics:
     """Timings and sizes of one generate call (all rows of a batch together).
 
     Attributes:
-        prompt_tokens: prompt tokens fed to the model (a chat session's reused prefix excluded).
+        prompt_tokens: prompt tokens fed to the model (a prefix reused from a chat session or
+            the generator's prefix cache excluded).
         generated_tokens: tokens generated, all rows.
         time_to_first_token_s: from the start of prefill to the first sampled token.
         prefill_tokens_per_s: prompt_tokens / prefill time.
@@ -23,6 +24,8 @@ class Metrics:
             lengths fed at once; more for chunks, rows of different lengths, static graphs).
         verify_calls, drafted_tokens, accepted_tokens: speculative decoding's multi-token calls,
             the tokens it drafted and those the model confirmed (0 without speculation).
+        prefix_reused_tokens: prompt positions taken from the generator's prefix cache instead
+            of prefilled (`Generator(prefix_cache_bytes=)`; 0 on a miss, for batches, or off).
     """
 
     prompt_tokens: int = 0
@@ -37,6 +40,7 @@ class Metrics:
     verify_calls: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    prefix_reused_tokens: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
