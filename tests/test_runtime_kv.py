@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -54,3 +57,26 @@ def test_ortvalues_share_memory_with_the_buffers_including_row_views():
     assert keys[0].numpy()[1, 0, 0, 0] == 42.0
     assert row_keys[0].shape() == [1, 1, 32, 16]
     assert row_keys[0].numpy()[0, 0, 0, 0] == 42.0
+
+
+def resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="needs Linux /proc")
+def test_a_few_written_positions_of_a_large_cache_stay_a_few_pages():
+    """A server's 8 slots x 4096 positions (the Qwen2.5-0.5B geometry, 768 MiB mapped): writing
+    the first position of every row and head makes ~48 x 16 pages resident, not 2 MiB huge
+    pages each (674 MiB measured before); the buffers still share memory with their OrtValues."""
+    cache = KVCache(24, 2, 64, batch=8, capacity=4096)
+    assert cache.nbytes == 768 * 2**20
+    before = resident_bytes()
+    for array in cache.keys + cache.values:
+        array[:, :, 0, :] = 1.0
+    grown = resident_bytes() - before
+    assert grown < 32 * 2**20, f"{grown / 2**20:.0f} MiB resident after 768 writes"
+    keys, _ = cache.ortvalues(row=3)
+    cache.keys[5][3, 1, 7, 0] = 9.0
+    assert keys[5].numpy()[0, 1, 7, 0] == 9.0
+    grown_to = cache.ensure(4200, used=1, limit=8192)
+    assert grown_to and (cache.keys[0][:, :, 0] == 1.0).all()

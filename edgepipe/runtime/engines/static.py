@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import edgepipe.runtime.qnn as qnn
+from edgepipe.runtime.engines.kv import lazy_zeros
 from edgepipe.runtime.errors import (
     ArtifactError,
     GeneratorError,
@@ -106,11 +107,11 @@ class StaticPipeline:
         return _GraphIO(session, seq, past, present)
 
     def new_cache(self) -> StaticCache:
-        """A zeroed cache (np.zeros maps pages lazily: untouched slots cost no resident memory)."""
+        """A zeroed cache (`lazy_zeros`: untouched slots cost no resident memory)."""
         shape = (1, self.kv_heads, self.capacity, self.head_dim)
         return StaticCache(
-            [np.zeros(shape, np.float32) for _ in range(self.num_layers)],
-            [np.zeros(shape, np.float32) for _ in range(self.num_layers)],
+            [lazy_zeros(shape, np.float32) for _ in range(self.num_layers)],
+            [lazy_zeros(shape, np.float32) for _ in range(self.num_layers)],
         )
 
     def prefill(self, cache: StaticCache, ids, start: int | None = None) -> np.ndarray:
