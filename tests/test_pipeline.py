@@ -388,7 +388,9 @@ def test_directml_graph_has_the_layout_its_kernels_need(cannot_run_here):
             assert list(node.output[1:3]) == ["", ""]
     projections = [n.name for n in graph.node if n.op_type == "MatMulNBits"]
     assert {f"layers.0.attn.{k}_proj/MatMulNBits" for k in "qkv"} <= set(projections)
-    assert {i.name for i in graph.input} == {"input_ids", "attention_mask"} | {
+    # No position_ids; logits_to_keep is an overridable initializer (default 1), never fed by
+    # onnxruntime-genai.
+    assert {i.name for i in graph.input} == {"input_ids", "attention_mask", "logits_to_keep"} | {
         f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")
     }
 

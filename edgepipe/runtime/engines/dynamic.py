@@ -23,6 +23,10 @@ from edgepipe.runtime.errors import ArtifactError, ProviderUnavailable
 from edgepipe.runtime.options import session_options as new_session_options
 from edgepipe.runtime.providers import CPU_PROVIDER, ONE_CALL_PREFILL, install_package
 
+# The decoder input that says how many trailing positions get logits (an overridable
+# initializer holding 1; docs/contracts.md, edgepipe.stages.export.layers.logits).
+LOGITS_TO_KEEP = "logits_to_keep"
+
 
 class DynamicEngine:
     """Runs requests on a dynamic artifact's decoder (see `edgepipe.runtime.engines.Engine`).
