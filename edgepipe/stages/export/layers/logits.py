@@ -20,6 +20,13 @@ first (symbolic) dimension keeps both the fixed 1 and quiet runs; with the defau
 is exactly `[batch, 1, vocab]` as before.
 
 `logits_to_keep` = 0 keeps every position (a Slice from -0 = 0), as transformers' does.
+
+Cost with the default 1, measured against the previous graph (a constant Slice from -1) on the
+trained tiny model (vocab 151936, so the lm_head is most of the work), optimized fp32 and int4,
+128-token prefill and 48-token decode, 30 alternated rounds, twice, on a shared 2-core VM (load
+3-4): paired after/before ratio medians 0.98-1.02 for prefill, 0.84-0.97 for decode, with
+quartiles about 15% either side, i.e. nothing above the noise; binding the input costs the
+runtime 0.4 us per call.
 """
 
 from __future__ import annotations
