@@ -37,13 +37,11 @@ PROFILE = "cpu-x64"
 # cached_build kinds built by edgepipe -> the recipe's `precision` block. "edgepipe" is what
 # `edgepipe build` ships for the Qwen recipes (recipes/qwen*.yaml: int4 body, the tied
 # embedding/lm_head table at int8 — llama.cpp's Q4_0 mix keeps it at 8 bits too, so this is the
-# quality-matched row); "edgepipe-all-logits" the same with every position's logits (the decoder
-# prompt-lookup decoding verifies drafts with); "edgepipe-int4-table" one int4 table for both,
+# quality-matched row); "edgepipe-int4-table" one int4 table for both,
 # like onnxruntime-genai's `-p int4` build. `add_edgepipe_kind` adds tuning rows.
 SHIPPED_PRECISION = {"method": "rtn", "embedding": "same", "lm_head": "int8"}
 EDGEPIPE_KINDS: dict[str, dict] = {
     "edgepipe": SHIPPED_PRECISION,
-    "edgepipe-all-logits": SHIPPED_PRECISION,
     "edgepipe-int4-table": {"method": "rtn", "embedding": "same", "lm_head": "same"},
 }
 
@@ -304,7 +302,7 @@ out = Path(sys.argv[4])
 export_dir = out.with_name(out.name + ".export")
 shutil.rmtree(export_dir, ignore_errors=True)
 result = build_decoder(sys.argv[3], export_dir, activation_dtype=plan.activation_dtype,
-                       quant=quant, all_logits=sys.argv[5:6] == ["all"])
+                       quant=quant)
 # The optimize stage as `edgepipe build` runs it: the shipped graph is its output.
 optimization = optimize_model(export_dir, out, provider=plan.profile.provider,
                               level=plan.profile.optimization_level,
@@ -354,15 +352,12 @@ def bench_recipe(
     return path
 
 
-def edgepipe_build_cmd(
-    recipe: Path, profile: str, model_dir: Path, out_dir: Path, *, all_logits: bool = False
-) -> list[str]:
-    """The child command of `edgepipe build`'s export and optimize stages (`_EDGEPIPE_BUILD_CHILD`);
-    `all_logits`: the decoder returns every position's logits (speculative verify steps)."""
+def edgepipe_build_cmd(recipe: Path, profile: str, model_dir: Path, out_dir: Path) -> list[str]:
+    """The child command of `edgepipe build`'s export and optimize stages
+    (`_EDGEPIPE_BUILD_CHILD`)."""
     return [sys.executable, "-c", _EDGEPIPE_BUILD_CHILD, str(recipe), profile] + [
         str(model_dir),
         str(out_dir),
-        *(["all"] if all_logits else []),
     ]
 
 
@@ -401,9 +396,7 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
     folder.mkdir(parents=True, exist_ok=True)
     if kind in EDGEPIPE_KINDS:
         recipe = bench_recipe(name, model_dir, PROFILE, cache, kind)
-        cmd = edgepipe_build_cmd(
-            recipe, PROFILE, model_dir, out, all_logits=kind == "edgepipe-all-logits"
-        )
+        cmd = edgepipe_build_cmd(recipe, PROFILE, model_dir, out)
     else:
         cmd = genai_builder_cmd(model_dir, out, folder / "genai-cache")
     print(f"[{name}] building with {kind} ...", flush=True)

@@ -1,13 +1,15 @@
 """Prompt-lookup speculative decoding: what a verify step costs, and what it buys end to end.
 
+Everything runs on the graph `edgepipe build` ships (the "edgepipe" kind): a verify step feeds
+K + 1 tokens with `logits_to_keep` = K + 1, so the lm_head runs on those rows only, and every
+other call keeps the default 1 (docs/contracts.md, "Dynamic decoder graph").
+
 * **step cost**: one decoder call feeding K + 1 tokens (a verify step) against one feeding a
   single token, at the same cached context, alternated (ABBA) in one process; reported as the
   ratio of medians per K. Speculation wins when the tokens a verify step yields (accepted + 1)
   exceed that ratio.
-* the same with the shipped decoder (logits of the last position only): what the layers alone
-  cost, i.e. what a verify step would cost if the shipped graph could return K + 1 rows;
-* **prefill cost** of the all-position decoder (the one speculation needs: its lm_head runs on
-  every prompt position) against the shipped, last-position one.
+* the same with `logits_to_keep` left at 1: what the layers alone cost, i.e. how much of a
+  verify step is the lm_head on K + 1 rows;
 * **end to end**: greedy decode tok/s with `speculative="ngram"` vs without (the same tokens,
   checked), on an input-grounded task (rewrite a given source file with a small change) and on
   free generation, rounds alternated.
@@ -15,8 +17,8 @@
 Random weights cannot say how often drafts are accepted on real text: a random model's greedy
 output falls into loops, which prompt lookup predicts well, so on shape-exact random models the
 end-to-end numbers measure the machinery (and the adaptive switch), not the gain on real text.
-Pass `--model-dir` with a trained checkpoint (e.g. edgepipe/arch/data/tiny-trained/, when it
-exists) for that.
+Pass `--model-dir` with a trained checkpoint (e.g. a folder `edgepipe.arch.bundled.expand_bundled`
+wrote for tiny-trained) for that.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/speculative.py --model qwen2.5-0.5b
 """
@@ -51,8 +53,8 @@ def grounded_prompt(chars: int = 1800) -> str:
 def step_costs(gen, context: int, ks, rounds: int, *, last_only: bool = False) -> dict:
     """Median seconds of a 1-token call and of (K+1)-token verify calls, ABBA alternated.
 
-    `last_only`: feed the K+1 tokens to the shipped decoder (last position's logits), i.e. the
-    cost of the layers alone, without the lm_head on every position.
+    `last_only`: feed the K+1 tokens as a plain step (`logits_to_keep` stays 1: the last
+    position's logits), i.e. the cost of the layers alone, without the lm_head on every row.
     """
     engine = gen.engine
     ids = [int(t) for t in np.random.default_rng(0).integers(1000, 50000, context)]
@@ -77,23 +79,6 @@ def step_costs(gen, context: int, ks, rounds: int, *, last_only: bool = False) -
         "ratio_by_k": {
             str(w - 1): round(statistics.median(times[w]) / base, 3) for w in widths if w > 1
         },
-    }
-
-
-def prefill_ratio(shipped, all_logits, prompt_len: int, rounds: int) -> dict:
-    """Median prefill seconds, all-position decoder / shipped decoder, alternated."""
-    ids = [int(t) for t in np.random.default_rng(1).integers(1000, 50000, prompt_len)]
-    times = {"shipped": [], "all_logits": []}
-    gens = {"shipped": shipped, "all_logits": all_logits}
-    for r in range(rounds):
-        for name in ("shipped", "all_logits") if r % 2 == 0 else ("all_logits", "shipped"):
-            result = gens[name].generate(ids, max_new_tokens=1, stop_token_ids=[])
-            times[name].append(result.metrics.time_to_first_token_s)
-    return {
-        "prompt_len": prompt_len,
-        "ratio": round(
-            statistics.median(times["all_logits"]) / statistics.median(times["shipped"]), 3
-        ),
     }
 
 
@@ -157,15 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model_dir.name if args.model_dir else args.model
     model_dir = args.model_dir or source_model(args.model, args.cache)
     shipped_dir = cached_build("edgepipe", name, model_dir, args.cache)["artifact"]
-    all_dir = cached_build("edgepipe-all-logits", name, model_dir, args.cache)["artifact"]
-    # No prefix cache: the rounds repeat each prompt, and prefill_ratio times its prefill.
+    # No prefix cache: the rounds repeat each prompt, and the step costs time its prefill.
     shipped = Generator(shipped_dir, prefix_cache_bytes=0)
-    all_logits = Generator(all_dir, prefix_cache_bytes=0)
-    doc = {"model": name, "load_before": load_now(), "command": " ".join(sys.argv)}
+    if not shipped.engine.verifies:
+        raise SystemExit(f"{shipped_dir}: its decoder has no logits_to_keep input; rebuild it")
+    doc = {
+        "model": name,
+        "graph": "shipped",
+        "load_before": load_now(),
+        "command": " ".join(sys.argv),
+    }
     if not args.skip_steps:
-        _costs(doc, args, shipped, all_logits)
+        _costs(doc, args, shipped)
     for task, prompt in (("grounded", grounded_prompt()), ("free", FREE_PROMPT)):
-        doc[task] = end_to_end(all_logits, prompt, args.gen_len, args.rounds)
+        doc[task] = end_to_end(shipped, prompt, args.gen_len, args.rounds)
         summary = {k: v for k, v in doc[task].items() if k != "rounds"}
         print(f"{task}:", summary, "load", load_now(), flush=True)
     doc["load_after"] = load_now()
@@ -174,15 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _costs(doc: dict, args, shipped, all_logits) -> None:
-    doc["step_cost"] = step_costs(all_logits, args.context, args.ks, args.rounds * 2)
+def _costs(doc: dict, args, shipped) -> None:
+    doc["step_cost"] = step_costs(shipped, args.context, args.ks, args.rounds * 2)
     print("verify step / 1-token step:", doc["step_cost"], "load", load_now(), flush=True)
     doc["step_cost_layers_only"] = step_costs(
         shipped, args.context, args.ks, args.rounds * 2, last_only=True
     )
     print("(K+1)-token step, last-position logits:", doc["step_cost_layers_only"], flush=True)
-    doc["prefill"] = prefill_ratio(shipped, all_logits, 128, args.rounds)
-    print("prefill(128) all-position / shipped:", doc["prefill"], "load", load_now(), flush=True)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,92 @@ def test_all_logits_returns_every_prompt_position(tiny_qwen2_dir, tmp_path):
     assert np.abs(logits - ref).max() <= TOL
 
 
+# logits_to_keep on the shipped graph (exported, then optimized as the build does)
+
+
+@pytest.fixture(scope="module")
+def shipped(tiny_qwen3_dir, tmp_path_factory) -> dict[str, Path]:
+    """fp32 and int4 (accuracy_level 4, as cpu-x64) shipped graphs, and the all-logits export."""
+    from edgepipe.stages.optimize import optimize_model
+    from edgepipe.stages.quantize.plan import QuantPlan
+
+    root = tmp_path_factory.mktemp("shipped")
+    int4 = QuantPlan.from_precision("int4", accuracy_level=4, lm_head="int8")
+    folders = {}
+    for name, quant in (("fp32", None), ("int4", int4)):
+        build_decoder(tiny_qwen3_dir, root / f"{name}-export", quant=quant, context_length=256)
+        record = optimize_model(root / f"{name}-export", root / name, level="all")
+        assert record["applied"], record["reason"]  # the optimized graph is what ships
+        folders[name] = root / name
+    build_decoder(tiny_qwen3_dir, root / "all", all_logits=True, context_length=256)
+    folders["all"] = root / "all"
+    return folders
+
+
+def prefill_feeds(session: ort.InferenceSession, prompts: list[list[int]]) -> dict:
+    feeds = {
+        "input_ids": np.array(prompts, np.int64),
+        "attention_mask": np.ones((len(prompts), len(prompts[0])), np.int64),
+    }
+    for i in session.get_inputs()[2:]:
+        feeds[i.name] = np.zeros([len(prompts), i.shape[1], 0, i.shape[3]], np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_optimized_graph_keeps_logits_to_keep_an_input_with_default_one(shipped, precision):
+    model_path = shipped[precision] / "model.onnx"
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    (default,) = [t for t in graph.initializer if t.name == "logits_to_keep"]
+    assert onnx.numpy_helper.to_array(default).tolist() == 1
+    assert "logits_to_keep" in [i.name for i in graph.input]
+    # Not folded into a constant: a node of the optimized graph still reads it.
+    assert any("logits_to_keep" in node.input for node in graph.node)
+    session = ort.InferenceSession(str(model_path))
+    assert "logits_to_keep" not in [i.name for i in session.get_inputs()]  # genai never sees it
+    assert [i.name for i in session.get_overridable_initializers()] == ["logits_to_keep"]
+    assert session.get_outputs()[0].shape[1:] == [1, 151936]  # genai: last-position logits
+    feeds = prefill_feeds(session, [PROMPT])
+    for keep in (1, 4, len(PROMPT)):
+        logits = session.run(["logits"], {**feeds, "logits_to_keep": np.array(keep)})[0]
+        assert logits.shape == (keep, 1, 151936)
+
+
+def test_kept_logits_are_the_all_logits_exports_last_rows(shipped):
+    session = ort.InferenceSession(str(shipped["fp32"] / "model.onnx"))
+    every = ort.InferenceSession(str(shipped["all"] / "model.onnx"))
+    prompts = [PROMPT, PROMPT[::-1]]
+    feeds = prefill_feeds(session, prompts)
+    reference = every.run(["logits"], feeds)[0]  # [2, len, vocab]
+    default = session.run(["logits"], feeds)[0]
+    assert default.shape == (2, 1, 151936)
+    np.testing.assert_allclose(default[:, 0], reference[:, -1], atol=1e-4)
+    for keep in (1, 3, 6, 0):  # 0: every position, as transformers' logits_to_keep=0
+        logits = session.run(["logits"], {**feeds, "logits_to_keep": np.array(keep)})[0]
+        rows = keep or len(PROMPT)
+        assert logits.shape == (2 * rows, 1, 151936)  # batch-major rows
+        np.testing.assert_allclose(logits.reshape(2, rows, -1), reference[:, -rows:], atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_prefill_computes_the_lm_head_for_the_last_position_only(shipped, precision, tmp_path):
+    """onnxruntime's profile gives each node's output shape: the lm_head's is one row."""
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(str(shipped[precision] / "model.onnx"), options)
+    session.run(["logits"], prefill_feeds(session, [PROMPT]))
+    events = json.loads(Path(session.end_profiling()).read_text())
+    shapes = {
+        e["args"]["op_name"]: e["args"]["output_type_shape"]
+        for e in events
+        if e.get("cat") == "Node" and e["name"].startswith("lm_head/") and "op_name" in e["args"]
+    }
+    head = {"fp32": "Gemm", "int4": "MatMulNBits"}[precision]
+    (out,) = shapes[head][0].values()
+    assert int(np.prod(out[:-1])) == 1 and out[-1] == 151936  # one row, not len(PROMPT)
+
+
 def test_shared_past_present_buffer_gives_the_same_logits(tiny_qwen3_dir, qwen3_export):
     """The runtime binds one [batch, kv, max_length, head] buffer as both past and present."""
     ref_logits, ref_tokens = hf_reference(tiny_qwen3_dir, PROMPT, 8)

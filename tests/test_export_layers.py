@@ -24,6 +24,11 @@ from edgepipe.stages.export.layers.attention import (
 from edgepipe.stages.export.layers.dtypes import LayerDtypes, cast
 from edgepipe.stages.export.layers.layout import Layout
 from edgepipe.stages.export.layers.linear import Linears
+from edgepipe.stages.export.layers.logits import (
+    fold_kept_positions,
+    keep_last_positions,
+    logits_to_keep_input,
+)
 from edgepipe.stages.export.layers.mlp import swiglu_mlp
 from edgepipe.stages.export.layers.norms import rms_norm, skip_rms_norm
 from edgepipe.stages.export.layers.qk_norm import head_rms_norm
@@ -330,3 +335,41 @@ def test_cast_is_a_node_only_where_the_dtypes_differ(tmp_path):
     assert ops == ["Cast", "Identity"]
     assert y.dtype == np.float32
     np.testing.assert_array_equal(y, x.astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# logits (which positions reach the lm_head)
+
+
+@pytest.fixture()
+def kept_rows_graph(tmp_path) -> ort.InferenceSession:
+    """x [batch, seq, 4] -> its last `logits_to_keep` rows, folded to [batch * kept, 1, 4]."""
+    writer = GraphWriter(tmp_path / "keep.onnx.data", "keep.onnx.data")
+    x = tensor_input("x", ir.DataType.FLOAT, ["batch", "seq", 4])
+    keep = logits_to_keep_input(writer)
+    kept = keep_last_positions(writer, "head", x, keep)
+    rows = fold_kept_positions(writer, "head", kept, 4)
+    out = writer.op("Identity", "y/Identity", [rows], output_names=["y"])
+    out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["rows", 1, 4])
+    model = writer.model([x, keep], [out])
+    writer.close()
+    save_model(model, tmp_path / "keep.onnx")
+    return ort.InferenceSession(str(tmp_path / "keep.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_logits_to_keep_is_an_overridable_initializer_holding_one(kept_rows_graph):
+    assert [i.name for i in kept_rows_graph.get_inputs()] == ["x"]  # callers need not feed it
+    (keep,) = kept_rows_graph.get_overridable_initializers()
+    assert (keep.name, keep.type, keep.shape) == ("logits_to_keep", "tensor(int64)", [])
+    x = RNG.normal(size=(2, 5, 4)).astype(np.float32)
+    (y,) = kept_rows_graph.run(None, {"x": x})
+    np.testing.assert_array_equal(y, x[:, -1:, :])  # [batch, 1, 4]: the last position
+
+
+@pytest.mark.parametrize(("keep", "kept"), [(1, 1), (3, 3), (5, 5), (9, 5), (0, 5)])
+def test_kept_rows_are_the_last_positions_batch_major(kept_rows_graph, keep, kept):
+    x = RNG.normal(size=(2, 5, 4)).astype(np.float32)
+    for value in (np.array(keep, np.int64), np.array([keep], np.int64)):  # scalar or [1]
+        (y,) = kept_rows_graph.run(None, {"x": x, "logits_to_keep": value})
+        assert y.shape == (2 * kept, 1, 4)  # 0 keeps all, more than fed keeps what was fed
+        np.testing.assert_array_equal(y.reshape(2, kept, 4), x[:, 5 - kept :, :])

@@ -11,6 +11,7 @@ from edgepipe.runtime.artifact import load_artifact
 from edgepipe.schema import load_profile, load_recipe
 from edgepipe.stages.package import (
     MANIFEST,
+    decoder_record,
     generation_config,
     package_artifact,
     update_genai_config,
@@ -76,6 +77,21 @@ def test_manifest_records_provenance_and_reports(packaged):
     assert manifest["build_seconds"] == 1.5
     assert manifest["peak_rss_bytes"] > 0
     assert manifest["size_bytes"] > 0
+
+
+def test_decoder_record_lists_the_graph_inputs_that_are_initializers(packaged, tmp_path):
+    import numpy as np
+    import onnx
+
+    folder, manifest, _ = packaged
+    assert manifest["decoder"] is None  # a build without the record (static builds)
+    assert decoder_record(folder / "model.onnx") == {"overridable_inputs": {}}
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1), "logits_to_keep"))
+    model.graph.input.append(onnx.helper.make_tensor_value_info("logits_to_keep", 7, []))
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    record = decoder_record(tmp_path / "model.onnx")
+    assert record == {"overridable_inputs": {"logits_to_keep": 1}}
 
 
 def test_generation_defaults_reach_both_configs(packaged):

@@ -108,6 +108,22 @@ def test_int4_artifact_is_smaller_than_fp32(built):
 
 
 @pytest.mark.parametrize(("recipe", "precision"), BUILDS)
+def test_shipped_decoder_takes_logits_to_keep_and_the_runtime_loads_it_quietly(
+    built, recipe, precision, capfd
+):
+    from edgepipe.runtime import Generator
+
+    folder = Path(built[(recipe, precision)].artifact)
+    manifest = load_artifact(folder).manifest
+    assert manifest["decoder"] == {"overridable_inputs": {"logits_to_keep": 1}}
+    ort.InferenceSession(str(folder / "model.onnx"))  # default logging: onnxruntime warns
+    assert "Initializer logits_to_keep appears in graph inputs" in capfd.readouterr().err
+    gen = Generator(folder)
+    assert gen.engine.keeps_logits and gen.engine.verifies  # speculative="ngram" is accepted
+    assert "logits_to_keep" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(("recipe", "precision"), BUILDS)
 def test_onnxruntime_genai_generates_the_same_greedy_tokens_as_edgepipe_runtime(
     built, recipe, precision
 ):
@@ -116,6 +132,8 @@ def test_onnxruntime_genai_generates_the_same_greedy_tokens_as_edgepipe_runtime(
     from edgepipe.runtime import Generator
 
     folder = built[(recipe, precision)].artifact
+    # The shipped graph has the overridable logits_to_keep input, which genai does not feed.
+    assert "logits_to_keep" in load_artifact(folder).overridable_inputs
     model = og.Model(folder)
     prompt = [int(t) for t in og.Tokenizer(model).encode("Hello, world")]
     params = og.GeneratorParams(model)
@@ -388,7 +406,9 @@ def test_directml_graph_has_the_layout_its_kernels_need(cannot_run_here):
             assert list(node.output[1:3]) == ["", ""]
     projections = [n.name for n in graph.node if n.op_type == "MatMulNBits"]
     assert {f"layers.0.attn.{k}_proj/MatMulNBits" for k in "qkv"} <= set(projections)
-    assert {i.name for i in graph.input} == {"input_ids", "attention_mask"} | {
+    # No position_ids; logits_to_keep is an overridable initializer (default 1), never fed by
+    # onnxruntime-genai.
+    assert {i.name for i in graph.input} == {"input_ids", "attention_mask", "logits_to_keep"} | {
         f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")
     }
 

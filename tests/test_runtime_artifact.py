@@ -41,6 +41,13 @@ def test_a_bare_export_folder_runs_on_cpu_without_checksums(toy):
     assert artifact.eos_token_ids == (151645, 151643)
 
 
+def test_overridable_decoder_inputs_come_from_the_manifest(toy):
+    write_manifest(toy)  # an artifact built before the manifest's `decoder` record
+    assert load_artifact(toy).overridable_inputs == {}
+    write_manifest(toy, decoder={"overridable_inputs": {"logits_to_keep": 1}})
+    assert load_artifact(toy).overridable_inputs == {"logits_to_keep": 1}
+
+
 def test_checksums_pass_on_an_intact_artifact(toy):
     write_manifest(toy)
     assert load_artifact(toy, verify=True).manifest["profile"]["provider"] == "CPUExecutionProvider"

@@ -318,6 +318,7 @@ def build_into(
         BuildFailed: a check or a threshold failed.
     """
     from edgepipe.stages.optimize import optimize_model
+    from edgepipe.stages.package import decoder_record
 
     work = tmp / "work"
     work.mkdir()
@@ -368,6 +369,7 @@ def build_into(
             "provider_check": provider,
             "fp16_guard": fp16_record,
             "target_kl": target,
+            "decoder": decoder_record(artifact / "model.onnx"),
         },
         resolved,
     )

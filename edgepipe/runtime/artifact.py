@@ -48,6 +48,8 @@ class Artifact:
         pipeline: static artifacts: stage name (`prefill`, `decode`) -> graph file.
         ep_context: static artifacts: stage name -> compiled EPContext graph (from the manifest's
             `static.ep_context`), empty when none was compiled.
+        overridable_inputs: decoder inputs that are also initializers, name -> default (from
+            the manifest's `decoder`; e.g. `logits_to_keep`), empty for older artifacts.
         verification: what was checked: `verified` (every manifest sha256 holds), not verified
             (turned off), or `unverifiable: ...` (no manifest.json to check against).
     """
@@ -71,6 +73,7 @@ class Artifact:
     output_names: dict = field(default_factory=dict)
     pipeline: dict = field(default_factory=dict)
     ep_context: dict = field(default_factory=dict)
+    overridable_inputs: dict = field(default_factory=dict)
     verification: str = SKIPPED
 
     @property
@@ -163,6 +166,7 @@ def load_artifact(folder, *, verify: bool = False) -> Artifact:
     profile = (manifest or {}).get("profile") or {}
     compiled = ((manifest or {}).get("static") or {}).get("ep_context") or {}
     ep_context = {stage: path / name for stage, name in (compiled.get("graphs") or {}).items()}
+    overridable = ((manifest or {}).get("decoder") or {}).get("overridable_inputs") or {}
     verification = _verify(path, manifest) if verify else SKIPPED
 
     return Artifact(
@@ -185,6 +189,7 @@ def load_artifact(folder, *, verify: bool = False) -> Artifact:
         output_names=dict(decoder.get("outputs") or {}),
         pipeline=pipeline,
         ep_context=ep_context,
+        overridable_inputs=dict(overridable),
         verification=verification,
     )
 

@@ -4,11 +4,12 @@ When the output repeats text that is already in the context (a rewrite of a give
 answer quoting its document), the tokens that followed the last occurrence of the context's
 final n-gram are a good guess for the next ones. `NgramDrafter` proposes up to K such tokens;
 the decoder checks them in ONE call that feeds the last token plus the K drafts and returns the
-logits of all K + 1 positions (`Request.verify`). The row takes its own greedy choice at each
-position, so the drafts only decide how many tokens one call yields, never which: the output
-equals plain greedy decoding. Rejected drafts are rolled back by length: their keys and values
-stay in the shared past/present buffer past the row's length, where attention does not read
-them and the next call overwrites them.
+logits of all K + 1 positions (`Request.verify`: the shipped decoder is fed `logits_to_keep` =
+K + 1; an all_logits export returns every position anyway). The row takes its own greedy choice
+at each position, so the drafts only decide how many tokens one call yields, never which: the
+output equals plain greedy decoding. Rejected drafts are rolled back by length: their keys and
+values stay in the shared past/present buffer past the row's length, where attention does not
+read them and the next call overwrites them.
 
 Sampled decoding is refused (`check_request`): exact speculative sampling needs rejection
 sampling against the draft distribution, which an n-gram draft does not have as probabilities,
@@ -61,7 +62,8 @@ def check_request(
     if not getattr(engine, "verifies", False):
         raise GeneratorError(
             "this artifact cannot verify drafts: its decoder returns the last position's logits "
-            "only; export it with all_logits=True (or drop speculative=)"
+            "only and has no logits_to_keep input (built before edgepipe added it); rebuild it, "
+            "or export it with all_logits=True (or drop speculative=)"
         )
 
 

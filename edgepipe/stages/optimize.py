@@ -29,7 +29,7 @@ import numpy as np
 
 from edgepipe.errors import BuildFailed, InvalidInput
 from edgepipe.formats.external_data import share_duplicates
-from edgepipe.stages.validate.runner import CPU, DecoderRunner
+from edgepipe.stages.validate.runner import CPU, DecoderRunner, quiet_options
 
 MODEL = "model.onnx"
 DATA = "model.onnx.data"
@@ -119,7 +119,7 @@ def ort_optimize(src: Path, dst_dir: Path, level: str) -> Path:
     import onnxruntime as ort
 
     dst_dir.mkdir(parents=True, exist_ok=True)
-    options = ort.SessionOptions()
+    options = quiet_options()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
     options.optimized_model_filepath = str(dst_dir / MODEL)
     options.add_session_config_entry(

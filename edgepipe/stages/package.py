@@ -23,6 +23,17 @@ from edgepipe.process import peak_rss_bytes, tool_versions
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+# The build's records, written into the manifest under these keys (null when a build has none).
+REPORTS = (
+    "validation",
+    "quality",
+    "optimization",
+    "export",
+    "decoder",
+    "provider_check",
+    "fp16_guard",
+    "target_kl",
+)
 
 # genai_config provider option keys (onnxruntime-genai's names for the execution providers).
 GENAI_PROVIDER_KEYS = {
@@ -51,6 +62,26 @@ def generation_config(generation: Mapping, eos_token_ids: list[int]) -> dict:
         if generation.get(key) is not None:
             config["enable_thinking"] = bool(generation[key])
     return dict(sorted(config.items()))
+
+
+def decoder_record(model_path: Path) -> dict:
+    """The manifest's `decoder` block of a dynamic graph: `overridable_inputs`, the graph
+    inputs that are also initializers (name -> default value), e.g. `{"logits_to_keep": 1}`.
+
+    onnxruntime lists them in `get_overridable_initializers()`, not `get_inputs()`; the manifest
+    says so without loading the graph (the runtime opens such decoders quietly).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    defaults = {t.name: t for t in graph.initializer}
+    overridable = {
+        i.name: numpy_helper.to_array(defaults[i.name], base_dir=str(model_path.parent)).tolist()
+        for i in graph.input
+        if i.name in defaults
+    }
+    return {"overridable_inputs": overridable}
 
 
 def update_genai_config(
@@ -112,7 +143,7 @@ def package_artifact(
         source: the source identity (hub id + revision, folder file hashes, preset + seed).
         reports: `validation`, `optimization`, `quality`, `export`, `provider_check` (which
             provider and CPU architecture really ran, `edgepipe.stages.validate.graph_check`)
-            `fp16_guard` (float16 builds) and `target_kl` records.
+            `fp16_guard` (float16 builds), `target_kl` and `decoder` (`decoder_record`) records.
         build_seconds: wall time of the build so far.
         eos_token: `<|im_end|>` for chat models, `<|endoftext|>` for base models.
         static: static (NPU) artifacts: the manifest's `static` section (chunk, kv_capacity,
@@ -152,13 +183,7 @@ def package_artifact(
         "versions": tool_versions(),
         "files": files,
         "size_bytes": sum((folder / rel).stat().st_size for rel in files),
-        "validation": reports.get("validation"),
-        "quality": reports.get("quality"),
-        "optimization": reports.get("optimization"),
-        "export": reports.get("export"),
-        "provider_check": reports.get("provider_check"),
-        "fp16_guard": reports.get("fp16_guard"),
-        "target_kl": reports.get("target_kl"),
+        **{key: reports.get(key) for key in REPORTS},
         "build_seconds": round(build_seconds, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }

@@ -20,8 +20,13 @@ import numpy as np
 from edgepipe.runtime.dtypes import ORT_NUMPY_DTYPES
 from edgepipe.runtime.engines.kv import KVCache, plan_capacity, position_limit
 from edgepipe.runtime.errors import ArtifactError, ProviderUnavailable
+from edgepipe.runtime.options import QUIET
 from edgepipe.runtime.options import session_options as new_session_options
 from edgepipe.runtime.providers import CPU_PROVIDER, ONE_CALL_PREFILL, install_package
+
+# The decoder input that says how many trailing positions get logits (an overridable
+# initializer holding 1; docs/contracts.md, edgepipe.stages.export.layers.logits).
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 class DynamicEngine:
@@ -43,6 +48,8 @@ class DynamicEngine:
             `ONE_CALL_PREFILL` providers.
         prefill_chunk: the chunk in effect (None on providers that prefill in one call).
         limit: KV positions a row may use.
+        keeps_logits: the decoder has the overridable `logits_to_keep` input (fed on every call).
+        verifies: a call can return the logits of all its new positions (speculative verify).
 
     Raises:
         ArtifactError: the decoder lacks the inputs the artifact's genai config names.
@@ -80,10 +87,16 @@ class DynamicEngine:
         if missing:
             raise ArtifactError(artifact.model_path, f"decoder has no input(s) {missing}")
         self.uses_position_ids = self.position_ids_name in inputs
-        # A verify step needs the logits of all its new positions: only a decoder exported
-        # with all_logits returns them (docs/contracts.md; see edgepipe.runtime.speculative).
+        # A verify step needs the logits of all its new positions: a decoder with the
+        # overridable `logits_to_keep` input returns the last N when fed N, one exported with
+        # all_logits returns every position; an older shipped decoder returns only the last
+        # (docs/contracts.md; see edgepipe.runtime.speculative).
+        overridable = {i.name for i in session.get_overridable_initializers()}
+        self.keeps_logits = LOGITS_TO_KEEP in overridable
         logits_dims = {o.name: o.shape for o in session.get_outputs()}.get(self.logits_name)
-        self.verifies = bool(logits_dims) and logits_dims[1] != 1
+        all_positions = bool(logits_dims) and logits_dims[1] != 1
+        self.verifies = self.keeps_logits or all_positions
+        self._keep: dict[int, object] = {}  # logits_to_keep value -> its OrtValue, made once
         self.kv_dtype = ORT_NUMPY_DTYPES.get(inputs[self.kv_names[0][0]].type, np.float32)
 
     @classmethod
@@ -119,7 +132,13 @@ class DynamicEngine:
                 f"(available: {available}); install it with: pip install {package}"
             )
         if session_options is None:
-            session_options = new_session_options(intra_op_num_threads, session_config)
+            # onnxruntime warns on every load of a graph with an overridable initializer
+            # ("Initializer logits_to_keep appears in graph inputs ... Move it out of graph
+            # inputs"): advice that does not apply here, so such decoders load quietly.
+            quiet = QUIET if LOGITS_TO_KEEP in artifact.overridable_inputs else None
+            session_options = new_session_options(
+                intra_op_num_threads, session_config, log_severity_level=quiet
+            )
         options = dict(artifact.provider_options if provider_options is None else provider_options)
         providers = [(used, options)]
         if used != CPU_PROVIDER:
@@ -184,16 +203,22 @@ class DynamicEngine:
             binding: a `bind(kv)` binding to reuse (made here when None).
         """
         io = self.bind(kv) if binding is None else binding
-        logits = self._call(input_ids, lengths, io)
+        logits = self._call(input_ids, lengths, io, keep=1)
         return np.asarray(logits[:, -1, :], dtype=np.float32)
 
     def verify(self, input_ids: np.ndarray, lengths: np.ndarray, binding) -> np.ndarray:
         """A call that returns the logits of every fed position, [batch, new, vocab] float32
-        (all-position decoders only: `verifies`)."""
-        logits = self._call(input_ids, lengths, binding)
-        return np.asarray(logits[:, -input_ids.shape[1] :, :], dtype=np.float32)
+        (decoders that `verifies`)."""
+        new = input_ids.shape[1]
+        logits = self._call(input_ids, lengths, binding, keep=new)
+        return np.asarray(logits[:, -new:, :], dtype=np.float32)
 
-    def _call(self, input_ids, lengths, io) -> np.ndarray:
+    def _call(self, input_ids, lengths, io, keep: int) -> np.ndarray:
+        """Run the bound decoder; logits [batch, rows, vocab] (rows: 1, `keep` or all fed)."""
+        if self.keeps_logits:
+            # Bound on every call: the binding is reused across steps, so a verify step's
+            # count would otherwise stay bound for the next plain step.
+            io.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_value(keep))
         width = int(lengths.max())
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         io.bind_cpu_input(self.input_ids_name, np.ascontiguousarray(input_ids))
@@ -204,7 +229,20 @@ class DynamicEngine:
             io.bind_cpu_input(self.position_ids_name, np.maximum(positions, 0).astype(np.int64))
         io.bind_output(self.logits_name)  # a fresh buffer: the previous step's logits stay valid
         self.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()
+        logits = io.get_outputs()[0].numpy()
+        # A logits_to_keep decoder returns [batch * kept, 1, vocab] (batch-major; see
+        # edgepipe.stages.export.layers.logits): back to [batch, kept, vocab].
+        return logits.reshape(input_ids.shape[0], -1, logits.shape[-1])
+
+    def _keep_value(self, keep: int):
+        """The int64 OrtValue of `keep` (made once per value: drafts are at most a few long)."""
+        value = self._keep.get(keep)
+        if value is None:
+            import onnxruntime as ort
+
+            value = ort.OrtValue.ortvalue_from_numpy(np.array(keep, dtype=np.int64))
+            self._keep[keep] = value
+        return value
 
 
 class DynamicRequest:

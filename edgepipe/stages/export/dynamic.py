@@ -45,6 +45,12 @@ from edgepipe.stages.export.layers.attention import (
 from edgepipe.stages.export.layers.dtypes import LayerDtypes, cast
 from edgepipe.stages.export.layers.layout import Layout
 from edgepipe.stages.export.layers.linear import Linears, quant_label
+from edgepipe.stages.export.layers.logits import (
+    KEPT_ROWS,
+    fold_kept_positions,
+    keep_last_positions,
+    logits_to_keep_input,
+)
 from edgepipe.stages.export.layers.mlp import swiglu_mlp
 from edgepipe.stages.export.layers.norms import skip_rms_norm
 from edgepipe.stages.export.layers.qk_norm import head_rms_norm
@@ -190,25 +196,23 @@ class _DecoderBuilder:
             self.steps.tick(f"layer {layer}")
         normed = self._skip_norm("final_norm", hidden, residual, self.fam.final_norm)[0]
         normed = cast(writer, "final_norm", normed, self.dtypes.residual, self.dtype)
-        if not self.all_logits:
-            normed = writer.op(
-                "Slice",
-                "lm_head/last_position",
-                [
-                    normed,
-                    writer.const("lm_head/starts", np.array([-1], np.int64)),
-                    writer.const("lm_head/ends", np.array([np.iinfo(np.int64).max], np.int64)),
-                    writer.const("lm_head/axes", np.array([1], np.int64)),
-                ],
-            )
-        logits = self._lm_head(normed, table)
+        inputs = [ids, mask, *pasts]
+        if self.all_logits:
+            logits = self._lm_head(normed, table)
+            logits_shape = ["batch_size", "sequence_length", cfg.vocab_size]
+        else:
+            keep = logits_to_keep_input(writer)
+            inputs.append(keep)
+            normed = keep_last_positions(writer, "lm_head", normed, keep)
+            logits = self._lm_head(normed, table)
+            logits = fold_kept_positions(writer, "lm_head", logits, cfg.vocab_size)
+            logits_shape = [KEPT_ROWS, 1, cfg.vocab_size]
         self.steps.tick("lm_head")
-        out_seq = "sequence_length" if self.all_logits else 1
-        logits_out = tensor_input("logits", self.ir_dtype, ["batch_size", out_seq, cfg.vocab_size])
+        logits_out = tensor_input("logits", self.ir_dtype, logits_shape)
         writer.op("Identity", "logits/Identity", [logits], output_names=["logits"])
         # Rebind the graph outputs to the node outputs carrying their names.
         outputs = [self._named_output(logits_out)] + [self._named_output(p) for p in presents]
-        return writer.model([ids, mask, *pasts], outputs)
+        return writer.model(inputs, outputs)
 
     def _cache_values(self) -> tuple[list[ir.Value], list[ir.Value]]:
         """The past_key_values inputs and the present outputs' templates, key then value."""

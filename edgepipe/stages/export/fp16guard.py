@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe.errors import InvalidInput
+from edgepipe.stages.validate.runner import quiet_options
 
 FP16_MAX = 65504.0
 # A site is kept in float32 when its float32 maximum on the calibration text exceeds
@@ -151,7 +152,7 @@ def activation_maxima(model_path: Path | str, ids: Sequence[int]) -> list[LayerM
     for name in probes:
         if name not in existing:
             model.graph.output.append(onnx.ValueInfoProto(name=name))  # ORT infers the type
-    options = ort.SessionOptions()
+    options = quiet_options()
     # The probe graph lives in memory; its weights are read from the export folder.
     options.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", str(model_path.parent)

@@ -16,7 +16,24 @@ import numpy as np
 
 from edgepipe.errors import InvalidInput
 from edgepipe.runtime.dtypes import ORT_NUMPY_DTYPES as ORT_DTYPES
+from edgepipe.runtime.options import QUIET
 from edgepipe.runtime.providers import CPU_PROVIDER as CPU
+
+
+def quiet_options(options=None):
+    """`options` (new `onnxruntime.SessionOptions` when None) logging errors only, unless the
+    caller chose a level.
+
+    The build's sessions over its own dynamic graphs would otherwise log onnxruntime's warning
+    about the overridable `logits_to_keep` initializer ("appears in graph inputs ... Move it
+    out of graph inputs") on every load: by design here (edgepipe.stages.export.layers.logits).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions() if options is None else options
+    if options.log_severity_level == -1:  # -1: not chosen (onnxruntime's default, warnings)
+        options.log_severity_level = QUIET
+    return options
 
 
 class DecoderRunner:
@@ -26,7 +43,8 @@ class DecoderRunner:
         model_path: the `.onnx` file.
         provider: execution provider; CPU is always appended as fallback.
         provider_options: options for `provider`.
-        session_options: an `onnxruntime.SessionOptions`, or None for defaults.
+        session_options: an `onnxruntime.SessionOptions`, or None for defaults; sessions log
+            errors only unless it sets a level (`quiet_options`).
     """
 
     def __init__(
@@ -44,7 +62,7 @@ class DecoderRunner:
         if provider != CPU:
             providers.append((CPU, {}))
         self.session = ort.InferenceSession(
-            str(model_path), sess_options=session_options, providers=providers
+            str(model_path), sess_options=quiet_options(session_options), providers=providers
         )
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -10,4 +10,5 @@
 * `norms`: the (skip) RMSNorms of the residual stream.
 * `mlp`: the SwiGLU MLP.
 * `dtypes`: the fp16 guard's float32 parts and the Casts at their edges.
+* `logits`: the `logits_to_keep` input and the slice of the positions the lm_head computes.
 """
