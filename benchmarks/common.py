@@ -277,6 +277,12 @@ def machine_facts() -> dict:
     }
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def write_json(path: Path, data) -> None:
     """Write `data` as indented JSON, atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -385,7 +391,9 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
         from edgepipe.build.cache import build_code_hash
         from edgepipe.build.dynamic import EXPORT_ROOTS
 
-        code_hash = build_code_hash(EXPORT_ROOTS)
+        # The profile's defaults (block size, symmetry) are part of what a build resolves to.
+        profile = REPO / "device_profiles" / f"{PROFILE}.yaml"
+        code_hash = build_code_hash(EXPORT_ROOTS) + ":" + file_sha256(profile)
     if record_path.is_file() and out.is_dir() and not rebuild:
         record = json.loads(record_path.read_text())
         fresh = kind not in EDGEPIPE_KINDS or record.get("stages") == SHIPPED_STAGES
@@ -409,6 +417,7 @@ def cached_build(kind: str, name: str, model_dir: Path, cache: Path = CACHE, *, 
     if kind in EDGEPIPE_KINDS:
         record.update(json.loads(stdout.strip().splitlines()[-1]))
         record["precision"] = EDGEPIPE_KINDS[kind]
+        record["code_hash"] = code_hash
     record["artifact"] = str(out)
     record["artifact_bytes"] = folder_bytes(out, "model.onnx")
     write_json(record_path, record)

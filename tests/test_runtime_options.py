@@ -90,7 +90,16 @@ def test_session_config_entries_win_over_the_spinning_mode(toy):
     assert session_entry(gen, SPIN) == "0"
 
 
-def test_default_does_not_spin_and_unknown_modes_are_refused(toy):
+def test_default_is_auto_and_unknown_modes_are_refused(toy, monkeypatch):
+    monkeypatch.setattr(runtime_options, "usable_cores", lambda: 2)
+    monkeypatch.setattr(runtime_options, "busy_cores", lambda: 0.0)
+    assert session_entry(Generator(toy), SPIN_US) == str(AUTO_SPIN_US)
+    monkeypatch.setattr(runtime_options, "busy_cores", lambda: 1.0)
     assert session_entry(Generator(toy), SPIN) == "0"
     with pytest.raises(ValueError, match="spinning must be one of"):
         spinning_config("sometimes")
+
+
+def test_sessions_given_as_is_are_not_changed(toy):
+    options = runtime_options.session_options(session_config={SPIN: "1"})
+    assert session_entry(Generator(toy, session_options=options), SPIN) == "1"

@@ -65,7 +65,8 @@ def _artifact_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spin",
         choices=("auto", "on", "off"),
-        help="intra-op thread spinning (auto: a bounded spin; default: the runtime's, off)",
+        help="intra-op thread spinning (default auto: a bounded spin while every thread has "
+        "a core to itself; on; off)",
     )
 
 

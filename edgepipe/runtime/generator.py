@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from functools import partial
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from edgepipe.runtime.engines import CacheStore, Engine, open_engine
 from edgepipe.runtime.engines.kv import position_limit
 from edgepipe.runtime.errors import ArtifactError, PromptTooLong
 from edgepipe.runtime.inputs import check_ids, check_text
-from edgepipe.runtime.options import spinning_config
+from edgepipe.runtime.options import DEFAULT_SPINNING, SPIN_KEY, spin_entries, spinning_config
 from edgepipe.runtime.prefix import PrefixCache, PrefixLease, PrefixStats, open_prefix_cache
 from edgepipe.runtime.results import GenerationResult, Metrics, Stream
 from edgepipe.runtime.rows import Row, thinking_plan
@@ -33,6 +34,7 @@ from edgepipe.runtime.sampling import (
 )
 from edgepipe.runtime.speculative import NgramDrafter, check_request
 from edgepipe.runtime.speculative import decode as speculative_decode
+from edgepipe.runtime.spin import SpinWatch
 from edgepipe.runtime.tools import ToolStream, check_tool_choice, check_tools, prepare_messages
 
 TRUNCATE_MODES = ("error", "left")
@@ -59,9 +61,9 @@ class Generator:
         session_config: onnxruntime session config entries over `SESSION_CONFIG` (ignored
             when session_options is given), e.g. `{"session.intra_op.allow_spinning": "1"}`.
         provider_options: override the profile's provider options.
-        spinning: intra-op thread spinning, "auto" (a bounded spin), "on" or "off"; None
-            keeps `SESSION_CONFIG`'s (off). Applied under `session_config` (its entries win);
-            ignored when session_options is given.
+        spinning: intra-op thread spinning, "auto" (a bounded spin while the machine has a
+            core for every thread), "on" or "off"; None: `DEFAULT_SPINNING` ("auto"). Applied
+            under `session_config` (its entries win); ignored when session_options is given.
         prefill_chunk: feed long prompts this many tokens at a time (None: all at once); bounds
             prefill memory, same tokens. Not used on providers that prefill in one call
             (`edgepipe.runtime.providers.ONE_CALL_PREFILL`: DirectML), nor by static artifacts
@@ -129,19 +131,25 @@ class Generator:
         # No lock: every call owns its KV buffers and IOBinding, and onnxruntime's Run is
         # thread-safe, so concurrent calls (threads, or interleaved streams) do not interfere.
         self._template: ChatTemplate | None = None
-        if spinning is not None:
-            spin = spinning_config(spinning, intra_op_num_threads)
+        self._spin_watch: SpinWatch | None = None
+        if session_options is None:
+            mode = spinning or DEFAULT_SPINNING
+            spin = spinning_config(mode, intra_op_num_threads)
+            if mode == "auto" and SPIN_KEY not in (session_config or {}):
+                self._spin_watch = SpinWatch(intra_op_num_threads, spin[SPIN_KEY] == "1")
             session_config = {**spin, **(session_config or {})}
-        self._engine: Engine = open_engine(
+        self._open = partial(
+            open_engine,
             art,
             provider=provider,
             session_options=session_options,
             intra_op_num_threads=intra_op_num_threads,
-            session_config=session_config,
             provider_options=provider_options,
             max_length=max_length,
             prefill_chunk=prefill_chunk,
         )
+        self._session_config = session_config
+        self._engine: Engine = self._open(session_config=session_config)
         self.provider: str = self._engine.provider
         self.continues_prefill: bool = self._engine.continues_prefill
         self._prefix = open_prefix_cache(
@@ -427,6 +435,19 @@ class Generator:
             except StopIteration as stop:
                 return stop.value
 
+    @property
+    def spin_watch(self) -> SpinWatch | None:
+        """What re-decides "auto" spinning between calls (None for an explicit mode)."""
+        return self._spin_watch
+
+    def _respin(self) -> None:
+        """Re-open the session when "auto" spinning should change (`spin.SpinWatch`). A call
+        still running on the old session keeps it until it ends."""
+        spin = None if self._spin_watch is None else self._spin_watch.check()
+        if spin is not None:
+            self._session_config = {**self._session_config, **spin_entries(spin)}
+            self._engine = self._open(session_config=self._session_config)
+
     def _fit(self, ids: list[int], max_new: int, truncate: str) -> list[int]:
         limit = self.limit
         if len(ids) == 0:
@@ -451,6 +472,7 @@ class Generator:
         """
         if truncate not in TRUNCATE_MODES:
             raise ValueError(f"truncate must be one of {TRUNCATE_MODES}, got {truncate!r}")
+        self._respin()
         params = dict(params)
         speculative = params.pop("speculative", None)
         p = merge_params(self.defaults, **params)

@@ -6,9 +6,10 @@ import os
 import time
 from collections.abc import Mapping
 
-# Session config entries of every session the Generator creates (`session_config=` adds or
+# Session config entries of every session edgepipe creates (`session_config=` adds or
 # overrides). Spinning off: idle intra-op threads sleep instead of busy-waiting, so they never
-# steal a core from the other thread or from other processes. Measured on a shared 2-core
+# steal a core from the other thread or from other processes. The build's sessions keep it;
+# `Generator` sets its `spinning` mode over it (`DEFAULT_SPINNING`). Measured on a shared 2-core
 # AVX-512 VM (load 5-8 from other jobs), shape-exact Qwen2.5-0.5B int4, 8 alternating rounds
 # (benchmarks/side_by_side.py --variant): decode 17.5 vs 11.1 tok/s with spinning, prefill of
 # 128 tokens 89.5 vs 79.1 tok/s; onnxruntime-genai on its own build: 16.6 decode.
@@ -19,7 +20,7 @@ SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 # made when the session opens; a second, spinning session per Generator would double the
 # prepacked int4 weights (the Python API exposes no PrepackedWeightsContainer). "auto" spins
 # only when every intra-op thread has a core of its own: the cores this process may use, less
-# the cores other processes kept busy over `SAMPLE_S` just before the session opens
+# the cores other processes kept busy over `SAMPLE_S` (50 ms) just before the session opens
 # (`busy_cores`, from /proc/stat; the 1-minute load average where that is missing), and then
 # for at most `AUTO_SPIN_US` per wait, so a worker keeps its core between the kernels of a step
 # but gives it back soon when there is no work. An instantaneous sample, not the load average:
@@ -30,9 +31,16 @@ SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 # --variant, load 7-15, no idle core ever): spinning on 0.61x of off (0.39x with one core kept
 # busy), a 100 us bounded spin 0.93x (0.88x).
 AUTO_SPIN_US = 100
+# `Generator`'s mode when none is given. "auto", measured on a quiet 2-core AVX-512 VM
+# (benchmarks/side_by_side.py --tag quiet-w3 / busy-w3, shape-exact Qwen2.5-0.5B int4, block
+# 128 symmetric, 4 ABBA rounds): decode 83.5 vs 62.0 tok/s with spinning off (llama.cpp Q4_0:
+# 76.6); with a busy loop on one core started after the session opened (so "auto" had chosen
+# to spin) 31.5 vs 34.5 (llama.cpp: 25.5). When the machine is busy at open, "auto" is "off".
+DEFAULT_SPINNING = "auto"
+SPIN_KEY = "session.intra_op.allow_spinning"
 # How long "auto" watches the CPUs before the session opens, and how much of a core other
 # processes may use while it still counts as spare (/proc/stat counts in 10 ms ticks).
-SAMPLE_S = 0.1
+SAMPLE_S = 0.05
 SPARE_SLACK = 0.3
 SPINNING = ("auto", "on", "off")
 # onnxruntime's log level for the sessions created here: warnings (1) and above by default;
@@ -79,12 +87,7 @@ def spinning_config(spinning: str, threads: int | None = None) -> dict[str, str]
     if spinning == "on":
         return {"session.intra_op.allow_spinning": "1"}
     if spinning == "auto":
-        if not spare_cores_for(threads):
-            return {"session.intra_op.allow_spinning": "0"}
-        return {
-            "session.intra_op.allow_spinning": "1",
-            "session.intra_op.spin_duration_us": str(AUTO_SPIN_US),
-        }
+        return spin_entries(spare_cores_for(threads))
     raise ValueError(f"spinning must be one of {SPINNING}, got {spinning!r}")
 
 
@@ -125,6 +128,35 @@ def busy_cores(sample_s: float | None = None) -> float | None:
         if total > total0:
             busy += 1.0 - (idle - idle0) / (total - total0)
     return busy
+
+
+def busy_ticks() -> int | None:
+    """Ticks the CPUs this process may use have been busy since boot (None without /proc)."""
+    try:
+        ticks = cpu_ticks({f"cpu{i}" for i in os.sched_getaffinity(0)})
+    except (AttributeError, OSError, ValueError):
+        return None
+    return sum(total - idle for idle, total in ticks.values())
+
+
+def own_ticks() -> int | None:
+    """CPU ticks (user + system) this process has used, all threads (None without /proc)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])
+
+
+def spin_entries(spin: bool) -> dict[str, str]:
+    """The session config entries of "auto" once decided: a bounded spin, or none."""
+    if not spin:
+        return {"session.intra_op.allow_spinning": "0"}
+    return {
+        "session.intra_op.allow_spinning": "1",
+        "session.intra_op.spin_duration_us": str(AUTO_SPIN_US),
+    }
 
 
 def cpu_ticks(cpus: set[str]) -> dict[str, tuple[int, int]]:
