@@ -108,12 +108,12 @@ def test_steps_on_one_reused_binding_give_the_logits_of_a_fresh_binding_each(gen
     np.testing.assert_array_equal(reused, fresh)
 
 
-def test_sessions_do_not_spin_unless_session_config_turns_it_on(toy_dir):
+def test_session_config_entries_win_over_the_spinning_mode(toy_dir):
     key = "session.intra_op.allow_spinning"
-    default = Generator(toy_dir).session.get_session_options()
-    assert default.get_session_config_entry(key) == "0"
-    spinning = Generator(toy_dir, session_config={key: "1"}).session.get_session_options()
-    assert spinning.get_session_config_entry(key) == "1"
+    off = Generator(toy_dir, spinning="off").session.get_session_options()
+    assert off.get_session_config_entry(key) == "0"
+    spinning = Generator(toy_dir, spinning="off", session_config={key: "1"})
+    assert spinning.session.get_session_options().get_session_config_entry(key) == "1"
 
 
 def test_batch_of_different_lengths_gives_each_row_what_it_gives_alone(gen):

@@ -117,7 +117,8 @@ def test_shipped_profiles_match_their_devices():
     x64, arm, dml, qnn = (
         schema.load_profile(n) for n in ("cpu-x64", "cpu-arm64", "directml", "qnn-htp")
     )
-    assert (x64.default_precision, x64.accuracy_level, x64.default_block_size) == ("int4", 4, 32)
+    assert (x64.default_precision, x64.accuracy_level, x64.default_block_size) == ("int4", 4, 128)
+    assert x64.default_symmetric and not arm.default_symmetric  # arm64: not measured yet
     assert arm.default_precision == "int4" and arm.accuracy_level == 4
     assert dml.activation_dtype == "float16" and dml.default_precision == "int4"
     assert (qnn.graph_variant, qnn.default_precision, qnn.prefill_chunk) == ("static", "int8", 64)

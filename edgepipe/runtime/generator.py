@@ -24,6 +24,7 @@ from edgepipe.runtime.errors import ArtifactError, PromptTooLong
 from edgepipe.runtime.inputs import check_ids, check_text
 from edgepipe.runtime.options import DEFAULT_SPINNING, SPIN_KEY, spin_entries, spinning_config
 from edgepipe.runtime.prefix import PrefixCache, PrefixLease, PrefixStats, open_prefix_cache
+from edgepipe.runtime.providers import CPU_PROVIDER
 from edgepipe.runtime.results import GenerationResult, Metrics, Stream
 from edgepipe.runtime.rows import Row, thinking_plan
 from edgepipe.runtime.sampling import (
@@ -151,6 +152,8 @@ class Generator:
         self._session_config = session_config
         self._engine: Engine = self._open(session_config=session_config)
         self.provider: str = self._engine.provider
+        if self.provider != CPU_PROVIDER:  # re-opening a DirectML / QNN session buys nothing
+            self._spin_watch = None
         self.continues_prefill: bool = self._engine.continues_prefill
         self._prefix = open_prefix_cache(
             prefix_cache_bytes, art.graph_variant, continues_prefill=self.continues_prefill
