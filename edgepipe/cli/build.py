@@ -121,8 +121,8 @@ def _build(args) -> int:
         print("nothing to build (the shard is empty)", file=sys.stderr)
         results = []
     else:
-        with _interrupts() as check:
-            results = _run_with_progress(plans, options, args.jobs, quiet=args.json, check=check)
+        with _interrupt_on_sigterm():
+            results = _run_with_progress(plans, options, args.jobs, quiet=args.json)
     if args.json:
         print(report_json(results))
     else:
@@ -131,39 +131,26 @@ def _build(args) -> int:
 
 
 @contextlib.contextmanager
-def _interrupts():
+def _interrupt_on_sigterm():
     """Make SIGTERM (CI cancellation, `kill`) unwind like Ctrl-C while building, so the build's
-    temp folder is removed on the way out instead of waiting for the next build's sweep; yields
-    a check that raises KeyboardInterrupt again once either signal came. The builds call it at
-    every stage: CPython drops an exception raised while a `__del__` or weakref callback runs,
-    so a Ctrl-C landing there was lost and the build ran on to exit 0 (seen once in the suite).
-    """
+    temp folder is removed on the way out instead of waiting for the next build's sweep."""
     import signal
     import threading
 
-    came = threading.Event()
-
     def interrupt(signum, frame):
-        came.set()
         raise KeyboardInterrupt
 
-    def check() -> None:
-        if came.is_set():
-            raise KeyboardInterrupt
-
     if threading.current_thread() is not threading.main_thread():
-        yield check
+        yield
         return
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield check
-        check()  # swallowed during the last stage: the exit code still says so
+        yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signal.signal(signal.SIGTERM, previous)
 
 
-def _run_with_progress(plans, options, jobs, *, quiet: bool, check=None):
+def _run_with_progress(plans, options, jobs, *, quiet: bool):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -185,8 +172,6 @@ def _run_with_progress(plans, options, jobs, *, quiet: bool, check=None):
         }
 
         def callback(name: str, stage: str, message: str) -> None:
-            if check is not None:
-                check()
             task = tasks.get(name)
             if task is None:
                 return
