@@ -295,6 +295,19 @@ def test_failing_build_on_a_cached_export_says_where_the_entry_is(tmp_path):
     assert f"export reused from the stage cache: {cache / 'export'}" in second.error
 
 
+def _signals_as_a_shell_leaves_them() -> None:
+    """In the child before exec: no signal blocked, SIGINT and SIGTERM at their defaults.
+
+    A child inherits its parent's signal mask and ignored signals. In the full suite the pytest
+    process (after hundreds of tests, threads and servers) sometimes passed SIGINT on blocked or
+    ignored: the build then never saw the Ctrl-C and exited 0 (twice in three suite runs, never
+    when the test ran alone). What is tested is how the CLI handles a signal a terminal sends.
+    """
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _signal_cli_build(out: Path, sig: int, after: float = 0.0) -> int:
     """Start `python -m edgepipe build tiny-qwen2 -p cpu-x64 --no-cache` into `out`, send it
     `sig` `after` seconds once its temp folder appears, and return its exit status."""
@@ -302,7 +315,12 @@ def _signal_cli_build(out: Path, sig: int, after: float = 0.0) -> int:
     argv += ["-o", str(out), "--no-cache", "--json"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = subprocess.Popen(
-        argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        argv,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_signals_as_a_shell_leaves_them,
     )
     try:
         deadline = time.monotonic() + 120
