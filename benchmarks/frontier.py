@@ -69,6 +69,11 @@ ROWS: dict[str, dict] = {
     "body-only-gptq": {"method": "gptq", "embedding": "fp32", "lm_head": "fp32"},
     "table-only-int4": {"weights": "fp32", "embedding": "int4", "lm_head": "int4"},
 }
+# The layout the rows were measured with (docs/quantization.md): block 32 with zero points,
+# cpu-x64's default until it moved to block 128 symmetric. Rows that name their own keep it;
+# `default` stays the shipped recipe as it resolves today.
+_FORMER_LAYOUT = {"block_size": 32, "symmetric": False}
+ROWS = {name: row if name == "default" else {**_FORMER_LAYOUT, **row} for name, row in ROWS.items()}
 
 
 def row_recipe(name: str, precision: dict, folder: Path) -> Path:
