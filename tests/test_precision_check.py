@@ -20,6 +20,7 @@ from edgepipe.schema import shipped as resources
 from edgepipe.stages.export.dynamic import build_decoder
 from edgepipe.stages.quantize.plan import QuantPlan
 from edgepipe.stages.validate.precision_check import check_artifact_weights, check_precision
+from tests.fixtures.quantize import int4_resolved
 
 # (recipe, --precision, precision block changes): the tiny recipes in int4 and int8, and the
 # variants whose fields a graph could silently drop.
@@ -133,18 +134,7 @@ def int4_export(tmp_path_factory):
 
 
 def _int4(**changes) -> ResolvedPrecision:
-    fields = dict(
-        profile="cpu-x64",
-        weights="int4",
-        method="rtn",
-        block_size=32,
-        symmetric=False,
-        accuracy_level=0,
-        embedding="int4",
-        lm_head="int4",
-        tied=True,
-    )
-    return ResolvedPrecision(**{**fields, **changes})
+    return int4_resolved(**{"tied": True, **changes})
 
 
 def test_matching_precision_passes(int4_export):

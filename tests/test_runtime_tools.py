@@ -17,6 +17,7 @@ from edgepipe.runtime.tools import (
     prepare_messages,
     tojson,
 )
+from tests.fixtures.constrained import TOOLS, WEATHER_TOOL
 
 
 def block(name, arguments):
@@ -199,39 +200,6 @@ def test_prepare_messages_parses_string_arguments_and_tool_call_objects():
 
 # --- Generator.chat with tools (toy artifacts with each family's template) ---------------------
 
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather for a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 12},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-SEARCH_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "search",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "query": {"type": "string", "maxLength": 16},
-                "tags": {"type": "array", "items": {"enum": ["news", "web"]}, "maxItems": 2},
-            },
-            "required": ["query"],
-            "additionalProperties": False,
-        },
-    },
-}
-TOOLS = [WEATHER_TOOL, SEARCH_TOOL]
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 SAMPLED = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 

@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from edgepipe.runtime import Generator
+from tests.fixtures.constrained import SEARCH_TOOL, TOOLS, WEATHER_TOOL
 from tests.fixtures.serve import script_replies
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -25,39 +26,7 @@ needs_llguidance = pytest.mark.skipif(
     importlib.util.find_spec("llguidance") is None, reason="needs edgepipe[constrained]"
 )
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather for a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 12},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-SEARCH = {
-    "type": "function",
-    "function": {
-        "name": "search",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "query": {"type": "string", "maxLength": 16},
-                "tags": {"type": "array", "items": {"enum": ["news", "web"]}, "maxItems": 2},
-            },
-            "required": ["query"],
-            "additionalProperties": False,
-        },
-    },
-}
-TOOLS = [WEATHER, SEARCH]
+WEATHER, SEARCH = WEATHER_TOOL, SEARCH_TOOL
 PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 PERSON = {

@@ -16,6 +16,7 @@ from edgepipe.build.target_kl import (
 from edgepipe.errors import InvalidInput
 from edgepipe.schema.precision import ResolvedPrecision
 from edgepipe.stages.quantize.plan import QuantPlan
+from tests.fixtures.quantize import int4_resolved
 
 CONFIG = {
     "hidden_size": 64,
@@ -25,17 +26,7 @@ CONFIG = {
     "num_hidden_layers": 2,
     "vocab_size": 1000,
 }
-INT4 = ResolvedPrecision(
-    profile="cpu-x64",
-    weights="int4",
-    method="rtn",
-    block_size=32,
-    symmetric=False,
-    accuracy_level=0,
-    embedding="int4",
-    lm_head="int4",
-    target_kl=0.02,
-)
+INT4 = int4_resolved(target_kl=0.02)
 RECIPE = """\
 name: mine
 description: a recipe written in a test
