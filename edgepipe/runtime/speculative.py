@@ -154,6 +154,52 @@ class NgramDrafter:
             self.acceptance = 1.0  # give drafting a fresh chance after the pause
 
 
+def draft(row, drafter: NgramDrafter, *, max_steps: int, capacity: int, cached: int) -> list[int]:
+    """The drafts a row verifies next ([] while it emits forced tokens).
+
+    Args:
+        row: the `Row` (its last token is not fed yet).
+        drafter: the row's `NgramDrafter`.
+        max_steps: tokens the row may generate at most.
+        capacity: KV positions of the row.
+        cached: positions the row holds (its prompt and all its tokens but the last).
+    """
+    if row.forced:
+        return []
+    # Room: every verified position needs a cache slot, and at most max_steps tokens.
+    return drafter.draft(min(max_steps - len(row.out) - 1, capacity - cached - 1))
+
+
+def take(row, pending, drafts, drafter, *, sampler, stop_ids, thinking, max_steps) -> list:
+    """Take the row's tokens from one call's logits rows; record how many drafts held.
+
+    Row i of `pending` gives the token after fed position i (the row's last token, then
+    `drafts`). The row takes its own choice at each position and goes on while that choice is
+    the draft fed there, so it takes 1 + (accepted drafts) tokens unless it finishes first; its
+    cache then holds every taken token but the last, and the rejected drafts' positions lie
+    past its length.
+
+    Returns:
+        (token, text piece) per token taken.
+    """
+    taken = []
+    accepted = 0
+    for i, row_logits in enumerate(pending):
+        token = row.next_token(row_logits, sampler, thinking)
+        piece = row.accept(token, stop_ids, last=len(row.out) + 1 == max_steps)
+        drafter.append(token)
+        taken.append((token, piece))
+        if row.done or len(row.out) >= max_steps:
+            break
+        if i < len(drafts):
+            if token != drafts[i]:
+                break
+            accepted += 1
+    if drafts:
+        drafter.record(len(drafts), accepted)
+    return taken
+
+
 def decode(row, request, logits, *, sampler, stop_ids, thinking, max_steps, drafter) -> Iterator:
     """The decode loop of one row with speculation; yields text pieces, returns t_first.
 
@@ -169,29 +215,19 @@ def decode(row, request, logits, *, sampler, stop_ids, thinking, max_steps, draf
     t_first = None
     capacity = request.capacity
     while True:
-        accepted = 0
-        for i, row_logits in enumerate(pending):
-            token = row.next_token(row_logits, sampler, thinking)
-            piece = row.accept(token, stop_ids, last=len(row.out) + 1 == max_steps)
-            drafter.append(token)
+        taken = take(
+            row, pending, drafts, drafter,
+            sampler=sampler, stop_ids=stop_ids, thinking=thinking, max_steps=max_steps,
+        )  # fmt: skip
+        if t_first is None:
+            t_first = time.perf_counter()
+        for _, piece in taken:
             if piece:
                 yield piece
-            if t_first is None:
-                t_first = time.perf_counter()
-            if row.done or len(row.out) >= max_steps:
-                if drafts:
-                    drafter.record(len(drafts), accepted)
-                return t_first
-            if i < len(drafts):
-                if token != drafts[i]:
-                    break
-                accepted += 1
-        if drafts:
-            drafter.record(len(drafts), accepted)
+        if row.done or len(row.out) >= max_steps:
+            return t_first
         cached = len(row.prompt) + len(row.out) - 1  # the last token is not fed yet
-        # Room: every verified position needs a cache slot, and at most max_steps tokens.
-        room = min(max_steps - len(row.out) - 1, capacity - cached - 1)
-        drafts = drafter.draft(room) if not row.forced else []
+        drafts = draft(row, drafter, max_steps=max_steps, capacity=capacity, cached=cached)
         feed = np.array([[row.out[-1], *drafts]], dtype=np.int64)
         lengths = np.array([cached + feed.shape[1]], dtype=np.int64)
         pending = request.verify(feed, lengths)[0] if drafts else request.step(feed, lengths)
