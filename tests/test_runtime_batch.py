@@ -180,3 +180,109 @@ def test_a_batch_shares_the_generator_byte_table(gen):
     )
     assert gen.token_bytes is not None and batch.token_bytes is gen.token_bytes
     assert new_batch(gen).token_bytes is not gen.token_bytes  # built when not given
+
+
+# -- speculative decoding ------------------------------------------------------------------------
+
+CODE = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n"
+# The trained model copies code from its context: prompt-lookup drafts get accepted here.
+GROUNDED = (
+    "Rewrite the file with add renamed to plus.\n\n" + CODE + "\n\nRewritten file:\n" + CODE[:20]
+)
+REPEATED = "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n"
+
+
+@pytest.fixture(scope="module")
+def trained(trained_shipped_dir):
+    return Generator(trained_shipped_dir)
+
+
+def greedy(gen, n, **overrides):
+    return merge_params(gen.defaults, max_new_tokens=n, do_sample=False, **overrides)
+
+
+def plain(gen, prompt, p):
+    return gen.generate(
+        prompt,
+        max_new_tokens=p.max_new_tokens,
+        do_sample=False,
+        stop_token_ids=p.stop_token_ids,
+        stop_strings=p.stop_strings,
+    )
+
+
+@pytest.mark.parametrize("prompt", [GROUNDED, PROMPTS[0]])
+def test_a_lone_speculating_row_gives_plain_greedy_tokens(trained, prompt):
+    assert trained.engine.keeps_logits  # verified through logits_to_keep
+    batch = new_batch(trained, slots=2, capacity=256)
+    p = greedy(trained, 64)
+    request = RowRequest(trained.encode(prompt), p, stop_ids=[], speculative="ngram")
+    ((tokens, text, reason),) = drain(batch, [request], eager=True)
+    alone = trained.generate(prompt, max_new_tokens=64, do_sample=False, stop_token_ids=[])
+    assert (tokens, text, reason) == (alone.token_ids, alone.text, alone.finish_reason)
+    if prompt == GROUNDED:  # drafts were verified and kept, not just skipped
+        assert batch.stats.accepted > 0
+        assert batch.stats.verify_calls < len(tokens) - 1
+
+
+def test_speculating_and_plain_rows_together_give_their_greedy_tokens(trained):
+    prompts = [PROMPTS[0], GROUNDED, REPEATED, PROMPTS[2]]
+    ns = [10, 90, 30, 5]
+    specs = [None, "ngram", "ngram", None]
+    prefix = PrefixCache(1 << 24)
+    for run in range(2):  # the second run reuses the prefixes the first one left
+        batch = new_batch(trained, slots=3, capacity=256, prefix=prefix)
+        requests = [
+            RowRequest(trained.encode(q), greedy(trained, n), speculative=s)
+            for q, n, s in zip(prompts, ns, specs, strict=True)
+        ]
+        results = drain(batch, requests, eager=True)
+        for prompt, request, (tokens, text, reason) in zip(prompts, requests, results, strict=True):
+            alone = plain(trained, prompt, request.params)
+            assert (tokens, text, reason) == (alone.token_ids, alone.text, alone.finish_reason)
+        # Slot 1's row decodes alone at the end: it verifies on its own row of the buffer.
+        assert batch.stats.accepted > 0
+    assert prefix.stats.hits > 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 17])
+def test_a_speculating_row_stops_at_max_new_tokens_exactly(trained, n):
+    batch = new_batch(trained, slots=1, capacity=256)
+    p = greedy(trained, n)
+    request = RowRequest(trained.encode(GROUNDED), p, stop_ids=[], speculative="ngram")
+    ((tokens, text, reason),) = drain(batch, [request])
+    assert len(tokens) == n and reason == "length"
+    alone = trained.generate(GROUNDED, max_new_tokens=n, do_sample=False, stop_token_ids=[])
+    assert tokens == alone.token_ids and text == alone.text
+
+
+def test_a_speculating_row_ends_at_a_stop_string_like_plain_decoding(trained):
+    text = trained.generate(GROUNDED, max_new_tokens=40, do_sample=False, stop_token_ids=[]).text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    p = greedy(trained, 40, stop_strings=(stop,), stop_token_ids=[])
+    batch = new_batch(trained, slots=1, capacity=256)
+    request = RowRequest(trained.encode(GROUNDED), p, stop_ids=[], speculative="ngram")
+    ((tokens, got, reason),) = drain(batch, [request])
+    alone = plain(trained, GROUNDED, p)
+    assert (tokens, got, reason) == (alone.token_ids, alone.text, "stop_string")
+    assert stop not in got
+
+
+def test_speculation_is_refused_for_sampled_and_constrained_rows_and_old_decoders(trained, gen):
+    from edgepipe.runtime.constrain import constraint_for
+
+    ids = trained.encode("x")
+    batch = new_batch(trained, slots=1)
+    sampled = merge_params(trained.defaults, do_sample=True, temperature=0.7)
+    with pytest.raises(ValueError, match="greedy"):
+        batch.join(RowRequest(ids, sampled, speculative="ngram"))
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    constraint = constraint_for({"json_schema": schema}, trained.tokenizer, trained.artifact)
+    with pytest.raises(ValueError, match="constraint"):
+        batch.join(RowRequest(ids, greedy(trained, 4), constraint=constraint, speculative="ngram"))
+    assert batch.free == 1
+    if not gen.engine.verifies:  # the toy decoder returns the last position's logits only
+        with pytest.raises(GeneratorError, match="cannot verify"):
+            new_batch(gen, slots=1).join(
+                RowRequest(gen.encode("x"), greedy(gen, 4), speculative="ngram")
+            )

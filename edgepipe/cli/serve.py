@@ -41,6 +41,11 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     parser.add_argument("--provider", help="execution provider (default: the artifact's)")
     parser.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds (30)")
+    parser.add_argument(
+        "--speculative",
+        metavar="MODE",
+        help="ngram: prompt-lookup speculative decoding of greedy requests that do not say (off)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, serve_config, read_api_keys):
@@ -67,6 +72,7 @@ def config_from_args(args: argparse.Namespace, serve_config, read_api_keys):
         threads=args.threads,
         provider=args.provider,
         shutdown_grace_s=args.shutdown_grace,
+        speculative=args.speculative,
     )
 
 
@@ -82,6 +88,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from edgepipe.serve.server import serve
     except ImportError as exc:
         print(f"error: {INSTALL_HINT} ({exc})", file=sys.stderr)
+        return 2
+    from edgepipe.runtime.speculative import SPECULATIVE
+
+    if args.speculative not in (None, *SPECULATIVE):
+        print(f"error: --speculative must be one of {SPECULATIVE}", file=sys.stderr)
         return 2
     if args.parallel < 1 or args.max_queue < 0:
         print("error: --parallel must be >= 1 and --max-queue >= 0", file=sys.stderr)

@@ -190,7 +190,14 @@ async def complete(state: ServerState, kind: str, request: Request) -> Response:
         state.limits.admit_tokens(key, len(prepared.prompt))
         p = prepared.params
         job = runner.submit(
-            RowRequest(prepared.prompt, p, p.stop_token_ids, prepared.thinking, prepared.constraint)
+            RowRequest(
+                prepared.prompt,
+                p,
+                p.stop_token_ids,
+                prepared.thinking,
+                prepared.constraint,
+                prepared.speculative,
+            )
         )
     except APIError as exc:
         state.metrics.requests.labels(endpoint, str(exc.status)).inc()

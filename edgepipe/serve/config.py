@@ -31,6 +31,8 @@ class ServeConfig:
         threads: onnxruntime intra-op threads (None: its default).
         provider: execution provider (None: the artifact's).
         shutdown_grace_s: on SIGTERM/SIGINT, time in-flight requests get to finish.
+        speculative: "ngram": speculate on every greedy, unconstrained request that does not
+            say `speculative` itself (the others decode plainly); None: only on request.
     """
 
     artifact: Path
@@ -53,6 +55,7 @@ class ServeConfig:
     threads: int | None = None
     provider: str | None = None
     shutdown_grace_s: float = 30.0
+    speculative: str | None = None
 
     @property
     def served_name(self) -> str:

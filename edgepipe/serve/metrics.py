@@ -70,11 +70,30 @@ class ServerMetrics:
         self.prefix_tokens = Gauge(
             "edgepipe_prefix_cache_reused_tokens", "Prompt tokens not prefilled", registry=r
         )
+        # Speculative decoding (serve --speculative, or a request's `speculative`).
+        self.drafted_tokens = Counter(
+            "edgepipe_speculative_drafted_tokens", "Draft tokens verified", registry=r
+        )
+        self.accepted_tokens = Counter(
+            "edgepipe_speculative_accepted_tokens", "Draft tokens kept", registry=r
+        )
+        self.verify_calls = Counter(
+            "edgepipe_speculative_verify_calls", "Decoder calls that verified drafts", registry=r
+        )
+        self._draft_seen = (0, 0, 0)
         self.cancelled = Counter(
             "edgepipe_cancelled_requests",
             "Generations cancelled (disconnect, timeout)",
             registry=r,
         )
+
+    def observe_speculation(self, stats) -> None:
+        """Count what a `DraftStats` (the batch's running totals) added since the last call."""
+        seen = self._draft_seen
+        self.drafted_tokens.inc(stats.drafted - seen[0])
+        self.accepted_tokens.inc(stats.accepted - seen[1])
+        self.verify_calls.inc(stats.verify_calls - seen[2])
+        self._draft_seen = (stats.drafted, stats.accepted, stats.verify_calls)
 
     def observe_prefix(self, stats, nbytes: int) -> None:
         """Copy a `PrefixStats` into the gauges."""

@@ -7,6 +7,11 @@ template), with `chat_template_kwargs.enable_thinking` passed through for Qwen3.
 budget is the runtime's (`rows.thinking_plan`): once a row has thought that many tokens,
 `</think>` is forced and the model answers. A constrained reply (`response_format`, a required
 or named `tool_choice`) does not think, as with `Generator.chat` (serve/structured.py).
+
+Speculative decoding (`speculative`, or the server's `--speculative` for requests that do not
+say) is exact only for greedy, unconstrained rows on an artifact that can verify drafts
+(`runtime.speculative.check_request`). A request that asks for it otherwise gets a 400 saying
+what to drop; the server-wide default never fails a request: it applies where it can.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edgepipe.runtime.chat import opens_thinking
-from edgepipe.runtime.errors import TemplateRefused
+from edgepipe.runtime.errors import GeneratorError, TemplateRefused
 from edgepipe.runtime.rows import Thinking, thinking_plan
 from edgepipe.runtime.sampling import merge_params
+from edgepipe.runtime.speculative import check_request
 from edgepipe.serve.errors import bad_request
 from edgepipe.serve.schemas import ChatRequest, CompletionRequest, sampling_overrides
 from edgepipe.serve.structured import Structured, compile_constraint, structured_request
@@ -47,6 +53,7 @@ class Prepared:
     reasoning: bool
     structured: Structured = field(default_factory=Structured)
     constraint: Callable | None = None
+    speculative: str | None = None
 
 
 def message_text(message: dict, index: int) -> dict:
@@ -114,7 +121,8 @@ def prepare_chat(req: ChatRequest, gen, config, capacity: int) -> Prepared:
     params = _params(req, gen, ids, requested, config, capacity)
     reasoning = gen.chat_template.supports_thinking or started
     constraint = compile_constraint(structured, gen)  # last: the costliest check
-    return Prepared(ids, params, thinking, started, reasoning, structured, constraint)
+    speculative = speculative_mode(req, params, gen, config, constrained=constraint is not None)
+    return Prepared(ids, params, thinking, started, reasoning, structured, constraint, speculative)
 
 
 def prepare_completion(req: CompletionRequest, gen, config, capacity: int) -> Prepared:
@@ -134,7 +142,40 @@ def prepare_completion(req: CompletionRequest, gen, config, capacity: int) -> Pr
         raise bad_request(f"Token ids must be in [0, {vocab})", param="prompt")
     requested = req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
     params = _params(req, gen, ids, requested, config, capacity)
-    return Prepared(ids, params, None, False, False)
+    speculative = speculative_mode(req, params, gen, config, constrained=False)
+    return Prepared(ids, params, None, False, False, speculative=speculative)
+
+
+def speculative_mode(req, params, gen, config, *, constrained: bool) -> str | None:
+    """The request's speculative mode: its own `speculative`, else the server's default where
+    the request allows it.
+
+    Raises:
+        APIError: 400 (param `speculative`) when the request asks for it but samples, is
+            constrained, or the artifact cannot verify drafts.
+    """
+    mode = req.speculative or config.speculative
+    try:
+        check_request(
+            mode, greedy=params.greedy, batch=1, engine=gen.engine, constrained=constrained
+        )
+    except (ValueError, GeneratorError) as exc:
+        if req.speculative is None:
+            return None  # the server's default: this request decodes without it
+        if not params.greedy:
+            why = (
+                "'speculative' needs greedy decoding: send temperature 0, or drop 'speculative' "
+                "to sample"
+            )
+        elif constrained:
+            why = (
+                "'speculative' does not combine with a constrained reply (response_format, or "
+                "tool_choice 'required' or named): drop 'speculative' or the constraint"
+            )
+        else:
+            why = f"'speculative' is not available with this model: {exc}"
+        raise bad_request(why, param="speculative") from None
+    return mode
 
 
 def _params(req, gen, ids: list[int], requested: int | None, config, capacity: int):

@@ -242,6 +242,7 @@ class Scheduler:
             m.queue_depth.set(len(self._waiting))
             m.active.set(len(self._running))
         m.kv_bytes.set(self.batch.kv_bytes_in_use)
+        m.observe_speculation(self.batch.stats)
         prefix = self.batch.prefix_cache
         if prefix is not None:
             m.observe_prefix(prefix.stats, prefix.nbytes)

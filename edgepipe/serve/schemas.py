@@ -5,6 +5,10 @@ using them gets a clear 400 naming the field instead of being silently ignored: 
 1, `logprobs`, `logit_bias`, `presence_penalty`/`frequency_penalty` other than 0 (use Qwen's
 `repetition_penalty`). Fields nobody defines are ignored, as llama-server and vLLM do.
 
+edgepipe's own fields: `top_k`, `min_p`, `repetition_penalty` (Qwen's recommended settings),
+`thinking_budget` (chat) and `speculative` ("ngram": prompt-lookup speculative decoding of a
+greedy request, checked in serve/prompts.py; null or absent: the server's `--speculative`).
+
 `tools`, `tool_choice`, `parallel_tool_calls` and `response_format` (json_object, json_schema)
 are served; their contents are checked by serve/structured.py, which also refuses the legacy
 `functions` / `function_call` (send `tools` / `tool_choice`) and `response_format` together
@@ -47,6 +51,8 @@ class _Common(BaseModel):
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
+    # edgepipe's: prompt-lookup speculative decoding of a greedy request (docs/serve.md).
+    speculative: Literal["ngram"] | None = None
 
 
 class ChatRequest(_Common):
