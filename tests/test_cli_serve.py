@@ -26,6 +26,19 @@ def test_serve_is_a_registered_command():
     assert args.host == "127.0.0.1"  # loopback unless asked
 
 
+def test_speculative_flag_sets_the_server_default_and_refuses_unknown_modes(tmp_path, capsys):
+    from edgepipe.cli.serve import cmd_serve, config_from_args
+    from edgepipe.serve.config import ServeConfig, read_api_keys
+
+    args = build_parser().parse_args(["serve", str(tmp_path), "--speculative", "ngram"])
+    assert config_from_args(args, ServeConfig, read_api_keys).speculative == "ngram"
+    args = build_parser().parse_args(["serve", str(tmp_path)])
+    assert config_from_args(args, ServeConfig, read_api_keys).speculative is None
+    args = build_parser().parse_args(["serve", str(tmp_path), "--speculative", "medusa"])
+    assert cmd_serve(args) == 2
+    assert "--speculative must be one of ('ngram',)" in capsys.readouterr().err
+
+
 def test_the_cli_and_the_runtime_never_import_the_server():
     code = (
         "import sys, edgepipe.cli.main, edgepipe.runtime\n"

@@ -230,7 +230,7 @@ def test_speculating_and_plain_rows_together_give_their_greedy_tokens(trained):
     ns = [10, 90, 30, 5]
     specs = [None, "ngram", "ngram", None]
     prefix = PrefixCache(1 << 24)
-    for run in range(2):  # the second run reuses the prefixes the first one left
+    for _ in range(2):  # the second run reuses the prefixes the first one left
         batch = new_batch(trained, slots=3, capacity=256, prefix=prefix)
         requests = [
             RowRequest(trained.encode(q), greedy(trained, n), speculative=s)
