@@ -56,6 +56,13 @@ ROWS: dict[str, dict] = {
         "embedding": "int8",
         "lm_head": "int8",
     },
+    "block256-symmetric": {
+        "method": "rtn",
+        "block_size": 256,
+        "symmetric": True,
+        "embedding": "int8",
+        "lm_head": "int8",
+    },
     "hqq": {"method": "hqq", "embedding": "same", "lm_head": "same"},
     "hqq-int8-table": {"method": "hqq", "embedding": "int8", "lm_head": "int8"},
     "gptq": {"method": "gptq", "embedding": "same", "lm_head": "same"},

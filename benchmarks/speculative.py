@@ -21,13 +21,18 @@ Pass `--model-dir` with a trained checkpoint (e.g. a folder `edgepipe.arch.bundl
 wrote for tiny-trained) for that.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/speculative.py --model qwen2.5-0.5b
+
+`--serve` runs the end-to-end comparison through `edgepipe serve` instead (a request's
+`"speculative": "ngram"`, one streaming client at a time; `--out` names its own file).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -124,6 +129,63 @@ def end_to_end(gen, prompt: str, gen_len: int, rounds: int) -> dict:
     }
 
 
+def serve_end_to_end(artifact: str, prompt: list[int], gen_len: int, rounds: int) -> dict:
+    """The same comparison through `edgepipe serve`: one streaming client at a time, greedy
+    `/v1/completions` with `"speculative": "ngram"` or without, alternated; decode tok/s from
+    the first to the last streamed token, the texts compared."""
+    import httpx
+    from serve import edgepipe_cmd, free_port, wait_ready
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = edgepipe_cmd(artifact, port, parallel=4, threads=os.cpu_count() or 1)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows: dict[str, list] = {"plain": [], "ngram": []}
+    texts: dict[str, str] = {}
+    try:
+        wait_ready(url, proc)
+        with httpx.Client(timeout=600) as client:
+            for r in range(rounds):
+                for mode in ("plain", "ngram") if r % 2 == 0 else ("ngram", "plain"):
+                    body = {"model": "bench", "prompt": prompt, "max_tokens": gen_len,
+                            "temperature": 0, "stream": True}  # fmt: skip
+                    if mode == "ngram":
+                        body["speculative"] = "ngram"
+                    times, text = [], ""
+                    with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+                        response.raise_for_status()
+                        for line in response.iter_lines():
+                            choices = (
+                                json.loads(line[6:]).get("choices")
+                                if line.startswith("data: {")
+                                else None
+                            )
+                            if choices and choices[0].get("text"):
+                                times.append(time.perf_counter())
+                                text += choices[0]["text"]
+                    tps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 2 else None
+                    rows[mode].append({"decode_tokens_per_s": tps, "chunks": len(times)})
+                    texts.setdefault(mode, text)
+            metrics = client.get(f"{url}/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    counters = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith("edgepipe_speculative_") and "_total " in line
+    }
+    med = {k: statistics.median(x["decode_tokens_per_s"] for x in v) for k, v in rows.items()}
+    return {
+        "plain_tok_s": round(med["plain"], 2),
+        "ngram_tok_s": round(med["ngram"], 2),
+        "speedup": round(med["ngram"] / med["plain"], 3),
+        "same_text": texts["plain"] == texts["ngram"],
+        "server_counters": counters,
+        "rounds": rows,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-0.5b", help="preset (shape-exact random)")
@@ -135,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-steps", action="store_true", help="end-to-end runs only")
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=RESULTS / "speculative.json")
+    parser.add_argument(
+        "--serve", action="store_true", help="through `edgepipe serve` (a request's speculative)"
+    )
     args = parser.parse_args(argv)
 
     from edgepipe.runtime import Generator
@@ -152,10 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": load_now(),
         "command": " ".join(sys.argv),
     }
-    if not args.skip_steps:
+    if not args.skip_steps and not args.serve:
         _costs(doc, args, shipped)
     for task, prompt in (("grounded", grounded_prompt()), ("free", FREE_PROMPT)):
-        doc[task] = end_to_end(shipped, prompt, args.gen_len, args.rounds)
+        if args.serve:
+            ids = shipped.encode(prompt)
+            doc[task] = serve_end_to_end(shipped_dir, ids, args.gen_len, args.rounds)
+        else:
+            doc[task] = end_to_end(shipped, prompt, args.gen_len, args.rounds)
         summary = {k: v for k, v in doc[task].items() if k != "rounds"}
         print(f"{task}:", summary, "load", load_now(), flush=True)
     doc["load_after"] = load_now()

@@ -12,15 +12,17 @@ its own subcommand (all on this machine's CPU provider, 2 intra-op threads unles
   decode step of GroupQueryAttention per KV cache type (float32, float16, int8 per tensor / per
   channel) at two context lengths.
 * `variants`: end-to-end decode and prefill of the shipped graph against rewritten copies,
-  alternated in fresh processes: gate and up packed into one MatMulNBits + Split, and an int8
-  KV cache (GroupQueryAttention's `k_quant_type`/`v_quant_type` PER_CHANNEL with fixed scales:
-  a speed probe only, the scales are not calibrated).
+  alternated in fresh processes: gate and up packed into one MatMulNBits + Split; an int8 KV
+  cache (GroupQueryAttention's `k_quant_type`/`v_quant_type` PER_CHANNEL with fixed scales: a
+  speed probe only, the scales are not calibrated); Qwen3's q/k norms as
+  com.microsoft.BranchwiseRMSNorm (no Reshapes; on Qwen2.5, which has no such norm, the copy
+  equals the shipped graph).
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/kernels.py step
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/kernels.py kernels
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/kernels.py variants --rounds 3
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/kernel_costs.py step
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/kernel_costs.py kernels
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/kernel_costs.py variants --rounds 3
 
-Results: `results/kernels-{step,kernels,variants}.json` and one markdown table each. Timings
+Results: `results/kernel_costs-{step,kernels,variants}.json` and one markdown table each. Timings
 are medians within one run; compare ratios, not absolute figures, across runs (this VM's read
 bandwidth drifts between 24 and 36 GB/s).
 """
@@ -305,12 +307,14 @@ def kernel_table(r: dict) -> str:
 # -- variants -------------------------------------------------------------------------------
 
 
-def _copy_rewritten(artifact: Path, out: Path, rewrite) -> Path:
-    """`artifact` with its graph rewritten by `rewrite(onnx.ModelProto)` (weights loaded)."""
+def _copy_rewritten(artifact: Path, out: Path, rewrite) -> Path | None:
+    """`artifact` with its graph rewritten by `rewrite(onnx.ModelProto)` (weights loaded;
+    returns whether it changed anything); None when it did not."""
     import onnx
 
     model = onnx.load(str(artifact / "model.onnx"))
-    rewrite(model)
+    if not rewrite(model):
+        return None
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for f in artifact.iterdir():
@@ -326,7 +330,7 @@ def _copy_rewritten(artifact: Path, out: Path, rewrite) -> Path:
     return out
 
 
-def pack_gate_up(model) -> None:
+def pack_gate_up(model) -> bool:
     """Each layer's gate and up MatMulNBits as one (N = 2 x intermediate) and a Split."""
     from onnx import helper, numpy_helper
 
@@ -373,9 +377,10 @@ def pack_gate_up(model) -> None:
         dropped.add(up.name)
     del graph.node[:]
     graph.node.extend(nodes)
+    return bool(dropped)
 
 
-def int8_kv(model) -> None:
+def int8_kv(model) -> bool:
     """GroupQueryAttention over an int8 KV cache, per-channel scales of 0.05 (speed only)."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -410,9 +415,47 @@ def int8_kv(model) -> None:
     for value in [*graph.input, *graph.output]:
         if value.name in cache_names:
             value.type.tensor_type.elem_type = TensorProto.INT8
+    return bool(cache_names)
 
 
-VARIANTS = {"gate-up packed": pack_gate_up, "int8 KV cache": int8_kv}
+def branchwise_head_norms(model) -> bool:
+    """Qwen3's q/k norms as com.microsoft.BranchwiseRMSNorm (one node on the flat q or k)
+    instead of Reshape -> SimplifiedLayerNormalization -> Reshape."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    replace, dropped = {}, set()
+    for norm in graph.node:
+        if norm.op_type != "SimplifiedLayerNormalization" or "_norm" not in norm.name:
+            continue
+        split, (merge,) = producer[norm.input[0]], consumers[norm.output[0]]
+        if split.op_type != "Reshape" or merge.op_type != "Reshape":
+            continue
+        heads = int(numpy_helper.to_array(inits[split.input[1]])[2])
+        eps = next(a.f for a in norm.attribute if a.name == "epsilon")
+        replace[split.name] = helper.make_node(
+            "BranchwiseRMSNorm", [split.input[0], norm.input[1]], [merge.output[0]],
+            name=f"{norm.name}/branchwise", domain="com.microsoft", num_branches=heads,
+            epsilon=eps,
+        )  # fmt: skip
+        dropped |= {norm.name, merge.name}
+    nodes = [replace.get(n.name, n) for n in graph.node if n.name not in dropped]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return bool(replace)
+
+
+VARIANTS = {
+    "gate-up packed": pack_gate_up,
+    "int8 KV cache": int8_kv,
+    "branchwise q/k norms": branchwise_head_norms,
+}
 
 _CHILD = """
 import json, sys
@@ -437,9 +480,9 @@ def variant_results(rounds: int, work: Path) -> dict:
         artifact = shipped(name)
         contenders = {"shipped": artifact}
         for label, rewrite in VARIANTS.items():
-            contenders[label] = _copy_rewritten(
-                artifact, work / name / label.replace(" ", "-"), rewrite
-            )
+            copy = _copy_rewritten(artifact, work / name / label.replace(" ", "-"), rewrite)
+            if copy is not None:  # the rewrite applies to this model
+                contenders[label] = copy
         runs = collections.defaultdict(list)
         for r in range(rounds):
             order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
@@ -464,7 +507,7 @@ def variant_results(rounds: int, work: Path) -> dict:
 def variant_table(results: dict) -> str:
     lines = []
     for name, rows in results.items():
-        metrics = list(rows["shipped"])
+        metrics = list(rows["shipped"])  # a variant that changes nothing here has no column
         lines += [
             f"### {name}",
             "",
@@ -485,13 +528,13 @@ def variant_table(results: dict) -> str:
 def write(part: str, data: dict, table: str, argv: list[str]) -> None:
     RESULTS.mkdir(exist_ok=True)
     payload = {
-        "command": " ".join(["benchmarks/kernels.py", *argv]),
+        "command": " ".join(["benchmarks/kernel_costs.py", *argv]),
         "machine": machine_facts(),
         "results": data,
     }
-    (RESULTS / f"kernels-{part}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"kernel_costs-{part}.json").write_text(json.dumps(payload, indent=2) + "\n")
     header = f"# {part}\n\n`{payload['command']}`\n\n"
-    (RESULTS / f"kernels-{part}.md").write_text(header + table)
+    (RESULTS / f"kernel_costs-{part}.md").write_text(header + table)
     print(table)
 
 
