@@ -4,9 +4,11 @@ The speed issue's remaining gaps to llama.cpp are inside onnxruntime's kernels; 
 measurements say which ones and why a layout change does or does not help. Four parts, each
 its own subcommand (all on this machine's CPU provider, 2 intra-op threads unless said):
 
-* `step`: onnxruntime's profiler over greedy decoding of the shipped artifact (`edgepipe
-  build`'s graph, the "edgepipe" kind of benchmarks/common.py) on the shape-exact Qwen2.5-0.5B
-  and Qwen3-0.6B: kernel time per decode step by op type, nodes per step, the lm_head's share.
+* `step`: onnxruntime's profiler over a 512-token prompt and greedy decoding after it, on the
+  shipped artifact (`edgepipe build`'s graph, the "edgepipe" kind of benchmarks/common.py) of
+  the shape-exact Qwen2.5-0.5B and Qwen3-0.6B and on the `variants` rewrites that apply: kernel
+  time by op type per decode step and for the prompt, nodes per step, the lm_head's share.
+  Kernel times isolate what a rewrite changes from this VM's run-to-run drift.
 * `kernels`: single MatMulNBits calls (M = 1, the decode case) per layout (bits, block,
   symmetric) on the shapes' MLP and lm_head matrices, as GB/s of the bytes they read; and one
   decode step of GroupQueryAttention per KV cache type (float32, float16, int8 per tensor / per
@@ -14,9 +16,7 @@ its own subcommand (all on this machine's CPU provider, 2 intra-op threads unles
 * `variants`: end-to-end decode and prefill of the shipped graph against rewritten copies,
   alternated in fresh processes: gate and up packed into one MatMulNBits + Split; an int8 KV
   cache (GroupQueryAttention's `k_quant_type`/`v_quant_type` PER_CHANNEL with fixed scales: a
-  speed probe only, the scales are not calibrated); Qwen3's q/k norms as
-  com.microsoft.BranchwiseRMSNorm (no Reshapes; on Qwen2.5, which has no such norm, the copy
-  equals the shipped graph).
+  speed probe only, the scales are not calibrated).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/kernel_costs.py step
     PYTHONPATH=$PWD .venv/bin/python benchmarks/kernel_costs.py kernels
@@ -48,7 +48,7 @@ sys.path.insert(0, str(BENCH_DIR))
 from common import CACHE, REPO, RESULTS, cached_build, machine_facts, source_model  # noqa: E402
 
 MODELS = ("qwen2.5-0.5b", "qwen3-0.6b")
-PROMPT_IDS = list(range(2000, 2128))  # 128 ids: a fixed prompt (random weights: any ids do)
+PROFILE_PROMPT = list(range(2000, 2512))  # 512 ids (random weights: any ids do)
 SPIN = {"session.intra_op.allow_spinning": "1"}
 
 
@@ -60,12 +60,14 @@ def shipped(name: str) -> Path:
 # -- step -----------------------------------------------------------------------------------
 
 
-def profile_step(artifact: Path, tokens: int = 96) -> dict:
-    """Kernel time per decode step by op type (onnxruntime's profiler, spinning on)."""
+def profile_step(artifact: Path, tokens: int = 64) -> dict:
+    """Kernel time of a 512-token prompt and per decode step after it, by op type
+    (onnxruntime's profiler, spinning on)."""
     import onnxruntime as ort
 
-    from edgepipe.runtime import Generator
+    from edgepipe.runtime import Generator, dtypes
 
+    dtypes.ORT_NUMPY_DTYPES.setdefault("tensor(int8)", np.int8)  # the int8-KV probe's cache
     options = ort.SessionOptions()
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,19 +75,24 @@ def profile_step(artifact: Path, tokens: int = 96) -> dict:
         gen = Generator(
             artifact, session_options=options, spinning="on", verify=False, prefix_cache_bytes=0
         )
-        gen.generate(PROMPT_IDS, max_new_tokens=tokens, temperature=0)
+        gen.generate(PROFILE_PROMPT, max_new_tokens=tokens, temperature=0)
         events = json.loads(Path(gen.session.end_profiling()).read_text())
     runs = [e for e in events if e.get("name") == "model_run"]
-    decode_runs = runs[1:]  # the first run is the prompt
+    prompt, decode_runs = runs[0], runs[1:]
     start = decode_runs[0]["ts"]
     by_type: collections.Counter = collections.Counter()
+    prompt_by_type: collections.Counter = collections.Counter()
     by_node: collections.Counter = collections.Counter()
     nodes = 0
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        if e["ts"] >= start:
             by_type[e["args"]["op_name"]] += e["dur"]
             by_node[e["name"].removesuffix("_kernel_time")] += e["dur"]
             nodes += 1
+        elif e["ts"] >= prompt["ts"]:
+            prompt_by_type[e["args"]["op_name"]] += e["dur"]
     steps = len(decode_runs)
     kernel_us = sum(by_type.values()) / steps
     head = sum(v for k, v in by_node.items() if k.startswith("lm_head/")) / steps
@@ -96,7 +103,22 @@ def profile_step(artifact: Path, tokens: int = 96) -> dict:
         "nodes_per_step": nodes / steps,
         "lm_head_us": head,
         "by_type_us": {k: v / steps for k, v in by_type.most_common()},
+        "prompt_ms": prompt["dur"] / 1e3,
+        "prompt_by_type_ms": {k: v / 1e3 for k, v in prompt_by_type.most_common()},
     }
+
+
+def step_results(work: Path) -> dict:
+    """`profile_step` of each model's shipped graph and of each rewrite that applies to it."""
+    out = {}
+    for name in MODELS:
+        artifact = shipped(name)
+        out[name] = profile_step(artifact)
+        for label, rewrite in VARIANTS.items():
+            copy = _copy_rewritten(artifact, work / name / label.replace(" ", "-"), rewrite)
+            if copy is not None:
+                out[f"{name}, {label}"] = profile_step(copy)
+    return out
 
 
 def step_table(results: dict) -> str:
@@ -107,13 +129,16 @@ def step_table(results: dict) -> str:
             "",
             f"{r['nodes_per_step']:.0f} nodes per decode step; session run {r['run_us']:.0f} us "
             f"(median), kernels {r['kernel_us']:.0f} us, lm_head {r['lm_head_us']:.0f} us "
-            f"({100 * r['lm_head_us'] / r['kernel_us']:.0f}% of kernel time).",
+            f"({100 * r['lm_head_us'] / r['kernel_us']:.0f}% of kernel time). 512-token prompt: "
+            f"{r['prompt_ms']:.0f} ms.",
             "",
-            "| op type | us per step | share |",
-            "|---|---:|---:|",
+            "| op type | decode us per step | share | prompt ms |",
+            "|---|---:|---:|---:|",
         ]
         for op, us in list(r["by_type_us"].items())[:10]:
-            lines.append(f"| {op} | {us:.0f} | {100 * us / r['kernel_us']:.1f}% |")
+            prompt_ms = r["prompt_by_type_ms"].get(op, 0.0)
+            share = 100 * us / r["kernel_us"]
+            lines.append(f"| {op} | {us:.0f} | {share:.1f}% | {prompt_ms:.1f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -418,44 +443,7 @@ def int8_kv(model) -> bool:
     return bool(cache_names)
 
 
-def branchwise_head_norms(model) -> bool:
-    """Qwen3's q/k norms as com.microsoft.BranchwiseRMSNorm (one node on the flat q or k)
-    instead of Reshape -> SimplifiedLayerNormalization -> Reshape."""
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers = collections.defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-    replace, dropped = {}, set()
-    for norm in graph.node:
-        if norm.op_type != "SimplifiedLayerNormalization" or "_norm" not in norm.name:
-            continue
-        split, (merge,) = producer[norm.input[0]], consumers[norm.output[0]]
-        if split.op_type != "Reshape" or merge.op_type != "Reshape":
-            continue
-        heads = int(numpy_helper.to_array(inits[split.input[1]])[2])
-        eps = next(a.f for a in norm.attribute if a.name == "epsilon")
-        replace[split.name] = helper.make_node(
-            "BranchwiseRMSNorm", [split.input[0], norm.input[1]], [merge.output[0]],
-            name=f"{norm.name}/branchwise", domain="com.microsoft", num_branches=heads,
-            epsilon=eps,
-        )  # fmt: skip
-        dropped |= {norm.name, merge.name}
-    nodes = [replace.get(n.name, n) for n in graph.node if n.name not in dropped]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return bool(replace)
-
-
-VARIANTS = {
-    "gate-up packed": pack_gate_up,
-    "int8 KV cache": int8_kv,
-    "branchwise q/k norms": branchwise_head_norms,
-}
+VARIANTS = {"gate-up packed": pack_gate_up, "int8 KV cache": int8_kv}
 
 _CHILD = """
 import json, sys
@@ -545,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="variants: alternated rounds")
     args = parser.parse_args(argv)
     if args.part == "step":
-        data = {name: profile_step(shipped(name)) for name in MODELS}
+        data = step_results(CACHE / "variants")
         write("step", data, step_table(data), argv)
     elif args.part == "kernels":
         data = kernel_results()

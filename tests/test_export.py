@@ -160,15 +160,52 @@ def test_rotary_embedding_nodes_variant_matches_transformers(tiny_qwen3_dir, tmp
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_directml_layout_matches_transformers(family, tiny_qwen2_dir, tiny_qwen3_dir, tmp_path):
-    # Rotary nodes, three q/k/v projections (no Split), bias as an Add: directml.yaml's layout.
+    # Rotary nodes, three q/k/v projections (no Split), bias as an Add, q/k norms as Reshape ->
+    # SimplifiedLayerNormalization -> Reshape: directml.yaml's layout.
     model_dir = {"qwen2": tiny_qwen2_dir, "qwen3": tiny_qwen3_dir}[family]
     build_decoder(
         model_dir, tmp_path, rotary_in_attention=False, packed_qkv=False, fused_bias=False,
-        context_length=256,
+        branchwise_norm=False, context_length=256,
     )  # fmt: skip
     ops = op_types(tmp_path / "model.onnx")
     assert "Split" not in ops and ops.count("RotaryEmbedding") == 4
+    assert "BranchwiseRMSNorm" not in ops
     assert_parity(model_dir, tmp_path, PROMPT, 16)
+
+
+def test_qwen3_norms_q_and_k_with_branchwise_nodes_and_no_reshape(qwen3_export):
+    # cpu-x64's layout: one BranchwiseRMSNorm on q and one on k, each over its heads, with the
+    # shared gamma; no Reshape around them. Parity: test_qwen3_matches_transformers_...
+    model = onnx.load(str(qwen3_export / "model.onnx"), load_external_data=False)
+    norms = [n for n in model.graph.node if n.op_type == "BranchwiseRMSNorm"]
+    assert len(norms) == 2 * 2  # q and k in each of 2 layers
+    assert not [n for n in model.graph.node if n.op_type == "Reshape" and "_norm" in n.name]
+    cfg = json.loads((qwen3_export / "genai_config.json").read_text())["model"]["decoder"]
+    branches = {n.name.rsplit(".", 1)[-1]: n.attribute[0] for n in norms}
+    heads = {k: onnx.helper.get_attribute_value(a) for k, a in branches.items()}
+    assert heads == {"q_norm": cfg["num_attention_heads"], "k_norm": cfg["num_key_value_heads"]}
+
+
+@pytest.mark.parametrize("packed_qkv", [True, False])
+def test_branchwise_and_reshape_head_norms_give_the_same_tokens(
+    tiny_qwen3_dir, qwen3_export, packed_qkv, tmp_path
+):
+    # The two forms of Qwen3's q/k norm (profile decoder.head_norm) compute the same thing:
+    # logits within float rounding and the same greedy tokens over 32 steps, packed or not.
+    reshape = tmp_path / "reshape"
+    build_decoder(
+        tiny_qwen3_dir, reshape, branchwise_norm=False, packed_qkv=packed_qkv, context_length=1024
+    )
+    assert "BranchwiseRMSNorm" not in op_types(reshape / "model.onnx")
+    branchwise = qwen3_export
+    if not packed_qkv:
+        branchwise = tmp_path / "branchwise"
+        build_decoder(tiny_qwen3_dir, branchwise, packed_qkv=False, context_length=1024)
+    assert op_types(branchwise / "model.onnx").count("BranchwiseRMSNorm") == 2 * 2
+    a_logits, a_tokens = ort_greedy(branchwise / "model.onnx", PROMPT, 32)
+    b_logits, b_tokens = ort_greedy(reshape / "model.onnx", PROMPT, 32)
+    assert a_tokens == b_tokens
+    assert max(float(np.abs(a - b).max()) for a, b in zip(a_logits, b_logits, strict=True)) < 1e-4
 
 
 def test_unfused_bias_gives_the_fused_int4_logits(tiny_qwen2_dir, tmp_path):

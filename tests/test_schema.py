@@ -537,6 +537,20 @@ def test_bad_profile_names_file_field_and_fix(case, tmp_path):
     assert any(expected in p for p in problems), f"{case}: {expected!r} not in {problems}"
 
 
+def test_branchwise_head_norm_needs_its_kernel_in_ops(tmp_path):
+    text = resources.profile_files()["cpu-x64"].read_text(encoding="utf-8")
+    text = text.replace("name: cpu-x64", "name: mine")
+    line = next(x for x in text.splitlines(keepends=True) if "::BranchwiseRMSNorm" in x)
+    without = text.replace(line, "")
+    expected = (
+        "mine.yaml: decoder.head_norm: branchwise needs com.microsoft::BranchwiseRMSNorm in ops "
+        "(CPU provider); add it, or set head_norm: reshape"
+    )
+    assert problems_for(tmp_path, without) == [expected]
+    reshaped = without.replace("ops:\n", "decoder: {head_norm: reshape}\nops:\n", 1)
+    assert problems_for(tmp_path, reshaped) == []
+
+
 def test_missing_qnn_block_is_reported_at_its_field(tmp_path):
     text = profile_text()
     text = text[: text.index("qnn:\n")] + text[text.index("ops:\n") :]

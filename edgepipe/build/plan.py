@@ -65,6 +65,7 @@ class BuildPlan:
             "rotary_in_attention": d.rotary == "attention",
             "packed_qkv": d.qkv == "packed",
             "fused_bias": d.matmul_bias == "fused",
+            "branchwise_norm": d.head_norm == "branchwise",
         }
 
 

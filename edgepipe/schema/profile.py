@@ -87,6 +87,12 @@ class DecoderLayout(Strict):
     matmul_bias: Literal["fused", "add"] = Field(
         "fused", description="fused: MatMulNBits' bias input; add: an Add after it"
     )
+    head_norm: Literal["branchwise", "reshape"] = Field(
+        "branchwise",
+        description="Qwen3's per-head q/k RMSNorm. branchwise: one "
+        "com.microsoft.BranchwiseRMSNorm over q and k together (no Reshape); reshape: "
+        "Reshape -> SimplifiedLayerNormalization -> Reshape on q and on k",
+    )
     fp16_guard: Literal["off", "auto", "always"] = Field(
         "off",
         description="float16 graphs: keep the residual stream, its norms and the sublayers "
@@ -139,6 +145,13 @@ class DeviceProfile(Strict):
             problems.append(
                 ("decoder.fp16_guard", "only for activation_dtype float16; set it to off")
             )
+        branchwise = not static and self.decoder.head_norm == "branchwise"
+        if branchwise and not self.accepts_op("BranchwiseRMSNorm", "com.microsoft"):
+            message = (
+                "branchwise needs com.microsoft::BranchwiseRMSNorm in ops (CPU provider); add "
+                "it, or set head_norm: reshape"
+            )
+            problems.append(("decoder.head_norm", message))
         for field in ("prefill_chunk", "kv_capacity"):
             if static and getattr(self, field) is None:
                 problems.append((field, "required for graph_variant static"))

@@ -53,7 +53,7 @@ from edgepipe.stages.export.layers.logits import (
 )
 from edgepipe.stages.export.layers.mlp import swiglu_mlp
 from edgepipe.stages.export.layers.norms import skip_rms_norm
-from edgepipe.stages.export.layers.qk_norm import head_rms_norm
+from edgepipe.stages.export.layers.qk_norm import head_norm
 from edgepipe.stages.export.layers.rotary import rotary_embedding
 from edgepipe.stages.quantize.gptq_inputs import LayerCalibrator
 from edgepipe.stages.quantize.plan import quantize_embedding
@@ -374,14 +374,16 @@ class _DecoderBuilder:
 
     def _head_norm(self, name: str, x: ir.Value, heads: int, gamma_name: str) -> ir.Value:
         gamma = self.linears.float_weight(f"{name}.weight", self._read(gamma_name))
-        return head_rms_norm(
+        cfg, branchwise = self.cfg, self.layout.branchwise_norm
+        return head_norm(
             self.writer,
             name,
             x,
             gamma,
             heads=heads,
-            head_dim=self.cfg.head_dim,
-            eps=self.cfg.rms_norm_eps,
+            head_dim=cfg.head_dim,
+            eps=cfg.rms_norm_eps,
+            branchwise=branchwise,
         )
 
     def _layer(self, i: int, hidden, residual, pasts):
@@ -518,6 +520,7 @@ def build_decoder(
     calibration_ids: np.ndarray | None = None,
     packed_qkv: bool = True,
     fused_bias: bool = True,
+    branchwise_norm: bool = True,
     fp16_guard: Fp16Guard | None = None,
     weights: SafetensorsModel | None = None,
 ) -> ExportResult:
@@ -529,17 +532,14 @@ def build_decoder(
         activation_dtype: "float32" or "float16" (weights, inputs/outputs and KV cache).
         quant: which weights become MatMulNBits / GatherBlockQuantized; None keeps all float.
         all_logits: return logits for every position (perplexity) instead of the last one.
-        rotary_in_attention: rotary inside GroupQueryAttention; False emits
-            com.microsoft.RotaryEmbedding nodes before it (for EPs without GQA rotary).
+        rotary_in_attention, packed_qkv, fused_bias, branchwise_norm: the profile's layout
+            (`BuildPlan.decoder_switches`); `Layout` documents each, the defaults are the CPU's.
         context_length: longest sequence (sizes the rotary caches and genai's max_length);
             default config.json's max_position_embeddings.
         progress: called as progress(step_name, done, total).
         calibration_ids: token ids of calibration text, 1-D; required when `quant` uses a
             calibrated method (gptq). Each layer's linears are quantized with the inputs the
             float model gives them on these tokens (see edgepipe.stages.quantize.gptq_inputs).
-        packed_qkv: q, k and v as one MatMul (True) or three (False: no Split; DirectML).
-        fused_bias: Qwen2's q/k/v bias as MatMulNBits' bias input (True) or an Add after a
-            four-input MatMulNBits (False: DirectML's kernel takes no bias).
         fp16_guard: float16 only: which parts stay in float32 (edgepipe.stages.export.fp16guard).
         weights: read instead of `model_dir`'s safetensors (a LoRA merged: edgepipe.stages.lora).
 
@@ -553,7 +553,8 @@ def build_decoder(
     cfg, weights, ctx, quant = _checked_inputs(
         model_dir, activation_dtype, quant, context_length, weights
     )
-    layout = Layout(packed_qkv, rotary_in_attention, fused_bias, qk_norm=cfg.family.qk_norm)
+    family_norm = cfg.family.qk_norm
+    layout = Layout(packed_qkv, rotary_in_attention, fused_bias, family_norm, branchwise_norm)
     builder, bytes_written = _write_graph(
         cfg,
         weights,

@@ -19,12 +19,16 @@ class Layout:
             four-input MatMulNBits (False: DirectML's kernel takes no bias). See `linear`.
         qk_norm: Qwen3's per-head RMSNorm on q and k (the family's, not a device choice). See
             `qk_norm`.
+        branchwise_norm: that norm as one com.microsoft.BranchwiseRMSNorm on q and one on k
+            (True: no Reshape) or Reshape -> SimplifiedLayerNormalization -> Reshape on each
+            (False: EPs without the kernel). See `qk_norm`.
     """
 
     packed_qkv: bool = True
     rotary_in_attention: bool = True
     fused_bias: bool = True
     qk_norm: bool = False
+    branchwise_norm: bool = True
 
     @property
     def separate_qkv(self) -> bool:
