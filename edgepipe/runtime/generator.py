@@ -35,7 +35,7 @@ from edgepipe.runtime.sampling import (
 )
 from edgepipe.runtime.speculative import NgramDrafter, check_request
 from edgepipe.runtime.speculative import decode as speculative_decode
-from edgepipe.runtime.spin import SpinWatch
+from edgepipe.runtime.spin import SpinWatch, watching
 from edgepipe.runtime.tools import ToolStream, check_tool_choice, check_tools, prepare_messages
 
 TRUNCATE_MODES = ("error", "left")
@@ -507,7 +507,8 @@ class Generator:
             lease = PrefixLease(self._prefix, self._engine, p.max_new_tokens, cache_store)
         store = cache_store if lease is None else lease
         loop = self._decode_loop(rows, p, sampler, stop_ids, thinking, store, drafter)
-        results = yield from loop
+        with watching(self._spin_watch):
+            results = yield from loop
         if lease is not None:
             results[0].metrics.prefix_reused_tokens = lease.reused
         return results
