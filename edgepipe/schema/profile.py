@@ -90,8 +90,8 @@ class DecoderLayout(Strict):
     head_norm: Literal["branchwise", "reshape"] = Field(
         "branchwise",
         description="Qwen3's per-head q/k RMSNorm. branchwise: one "
-        "com.microsoft.BranchwiseRMSNorm over q and k together (no Reshape); reshape: "
-        "Reshape -> SimplifiedLayerNormalization -> Reshape on q and on k",
+        "com.microsoft.BranchwiseRMSNorm on q and one on k (no Reshape); reshape: "
+        "Reshape -> SimplifiedLayerNormalization -> Reshape on each",
     )
     fp16_guard: Literal["off", "auto", "always"] = Field(
         "off",
