@@ -53,7 +53,7 @@ from edgepipe.stages.export.layers.logits import (
 )
 from edgepipe.stages.export.layers.mlp import swiglu_mlp
 from edgepipe.stages.export.layers.norms import skip_rms_norm
-from edgepipe.stages.export.layers.qk_norm import head_norm
+from edgepipe.stages.export.layers.qk_norm import branchwise_norm, head_rms_norm
 from edgepipe.stages.export.layers.rotary import rotary_embedding
 from edgepipe.stages.quantize.gptq_inputs import LayerCalibrator
 from edgepipe.stages.quantize.plan import quantize_embedding
@@ -373,18 +373,13 @@ class _DecoderBuilder:
         return skip_rms_norm(self.writer, name, x, residual, gamma, self.cfg.rms_norm_eps)
 
     def _head_norm(self, name: str, x: ir.Value, heads: int, gamma_name: str) -> ir.Value:
+        """q's or k's per-head RMSNorm in the profile's form (`Layout.branchwise_norm`)."""
         gamma = self.linears.float_weight(f"{name}.weight", self._read(gamma_name))
-        cfg, branchwise = self.cfg, self.layout.branchwise_norm
-        return head_norm(
-            self.writer,
-            name,
-            x,
-            gamma,
-            heads=heads,
-            head_dim=cfg.head_dim,
-            eps=cfg.rms_norm_eps,
-            branchwise=branchwise,
-        )
+        eps = self.cfg.rms_norm_eps
+        if self.layout.branchwise_norm:
+            return branchwise_norm(self.writer, name, x, gamma, heads=heads, eps=eps)
+        head_dim = self.cfg.head_dim
+        return head_rms_norm(self.writer, name, x, gamma, heads=heads, head_dim=head_dim, eps=eps)
 
     def _layer(self, i: int, hidden, residual, pasts):
         if self._calibrator is not None:

@@ -83,21 +83,3 @@ def branchwise_norm(
     """
     attrs = {"num_branches": heads, "epsilon": float(eps)}
     return writer.op("BranchwiseRMSNorm", name, [x, gamma], attrs, domain=MS_DOMAIN)
-
-
-def head_norm(
-    writer: GraphWriter,
-    name: str,
-    x: ir.Value,
-    gamma: ir.Value,
-    *,
-    heads: int,
-    head_dim: int,
-    eps: float,
-    branchwise: bool,
-) -> ir.Value:
-    """RMSNorm over each head of q or k in the profile's form: `branchwise_norm` when
-    `branchwise`, else `head_rms_norm` (arguments as theirs)."""
-    if branchwise:
-        return branchwise_norm(writer, name, x, gamma, heads=heads, eps=eps)
-    return head_rms_norm(writer, name, x, gamma, heads=heads, head_dim=head_dim, eps=eps)
